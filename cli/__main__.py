@@ -1,0 +1,3 @@
+from arcflow.cli.app import main
+
+main()

@@ -1,0 +1,83 @@
+"""The ``arcflow`` command line: a thin typer layer over the pipeline, storage and distill packages."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Optional, Sequence
+
+import typer
+from typer.exceptions import TyperException
+
+from arcflow.storage.errors import ArcflowError
+
+app = typer.Typer(
+    name="arcflow",
+    help="Distill flow-matching text-to-image models into 2-step ArcFlow generators.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def package_version() -> str:
+    try:
+        return version("arcflow")
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "0+unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"arcflow {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+) -> None:
+    """Distill flow-matching text-to-image models into 2-step ArcFlow generators."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    from . import commands  # noqa: F401  (registers the subcommands on ``app``)
+
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = command.main(args=args, prog_name="arcflow", standalone_mode=False)
+    except TyperException as exc:  # usage errors from the (vendored) click parser
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            ctx = getattr(exc, "ctx", None)
+            typer.echo(ctx.get_help() if ctx is not None else "see 'arcflow --help'")
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        where = f"arcflow {ctx.info_name}" if ctx is not None and ctx.parent is not None else "arcflow"
+        _fail(f"{exc.format_message()} (see '{where} --help')", getattr(exc, "exit_code", 2))
+    except ArcflowError as exc:
+        _fail(str(exc), 2)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    first_line = " ".join(str(message).split())
+    typer.echo(f"arcflow: error: {first_line}", err=True)
+    sys.exit(code)
