@@ -1,1 +1,35 @@
-"""arcflow.storage"""
+"""arcflow.storage: the trajectory dataset format (v1), its writer, reader and streaming dataset.
+
+Knows nothing about models: arrays in, arrays out. Public names are imported lazily so that
+``from arcflow.storage.errors import ArcflowError`` stays cheap (no zarr / pyarrow / torch import).
+
+- ``create_or_open_dataset(url, spec, resume=False) -> DatasetWriter``  (``arcflow.storage.writer``)
+- ``open_dataset(url) -> TrajectoryReader``                              (``arcflow.storage.reader``)
+- ``TrajectoryStream``: torch IterableDataset over committed shards      (``arcflow.storage.streaming``)
+- ``DatasetSpec``, ``CondField``, ``FORMAT_VERSION``, ``STORAGE_DTYPES`` (``arcflow.storage.format``)
+"""
+
+_EXPORTS = {
+    "ArcflowError": "arcflow.storage.errors",
+    "FORMAT_VERSION": "arcflow.storage.format",
+    "STORAGE_DTYPES": "arcflow.storage.format",
+    "COMPRESSIONS": "arcflow.storage.format",
+    "DatasetSpec": "arcflow.storage.format",
+    "CondField": "arcflow.storage.format",
+    "shard_name": "arcflow.storage.format",
+    "create_or_open_dataset": "arcflow.storage.writer",
+    "DatasetWriter": "arcflow.storage.writer",
+    "open_dataset": "arcflow.storage.reader",
+    "TrajectoryReader": "arcflow.storage.reader",
+    "TrajectoryStream": "arcflow.storage.streaming",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'arcflow.storage' has no attribute {name!r}")

@@ -1,0 +1,99 @@
+"""`arcflow generate-trajectories` and `arcflow inspect`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from arcflow.pipeline.generate import STORAGE_DTYPES, GenerationConfig, generate_trajectories
+from arcflow.storage.errors import ArcflowError
+
+from .app import app
+
+log = logging.getLogger(__name__)
+
+
+@app.command("generate-trajectories")
+def generate_trajectories_command(
+    out: str = typer.Option(..., "--out", help="Dataset directory or fsspec URL (file://, s3://, memory://)."),
+    teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded) or 'gpu-latency-sim'."),
+    num_samples: int = typer.Option(..., "--num-samples", "-n", help="Number of trajectories N."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (cycled over N). Default: the teacher's own prompts."),
+    steps: int = typer.Option(50, "--steps", help="Teacher Euler steps per trajectory."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default: the teacher's)."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Trajectories per shard (the unit of work and of commit)."),
+    seed: int = typer.Option(0, "--seed", help="Job seed; per-sample noise seeds derive from (seed, sample index)."),
+    workers: int = typer.Option(1, "--workers", help="Ray actors, each holding one teacher (one GPU each on a cluster)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
+    dtype: str = typer.Option("float16", "--dtype", help=f"Storage dtype: {'|'.join(STORAGE_DTYPES)}."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Trajectories per teacher forward batch."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Store chunks uncompressed (default: zstd through blosc with byte shuffle)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job with the same configuration."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
+) -> None:
+    """Run the teacher sampler on Ray and write (x_t, t, velocity) trajectories as Zarr + Parquet shards."""
+    config = GenerationConfig(
+        out=out,
+        teacher=teacher,
+        num_samples=num_samples,
+        prompts_file=str(prompts) if prompts is not None else None,
+        steps=steps,
+        guidance=guidance,
+        shard_size=shard_size,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+        compress=not no_compress,
+        workers=workers,
+        ray_address=ray_address,
+        resume=resume,
+    )
+    summary = generate_trajectories(config, progress=progress)
+    typer.echo(
+        f"{summary.num_samples} trajectories in {summary.shards_total} shards at {out} "
+        f"({summary.shards_written} written, {summary.shards_skipped} already committed; "
+        f"{summary.samples_per_second:.1f} samples/s)"
+    )
+
+
+@app.command("inspect")
+def inspect_command(
+    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="A sample id to render (with --png)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Write the --sample trajectory's states as a PNG strip."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher used to decode latents for --png (default: the dataset's)."),
+) -> None:
+    """Summarize a trajectory dataset: samples, shards, bytes, and the per-step curvature table."""
+    from arcflow.storage.reader import open_dataset
+    from arcflow.storage.summary import dataset_summary, format_summary
+
+    if (sample is None) != (png is None):
+        raise ArcflowError("--sample and --png go together: --sample ID --png out.png")
+    reader = open_dataset(dataset)
+    if sample is not None:
+        _render_strip(reader, sample, png, teacher or reader.spec.teacher_id)
+        typer.echo(f"wrote {png}")
+        return
+    summary = dataset_summary(reader)
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+def _render_strip(reader, sample_id: int, png: Path, teacher_id: str) -> None:
+    import torch
+
+    from arcflow.pipeline.images import save_grid
+    from arcflow.pipeline.registry import load_teacher
+
+    if png.suffix.lower() != ".png":
+        raise ArcflowError(f"--png must end in .png, got {png}")
+    record = reader.read_sample(sample_id)
+    teacher = load_teacher(teacher_id)
+    states = torch.from_numpy(record["x"])  # [S+1, *latent]
+    pick = torch.linspace(0, states.shape[0] - 1, min(11, states.shape[0])).round().long()
+    images = teacher.decode(states[pick])
+    save_grid(images, png, nrow=len(pick))

@@ -1,0 +1,52 @@
+"""`arcflow distill`: fit a LoRA + momentum-head student from a trajectory dataset."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from arcflow.distill.config import TRAINABLE_SETS, DistillConfig
+
+from .app import app
+
+
+@app.command("distill")
+def distill_command(
+    dataset: str = typer.Argument(..., help="Trajectory dataset written by generate-trajectories."),
+    out: str = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl and the exported student."),
+    nfe: int = typer.Option(2, "--nfe", help="Network evaluations (segments) of the student; must divide the recorded steps."),
+    k: int = typer.Option(8, "--k", help="Momentum components per token (1 = linear-shortcut baseline)."),
+    no_momentum: bool = typer.Option(False, "--no-momentum", help="Fix every log-gamma at 0 (K constant velocities: the control)."),
+    weight_groups: int = typer.Option(1, "--weight-groups", help="Channel groups that share one mixture weight per token."),
+    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: the rank)."),
+    trainable: str = typer.Option("lora+heads", "--trainable", help=f"What trains: {'|'.join(TRAINABLE_SETS)}."),
+    iters: int = typer.Option(2000, "--iters", help="Optimizer steps."),
+    batch_size: int = typer.Option(64, "--batch-size", help="(sample, segment) pairs per step and worker."),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (after warm-up)."),
+    warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps."),
+    ema_decay: float = typer.Option(0.99, "--ema-decay", help="EMA decay of trainable weights (0 disables); the export uses the EMA."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clip."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the network (the integral stays float32)."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between atomic checkpoints."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialization, data order and segment draws."),
+    loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader worker processes per training worker."),
+    num_workers: int = typer.Option(1, "--num-workers", help="Ray Train DDP workers."),
+    use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per Ray Train worker."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Distill a few-step ArcFlow student from stored teacher trajectories (the teacher never runs)."""
+    from arcflow.distill.trainer import distill
+
+    config = DistillConfig(
+        dataset=dataset, out=out, nfe=nfe, k=k, momentum=not no_momentum, weight_groups=weight_groups,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, trainable=trainable, iters=iters, batch_size=batch_size,
+        lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
+        checkpoint_every=checkpoint_every, seed=seed, loader_workers=loader_workers, num_workers=num_workers,
+        use_gpu=use_gpu, ray_address=ray_address, resume=resume, progress=progress,
+    )
+    run = distill(config)
+    typer.echo(f"student written to {run}")

@@ -1,0 +1,125 @@
+"""The momentum output head that replaces a transformer's final projection (DESIGN.md section 3).
+
+Per latent token the head maps the transformer's last hidden state to K velocities (C channels
+each), K mixture logits per weight group and K-1 log-momentum factors per weight group. Its output
+is one packed tensor ``(B, N, K*C + K*G + (K-1)*G)`` so the transformer's own forward returns it;
+:meth:`MomentumHead.unpack` lays it out as :class:`~arcflow.distill.momentum.MomentumParams`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .momentum import MomentumParams
+
+#: Range of the initial momentum factors gamma_k = exp(g_k) of components 1..K-1.
+INITIAL_GAMMA_RANGE = (0.2, 4.0)
+#: Relative scale of the noise added to velocity heads 1..K-1 at init (component 0 stays exact).
+INIT_NOISE_SCALE = 1e-3
+
+
+def soft_clamp(x: Tensor, bound: float) -> Tensor:
+    """``bound * tanh(x / bound)``: the identity near 0, never beyond ``+-bound``."""
+    return bound * torch.tanh(x / bound)
+
+
+class MomentumHead(nn.Module):
+    """Linear heads: hidden -> velocities ``(K*C)``, logits ``(K*G)``, log-gammas ``((K-1)*G)``.
+
+    With ``momentum=False`` there is no log-gamma projection and every log-gamma is exactly 0.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        channels: int,
+        k: int,
+        groups: int = 1,
+        momentum: bool = True,
+        log_gamma_bound: float = 6.0,
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if groups < 1 or channels % groups:
+            raise ValueError(f"weight_groups={groups} must divide the {channels} latent channels")
+        widest = max(abs(math.log(g)) for g in INITIAL_GAMMA_RANGE)
+        if log_gamma_bound <= widest:
+            raise ValueError(f"log_gamma_bound must exceed {widest:.3f} (the initial range), got {log_gamma_bound}")
+        self.hidden, self.channels, self.k, self.groups = hidden, channels, k, groups
+        self.momentum = momentum
+        self.log_gamma_bound = float(log_gamma_bound)
+        self.velocity = nn.Linear(hidden, k * channels)
+        self.logits = nn.Linear(hidden, k * groups)
+        self.log_gamma = nn.Linear(hidden, (k - 1) * groups) if momentum and k > 1 else None
+
+    @property
+    def out_features(self) -> int:
+        """Width of the packed output per token."""
+        n_gamma = self.log_gamma.out_features if self.log_gamma is not None else 0
+        return self.k * self.channels + self.k * self.groups + n_gamma
+
+    @torch.no_grad()
+    def init_from_projection(self, proj: nn.Linear, generator: torch.Generator | None = None) -> None:
+        """Start from the teacher's output projection ``proj`` (hidden -> C).
+
+        Every velocity head copies ``proj``; heads 1..K-1 get a little noise to break symmetry (head 0
+        stays exact, so K=1 reproduces the teacher). Logits start at zero (uniform mixture); log-gamma
+        weights start at zero with biases placing ``exp(g)`` evenly in log space over
+        :data:`INITIAL_GAMMA_RANGE` after the soft clamp.
+        """
+        if proj.in_features != self.hidden or proj.out_features != self.channels:
+            raise ValueError(
+                f"projection {proj.in_features}->{proj.out_features} does not match head "
+                f"{self.hidden}->{self.channels}"
+            )
+        w = proj.weight.to(self.velocity.weight.dtype)
+        b = proj.bias.to(w.dtype) if proj.bias is not None else w.new_zeros(self.channels)
+        weight = w.repeat(self.k, 1)
+        bias = b.repeat(self.k)
+        if self.k > 1:
+            extra = (self.k - 1) * self.channels
+            noise_w = torch.randn((extra, self.hidden), generator=generator).to(weight)
+            noise_b = torch.randn((extra,), generator=generator).to(bias)
+            weight[self.channels :] += INIT_NOISE_SCALE * w.float().std().to(w.dtype) * noise_w
+            bias[self.channels :] += INIT_NOISE_SCALE * b.float().abs().mean().to(b.dtype) * noise_b
+        self.velocity.weight.copy_(weight)
+        self.velocity.bias.copy_(bias)
+        self.logits.weight.zero_()
+        self.logits.bias.zero_()
+        if self.log_gamma is not None:
+            lo, hi = (math.log(g) for g in INITIAL_GAMMA_RANGE)
+            # One momentum component sits at the geometric middle of the range.
+            if self.k > 2:
+                targets = torch.linspace(lo, hi, self.k - 1, dtype=torch.float64)
+            else:
+                targets = torch.tensor([(lo + hi) / 2], dtype=torch.float64)
+            # Inverse of the soft clamp, so the clamped output starts exactly at the targets.
+            pre = self.log_gamma_bound * torch.atanh(targets / self.log_gamma_bound)
+            self.log_gamma.weight.zero_()
+            self.log_gamma.bias.copy_(pre.repeat_interleave(self.groups).to(self.log_gamma.bias))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """Packed ``(..., out_features)``; log-gammas are already soft-clamped."""
+        h = hidden_states.to(self.velocity.weight.dtype)
+        parts = [self.velocity(h), self.logits(h)]
+        if self.log_gamma is not None:
+            parts.append(soft_clamp(self.log_gamma(h), self.log_gamma_bound))
+        return torch.cat(parts, dim=-1)
+
+    def unpack(self, packed: Tensor) -> MomentumParams:
+        """``(B, N, out_features)`` -> channels-first params: velocities ``(B, K, C, N)``, logits
+        ``(B, K, G, N)``, log-gammas ``(B, K-1, G, N)``."""
+        batch, tokens = packed.shape[:2]
+        k, c, g = self.k, self.channels, self.groups
+        n_v, n_w = k * c, k * g
+        v = packed[..., :n_v].reshape(batch, tokens, k, c).permute(0, 2, 3, 1)
+        w = packed[..., n_v : n_v + n_w].reshape(batch, tokens, k, g).permute(0, 2, 3, 1)
+        if self.log_gamma is not None:
+            gam = packed[..., n_v + n_w :].reshape(batch, tokens, k - 1, g).permute(0, 2, 3, 1)
+        else:
+            gam = packed.new_zeros(batch, k - 1, g, tokens)
+        return MomentumParams(velocities=v, logits=w, log_gammas=gam)

@@ -1,0 +1,262 @@
+"""`arcflow distill`: stream committed shards into a LoRA + momentum-head student.
+
+The driver (:func:`distill`) validates everything a user can get wrong, then runs
+:func:`train_worker` on Ray Train's ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU); one worker
+is the local default, the same code path as a cluster. The teacher's velocity is never evaluated:
+its transformer only provides the frozen base weights under the LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from arcflow.storage.errors import ArcflowError
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import DistillConfig
+from .ema import EMA
+from .schedule import segment_step_indices
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "distill_config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_run(config: DistillConfig) -> dict[str, Any]:
+    """Validate the config, the dataset and the output directory; returns dataset facts.
+
+    Raises ``ArcflowError`` (one line) for: bad values, a missing dataset, a dataset with no
+    committed shards, an NFE whose segment ends do not fall on recorded steps, and an ``--out``
+    holding another run (without ``--resume``) or a different run (with it).
+    """
+    from arcflow.storage.reader import open_dataset
+
+    config.validate()
+    reader = open_dataset(config.dataset)
+    reader.require_committed_shards()
+    steps = int(reader.spec.steps)
+    try:
+        bounds = segment_step_indices(steps, config.nfe)
+    except ValueError as exc:
+        raise ArcflowError(f"--nfe {config.nfe} is not representable on this dataset: {exc}") from None
+    out = Path(config.out)
+    saved = out / CONFIG_FILE
+    if saved.is_file():
+        previous = DistillConfig.from_dict(json.loads(saved.read_text()))
+        if not config.resume:
+            raise ArcflowError(f"{out} already holds a distill run; pass --resume to continue it or choose another --out")
+        changed = config.differences(previous)
+        if changed:
+            raise ArcflowError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(changed)}")
+    elif out.exists() and any(out.iterdir()):
+        raise ArcflowError(f"--out {out} exists and is not an arcflow distill run; choose an empty or new directory")
+    return {"steps": steps, "bounds": bounds, "fingerprint": reader.fingerprint(), "teacher": reader.spec.teacher_id}
+
+
+def _student_config(config: DistillConfig):
+    from .student import StudentConfig
+
+    return StudentConfig(
+        k=config.k,
+        weight_groups=config.weight_groups,
+        momentum=config.momentum,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank),
+        lora_dropout=config.lora_dropout,
+        lora_targets=config.lora_targets,
+        trainable=config.trainable,
+        nfe=config.nfe,
+        init_seed=config.seed,
+    )
+
+
+def _lr_factor(warmup: int):
+    """Linear warm-up then constant: a step's LR depends only on the step, so runs can be extended."""
+    return lambda step: min(1.0, (step + 1) / (warmup + 1))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, in_ray: bool):
+    if in_ray:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        return ray_tqdm(total=total, desc="distill", unit="it", position=0) if enabled else None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="distill", unit="it", disable=not enabled, dynamic_ncols=True)
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def train_worker(
+    config: DistillConfig,
+    facts: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+    device: Optional[torch.device] = None,
+    in_ray: bool = False,
+) -> dict[str, Any]:
+    """The training loop of one worker (rank). Rank 0 writes checkpoints, metrics and the export."""
+    from arcflow.pipeline.registry import load_teacher
+    from arcflow.storage.streaming import TrajectoryStream
+
+    from .loss import segment_loss
+    from .student import build_student, save_student
+
+    device = device or torch.device("cpu")
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    bounds = facts["bounds"]
+    teacher = load_teacher(facts["teacher"], device=str(device))
+    # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
+    student = build_student(teacher, _student_config(config), inplace=True).to(device)
+    named = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(named.values(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.warmup))
+    ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
+    stream = TrajectoryStream(
+        config.dataset, rank=rank, world_size=world_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer
+    )
+    step = 0
+    checkpoint = latest_checkpoint(out) if config.resume else None
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint)
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(saved["trainable"][k])
+        optimizer.load_state_dict(saved["optimizer"])
+        step = int(saved["state"]["step"])
+        scheduler.last_epoch = step
+        if ema is not None and saved["ema"] is not None:
+            ema.load_state_dict(saved["ema"])
+        stream.load_state_dict(saved["state"]["data"][rank])
+        log.info("resumed from %s at step %d", checkpoint, step)
+    model = student
+    if world_size > 1:
+        from ray.train.torch import prepare_model
+
+        model = prepare_model(student, move_to_device=False)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers)
+    batches = iter(loader)
+    bar = _progress_bar(config.iters, step, config.progress and rank == 0, in_ray)
+    metrics = open(out / METRICS_FILE, "a") if rank == 0 else None
+    t_last, step_last = time.perf_counter(), step
+    try:
+        while step < config.iters:
+            batch = next(batches)
+            stream.mark_consumed(batch)  # the data position a checkpoint records
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * world_size + rank)
+            segments = torch.randint(config.nfe, (batch["x"].shape[0],), generator=gen).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss, per_segment = segment_loss(model, batch, bounds, segments)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(named.values(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if metrics is not None and (step % config.log_every == 0 or step == config.iters):
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "loss": loss.item(),
+                    # null where a segment was absent from the batch (NaN is not JSON)
+                    **{f"loss_segment_{i}": (None if v != v else v) for i, v in enumerate(per_segment.tolist())},
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "it_per_s": (step - step_last) / max(now - t_last, 1e-9),
+                }
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                t_last, step_last = now, step
+            if step % config.checkpoint_every == 0 or step == config.iters:
+                data_states = _gather(stream.state_dict(), world_size)
+                if rank == 0:
+                    save_checkpoint(
+                        out,
+                        step,
+                        {k: p for k, p in named.items()},
+                        ema.state_dict() if ema is not None else None,
+                        optimizer.state_dict(),
+                        {"data": data_states, "config": config.to_dict()},
+                    )
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+    if rank == 0:
+        extra = {"dataset_fingerprint": facts["fingerprint"], "nfe": config.nfe, "training": config.to_dict()}
+        if ema is not None:
+            with ema.applied():
+                save_student(student, out, extra_config=extra)
+        else:
+            save_student(student, out, extra_config=extra)
+    return {"step": step, "loss": loss.item() if config.iters > 0 else None}
+
+
+def _ray_train_loop(payload: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    config = DistillConfig.from_dict(payload["config"])
+    train_worker(
+        config,
+        payload["facts"],
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        in_ray=True,
+    )
+
+
+def distill(config: DistillConfig) -> Path:
+    """Validate, then train on Ray Train (``config.num_workers`` DDP workers); returns the run dir."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    facts = check_run(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    started = False
+    if not ray.is_initialized():
+        if config.ray_address:
+            ray.init(address=config.ray_address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers), include_dashboard=False)
+            started = True
+    try:
+        trainer = TorchTrainer(
+            _ray_train_loop,
+            train_loop_config={"config": config.to_dict(), "facts": facts},
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+            run_config=RunConfig(name="ray_train", storage_path=str(out.resolve())),
+        )
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    return out

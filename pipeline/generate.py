@@ -1,0 +1,354 @@
+"""`generate-trajectories`: a pool of Ray actors runs the teacher over shard plans and commits shards.
+
+Design (DESIGN.md section 7):
+* shards are the unit of work; each actor loads the teacher once and works through shard plans;
+* every actor runs two shard tasks at a time (a threaded actor): the teacher is guarded by a lock,
+  so while one task writes its shard to storage the other already computes the next one, and the
+  teacher never waits on I/O;
+* a dead actor is restarted by Ray and its tasks retried (``max_restarts`` / ``max_task_retries``);
+  the driver also re-queues a shard whose retries ran out on a fresh actor;
+* shard contents are pure functions of the plan (pipeline/plan.py), so retries are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from arcflow.storage.errors import ArcflowError
+from arcflow.storage.format import STORAGE_DTYPES, DatasetSpec
+
+from .plan import ShardPlan, plan_shards
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2
+DRIVER_REQUEUES = 3
+
+
+@dataclass
+class GenerationConfig:
+    """Everything `arcflow generate-trajectories` needs; written into the dataset for reproduction."""
+
+    out: str
+    teacher: str = "digits"
+    num_samples: int = 1000
+    prompts_file: Optional[str] = None
+    steps: int = 50
+    guidance: Optional[float] = None
+    shard_size: int = 256
+    seed: int = 0
+    batch_size: int = 256
+    dtype: str = "float16"
+    compress: bool = True
+    workers: int = 1
+    cpus_per_worker: Optional[float] = None
+    gpus_per_worker: Optional[float] = None
+    ray_address: Optional[str] = None
+    resume: bool = False
+    teacher_options: dict[str, Any] = field(default_factory=dict)
+
+    #: Fields that do not change a dataset's contents (may differ on --resume).
+    RUNTIME_FIELDS = ("out", "workers", "cpus_per_worker", "gpus_per_worker", "ray_address", "resume")
+
+    def validate(self) -> None:
+        """Raise ``ArcflowError`` with one line for a value no run could use."""
+        for name in ("num_samples", "steps", "shard_size", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ArcflowError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.guidance is not None and self.guidance < 0:
+            raise ArcflowError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ArcflowError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+        if not self.out:
+            raise ArcflowError("--out is required")
+        from .registry import check_teacher_id
+
+        check_teacher_id(self.teacher)
+
+    def content_config(self) -> dict[str, Any]:
+        """The configuration that determines the dataset's bytes (compared on resume)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+
+def read_prompts(path: Optional[str]) -> Optional[list[str]]:
+    """Prompts from a text file, one per line (blank lines skipped); None means the teacher's own."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ArcflowError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ArcflowError(f"prompts file is empty: {path}")
+    return prompts
+
+
+def _pick_device(gpus: float) -> str:
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class ShardWorker:
+    """A Ray actor body: holds one teacher and turns shard plans into committed shards."""
+
+    def __init__(self, teacher_id: str, teacher_options: dict[str, Any], threads: int, gpus: float) -> None:
+        from .registry import load_teacher
+
+        torch.set_num_threads(max(1, threads))
+        self.teacher = load_teacher(teacher_id, device=_pick_device(gpus), **teacher_options)
+        self._compute = threading.Lock()
+
+    def describe(self, prompts: Optional[list[str]], steps: int) -> dict[str, Any]:
+        """Validate prompts and report what the dataset header needs about this teacher."""
+        teacher = self.teacher
+        prompts = prompts if prompts is not None else teacher.prompt_set()
+        teacher.validate_prompts(prompts)
+        cond = teacher.encode_prompts(prompts[:1])
+        return {
+            "prompts": list(prompts),
+            "teacher_id": teacher.teacher_id,
+            "revision": teacher.revision,
+            "latent_shape": list(teacher.latent_shape),
+            "shift": float(teacher.shift),
+            "default_guidance": float(teacher.default_guidance),
+            "sigmas": teacher.sigmas(steps).tolist(),
+            "true_cfg": bool(teacher.true_cfg),
+            "cond_spec": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", "")} for k, v in cond.items()},
+        }
+
+    def location(self) -> dict[str, Any]:
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def run_shard(self, spec: DatasetSpec, url: str, plan: ShardPlan, batch_size: int) -> dict[str, Any]:
+        """Compute the shard's trajectories (holding the teacher), then write and commit it."""
+        from arcflow.storage.writer import create_or_open_dataset
+
+        from .recording import record_trajectories
+
+        started = time.perf_counter()
+        with self._compute, torch.inference_mode():
+            cond = self.teacher.encode_prompts(list(plan.prompts))
+            noise = self.teacher.noise(plan.seeds)
+            # One constant micro-batch size for the whole job: a sample's trajectory is then
+            # bit-identical whichever shard or position it lands in (pipeline/recording.py).
+            x, u, sigmas = record_trajectories(
+                self.teacher, cond, noise, steps=spec.steps, guidance=spec.guidance, micro_batch=batch_size
+            )
+        computed = time.perf_counter()
+        writer = create_or_open_dataset(url, spec, resume=True)
+        writer.write_shard(
+            plan.shard_id,
+            x=x.numpy(),
+            u=u.numpy(),
+            sigmas=sigmas.double().numpy(),
+            cond={k: v.float().cpu().numpy() for k, v in cond.items()},
+            sample_ids=list(plan.sample_ids),
+            seeds=list(plan.seeds),
+            prompts=list(plan.prompts),
+            guidance=spec.guidance,
+        )
+        done = time.perf_counter()
+        return {
+            "shard_id": plan.shard_id,
+            "samples": len(plan),
+            "compute_s": computed - started,
+            "write_s": done - computed,
+            **self.location(),
+        }
+
+
+@dataclass
+class GenerationSummary:
+    """What a run did: committed shards, where they were computed, and how fast."""
+
+    url: str
+    num_samples: int
+    shards_total: int
+    shards_skipped: int
+    shards_written: int
+    seconds: float
+    samples_per_second: float
+    nodes: dict[str, int]
+    compute_seconds: float
+    write_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _init_ray(config: GenerationConfig) -> bool:
+    """Join ``--ray-address`` or start an embedded local cluster; returns whether we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.ray_address:
+        ray.init(address=config.ray_address, log_to_driver=False)
+        return False
+    cpus = max(os.cpu_count() or 1, int(config.workers * (config.cpus_per_worker or 1)))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _make_actor_class(resources: dict[str, float]):
+    import ray
+
+    return ray.remote(
+        max_concurrency=IN_FLIGHT_PER_WORKER,
+        max_restarts=3,
+        max_task_retries=3,
+        **resources,
+    )(ShardWorker)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps remote exceptions; surface our own user errors unchanged."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, ArcflowError) else exc
+
+
+def generate_trajectories(
+    config: GenerationConfig,
+    progress: bool = True,
+    on_shard_committed: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> GenerationSummary:
+    """Run (or resume) a generation job; returns a summary. See the module docstring."""
+    import ray
+
+    from arcflow.storage.writer import create_or_open_dataset
+
+    config.validate()
+    prompts = read_prompts(config.prompts_file)
+    started_ray = _init_ray(config)
+    try:
+        total_gpus = ray.cluster_resources().get("GPU", 0)
+        gpus = config.gpus_per_worker if config.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
+        cpus = config.cpus_per_worker
+        if cpus is None:
+            cpus = 1.0 if gpus else max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // config.workers))
+        actor_cls = _make_actor_class({"num_cpus": cpus, "num_gpus": gpus})
+        spawn = lambda: actor_cls.remote(config.teacher, config.teacher_options, int(cpus), gpus)  # noqa: E731
+        actors = [spawn() for _ in range(config.workers)]
+        try:
+            info = ray.get(actors[0].describe.remote(prompts, config.steps))
+        except ray.exceptions.RayError as exc:
+            raise _unwrap(exc) from None
+        guidance = config.guidance if config.guidance is not None else info["default_guidance"]
+        plans = plan_shards(config.num_samples, config.shard_size, info["prompts"], config.seed)
+        spec = _dataset_spec(config, info, guidance)
+        writer = create_or_open_dataset(config.out, spec, resume=config.resume)
+        committed = writer.committed_shards()
+        todo = [p for p in plans if p.shard_id not in committed]
+        skipped = len(plans) - len(todo)
+        log.info(
+            "%d shards planned, %d already committed, %d to generate on %d worker(s)",
+            len(plans), skipped, len(todo), len(actors),
+        )
+        return _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_shard_committed)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float) -> DatasetSpec:
+    prompts_blob = "\n".join(info["prompts"]).encode()
+    return DatasetSpec(
+        teacher_id=info["teacher_id"],
+        teacher_revision=info["revision"],
+        latent_shape=tuple(info["latent_shape"]),
+        sigmas=tuple(info["sigmas"]),
+        shift=info["shift"],
+        guidance=guidance,
+        num_samples=config.num_samples,
+        shard_size=config.shard_size,
+        seed=config.seed,
+        cond_spec={k: (tuple(v["shape"]), "float32") for k, v in info["cond_spec"].items()},
+        prompts_source=config.prompts_file or f"teacher:{info['teacher_id']}",
+        storage_dtype=config.dtype,
+        compression="blosc-zstd" if config.compress else "none",
+        extra={
+            "prompts_sha256": hashlib.sha256(prompts_blob).hexdigest(),
+            "num_prompts": len(info["prompts"]),
+            "true_cfg": info["true_cfg"],
+            "generation": config.content_config(),
+        },
+    )
+
+
+def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_shard_committed):
+    import ray
+    from tqdm.auto import tqdm
+
+    queue = list(todo)
+    in_flight: dict[Any, tuple[ShardPlan, int]] = {}
+    load = [0] * len(actors)
+    requeues: dict[int, int] = {}
+    nodes: dict[str, int] = {}
+    compute_s = write_s = 0.0
+    written = 0
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=sum(len(p) for p in plans),
+        initial=sum(len(p) for p in plans) - sum(len(p) for p in todo),
+        unit="sample",
+        desc="trajectories",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        while queue or in_flight:
+            for i in range(len(actors)):
+                while queue and load[i] < IN_FLIGHT_PER_WORKER:
+                    plan = queue.pop(0)
+                    ref = actors[i].run_shard.remote(spec, config.out, plan, config.batch_size)
+                    in_flight[ref] = (plan, i)
+                    load[i] += 1
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            plan, i = in_flight.pop(done[0])
+            load[i] -= 1
+            try:
+                result = ray.get(done[0])
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
+                requeues[plan.shard_id] = requeues.get(plan.shard_id, 0) + 1
+                if requeues[plan.shard_id] > DRIVER_REQUEUES:
+                    raise RuntimeError(f"shard {plan.shard_id} failed {DRIVER_REQUEUES} times: {exc}") from exc
+                log.warning("worker %d died with shard %d; replacing it and re-queueing", i, plan.shard_id)
+                actors[i] = spawn()
+                queue.insert(0, plan)
+                continue
+            except ray.exceptions.RayError as exc:
+                raise _unwrap(exc) from None
+            written += 1
+            compute_s += result["compute_s"]
+            write_s += result["write_s"]
+            nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
+            bar.update(result["samples"])
+            bar.set_postfix(shards=f"{skipped + written}/{len(plans)}", refresh=False)
+            if on_shard_committed is not None:
+                on_shard_committed(result)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    generated = sum(len(p) for p in todo)
+    return GenerationSummary(
+        url=config.out,
+        num_samples=config.num_samples,
+        shards_total=len(plans),
+        shards_skipped=skipped,
+        shards_written=written,
+        seconds=seconds,
+        samples_per_second=generated / seconds if seconds > 0 else 0.0,
+        nodes=nodes,
+        compute_seconds=compute_s,
+        write_seconds=write_s,
+    )

@@ -1,0 +1,70 @@
+"""Writing generated images: PNG grids for people, ``.npy`` arrays for programs.
+
+Images are ``(N, C, H, W)`` float tensors in [0, 1] (C = 1 grayscale or 3 RGB).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from arcflow.storage.errors import ArcflowError
+
+IMAGE_SUFFIXES = (".png", ".npy")
+
+
+def check_image_path(path: str | Path) -> Path:
+    """Raise ``ArcflowError`` unless ``path`` ends in a supported suffix (``.png`` or ``.npy``)."""
+    p = Path(path)
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ArcflowError(f"unsupported output {str(p)!r}: --out must end in .png (a grid) or .npy (an array)")
+    return p
+
+
+def _to_uint8(images: Tensor) -> np.ndarray:
+    return (images.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, cell: int = 64, pad: int = 2) -> Path:
+    """Save ``(N, C, H, W)`` images as one PNG grid, ``nrow`` images per row (default ~square).
+
+    Each image is upscaled (nearest neighbour) so its longer side is about ``cell`` pixels.
+    """
+    n, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ArcflowError(f"cannot write {c}-channel images as PNG")
+    nrow = nrow or math.ceil(math.sqrt(n))
+    scale = max(1, cell // max(h, w))
+    pixels = _to_uint8(images).transpose(0, 2, 3, 1).repeat(scale, 1).repeat(scale, 2)
+    rows = math.ceil(n / nrow)
+    ch, cw = h * scale, w * scale
+    canvas = np.full((pad + rows * (ch + pad), pad + nrow * (cw + pad), c), 128, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (ch + pad), pad + col * (cw + pad)
+        canvas[y : y + ch, x : x + cw] = pixels[i]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB").save(out)
+    return out
+
+
+def save_npy(images: Tensor, path: str | Path) -> Path:
+    """Save float32 images in [0, 1]: ``[N, H, W]`` for grayscale, ``[N, H, W, C]`` for colour."""
+    arr = images.detach().float().cpu().clamp(0, 1).numpy()
+    arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, arr.astype(np.float32))
+    return out
+
+
+def write_images(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write ``images`` as a PNG grid or an ``.npy`` array, chosen by the suffix of ``path``."""
+    p = check_image_path(path)
+    return save_npy(images, p) if p.suffix.lower() == ".npy" else save_grid(images, p, nrow)

@@ -1,0 +1,156 @@
+"""Filesystem, Zarr-store and dtype helpers shared by the writer, the reader and the stream.
+
+Every dataset location is resolved through fsspec (``fsspec.core.url_to_fs``), so a plain path,
+``file://``, ``memory://`` and object stores (``s3://bucket/ds`` with s3fs installed, credentials from
+``storage_options`` or the usual environment) all take the same code path. Zarr shards are opened on
+a ``zarr.storage.LocalStore`` for local disks and on a ``zarr.storage.FsspecStore`` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from arcflow.storage.errors import ArcflowError
+
+
+class Location:
+    """A dataset root: an fsspec filesystem plus the root path inside it (picklable)."""
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+        self.url = str(url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.root = self.root.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def listdir_names(self, *parts: str) -> list[str]:
+        p = self.path(*parts)
+        try:
+            entries = self.fs.ls(p, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def write_atomic(self, data: bytes, *parts: str) -> None:
+        """Write a file so that readers see either nothing or all of it.
+
+        Local disks: write a hidden temp file (leading ``.``: pyarrow's dataset discovery and our
+        own listing ignore it) next to the target, fsync, then ``os.replace``. Object stores and
+        other filesystems: one whole-object write (``fs.pipe_file``), which is atomic there.
+        """
+        target = self.path(*parts)
+        parent, name = target.rsplit("/", 1)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            self.fs.pipe_file(target, data)
+
+    def rm_tree(self, *parts: str) -> None:
+        p = self.path(*parts)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    def rm_file(self, *parts: str) -> None:
+        p = self.path(*parts)
+        if self.fs.exists(p):
+            self.fs.rm_file(p)
+
+    def makedirs(self, *parts: str) -> None:
+        self.fs.makedirs(self.path(*parts), exist_ok=True)
+
+    def zarr_store(self, *parts: str, read_only: bool):
+        import zarr.storage
+
+        p = self.path(*parts)
+        if self.is_local:
+            return zarr.storage.LocalStore(p, read_only=read_only)
+        # s3fs/gcsfs: zarr makes an asynchronous twin of the same filesystem; memory and other
+        # synchronous filesystems are wrapped in fsspec's AsyncFileSystemWrapper.
+        return zarr.storage.FsspecStore.from_mapper(self.fs.get_mapper(p), read_only=read_only)
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+
+# -- arrays ----------------------------------------------------------------------------------------
+
+
+def to_numpy(a: Any, name: str = "array") -> np.ndarray:
+    """numpy array from a numpy array, a torch CPU tensor (any float dtype incl. bfloat16) or a list."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):  # torch tensor, without importing torch here
+        a = a.detach().cpu()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()
+        a = a.numpy()
+    try:
+        return np.asarray(a)
+    except Exception as e:  # pragma: no cover - odd inputs
+        raise ArcflowError(f"{name}: cannot convert {type(a).__name__} to an array ({e})") from None
+
+
+def float32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (round to nearest even, as torch does) and return the 16 bits as uint16."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    bits = a.view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():  # keep NaN a (quiet) NaN with its sign, never round it into an infinity
+        out[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return out
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_float(a: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """float array -> the array actually written to Zarr for ``storage_dtype``."""
+    if storage_dtype == "bfloat16":
+        return float32_to_bf16_bits(a)
+    return np.ascontiguousarray(a, dtype=storage_dtype)
+
+
+def decode_float(a: np.ndarray, arcflow_dtype: str | None, out_dtype=np.float32) -> np.ndarray:
+    """Stored array -> floating numpy array of ``out_dtype`` (None: keep float16/float32 as stored)."""
+    if arcflow_dtype == "bfloat16":
+        f = bf16_bits_to_float32(a)
+        return f if out_dtype is None else f.astype(out_dtype, copy=False)
+    return a if out_dtype is None else a.astype(out_dtype, copy=False)
+
+
+def zarr_compressors(compression: str, level: int):
+    import zarr.codecs
+
+    if compression == "none":
+        return None
+    if compression == "zstd":
+        return zarr.codecs.ZstdCodec(level=level)
+    if compression == "blosc-zstd":
+        return zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+    raise ArcflowError(f"unknown compression {compression!r}")

@@ -1,0 +1,239 @@
+"""Reading a trajectory dataset (format v1, see ``arcflow.storage.format``).
+
+Only COMMITTED shards (those with a Parquet part in ``index/``) exist for a reader; a shard group
+without its part is a write in progress or a crashed one (``uncommitted_shards()`` lists them).
+
+The index is also readable with no arcflow at all: ``pandas.read_parquet("DATASET/index")`` (local)
+or ``pandas.read_parquet("s3://bucket/DATASET/index")`` (with s3fs installed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from arcflow.storage import _io
+from arcflow.storage.errors import ArcflowError
+from arcflow.storage.format import (
+    DATASET_JSON,
+    DTYPE_ATTR,
+    INDEX_COLUMNS,
+    INDEX_DIR,
+    SHARDS_DIR,
+    DatasetSpec,
+    index_part_name,
+    parse_shard_name,
+    shard_zarr_name,
+)
+
+
+def index_schema():
+    import pyarrow as pa
+
+    types = {"int64": pa.int64(), "int32": pa.int32(), "float64": pa.float64(), "float32": pa.float32(), "string": pa.string()}
+    return pa.schema([pa.field(n, types[t]) for n, t in INDEX_COLUMNS])
+
+
+def read_spec(loc: _io.Location) -> DatasetSpec:
+    """The dataset's spec; ArcflowError (one line) for a missing dataset / dataset.json / bad version."""
+    if not loc.fs.exists(loc.root):
+        raise ArcflowError(f"dataset {loc.url} does not exist")
+    try:
+        raw = loc.read_bytes(DATASET_JSON)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ArcflowError(f"{loc.url} is not an arcflow dataset (no {DATASET_JSON})") from None
+    try:
+        return DatasetSpec.from_json(raw)
+    except ArcflowError as e:
+        raise ArcflowError(f"dataset {loc.url}: {e}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise ArcflowError(f"dataset {loc.url}: {DATASET_JSON} is malformed ({e})") from None
+
+
+def list_shards(loc: _io.Location) -> tuple[list[int], list[int]]:
+    """(committed shard ids, uncommitted shard ids), each ascending. Temp files are ignored."""
+    parts = {i for i in map(parse_shard_name, loc.listdir_names(INDEX_DIR)) if i is not None}
+    groups = {i for i in map(parse_shard_name, loc.listdir_names(SHARDS_DIR)) if i is not None}
+    return sorted(parts), sorted(groups - parts)
+
+
+def open_dataset(url: str, storage_options: dict | None = None) -> "TrajectoryReader":
+    """Open a dataset for reading (a path, ``file://``, ``memory://``, ``s3://bucket/prefix`` ...).
+
+    Raises ``ArcflowError`` when it does not exist, has no dataset.json, or has an unknown
+    ``format_version``. A dataset with no committed shards opens fine (generation may still be
+    running); call ``require_committed_shards()`` where data is needed.
+    """
+    loc = _io.Location(url, storage_options)
+    return TrajectoryReader(loc, read_spec(loc))
+
+
+class TrajectoryReader:
+    """Read access to one dataset. Floating data comes back as float32 unless asked otherwise."""
+
+    def __init__(self, loc: _io.Location, spec: DatasetSpec):
+        self.loc = loc
+        self.spec = spec
+        self._locator: dict[int, tuple[int, int]] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    # -- shards -----------------------------------------------------------------------------
+    def committed_shards(self) -> set[int]:
+        return set(list_shards(self.loc)[0])
+
+    def uncommitted_shards(self) -> set[int]:
+        """Shard groups without a Parquet part: in progress, or left by a crash (rewritten on resume)."""
+        return set(list_shards(self.loc)[1])
+
+    def require_committed_shards(self) -> list[int]:
+        """Committed shard ids, ascending; ArcflowError (one line) when there are none."""
+        done = list_shards(self.loc)[0]
+        if not done:
+            raise ArcflowError(
+                f"dataset {self.url} has no committed shards yet (0 of {self.spec.num_shards}); "
+                "run or finish generate-trajectories first"
+            )
+        return done
+
+    def shard_sizes(self, shards: Iterable[int] | None = None) -> dict[int, int]:
+        """Samples per committed shard, from the Parquet footers (no data read)."""
+        import pyarrow.parquet as pq
+
+        out = {}
+        for i in sorted(self.committed_shards() if shards is None else shards):
+            with self.loc.fs.open(self.loc.path(INDEX_DIR, index_part_name(i)), "rb") as f:
+                out[i] = pq.ParquetFile(f).metadata.num_rows // self.spec.steps
+        return out
+
+    def _check_committed(self, shard_id: int) -> None:
+        if not self.loc.exists(INDEX_DIR, index_part_name(shard_id)):
+            raise ArcflowError(f"dataset {self.url}: shard {shard_id} is not committed")
+
+    def _group(self, shard_id: int):
+        import zarr
+
+        store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=True)
+        try:
+            return zarr.open_group(store, mode="r", zarr_format=3)
+        except FileNotFoundError:
+            raise ArcflowError(f"dataset {self.url}: shard {shard_id} is committed but its Zarr group is missing") from None
+
+    def read_shard_raw(self, shard_id: int, rows: Sequence[int] | None = None, names: Sequence[str] | None = None):
+        """Arrays of a committed shard as STORED (float16/float32, or uint16 bits for bfloat16):
+        returns ``(arrays, arcflow_dtypes)`` where ``arcflow_dtypes[name]`` is "bfloat16" for bit arrays.
+        ``rows`` selects samples (sorted or not); ``names`` selects arrays (default: all)."""
+        self._check_committed(shard_id)
+        group = self._group(shard_id)
+        names = list(names) if names is not None else sorted(group.array_keys())
+        arrays, kinds = {}, {}
+        sel = None if rows is None else np.asarray(rows, dtype=np.int64)
+        for name in names:
+            arr = group[name]
+            if name == "sigmas" or sel is None:
+                arrays[name] = arr[...]
+            else:
+                arrays[name] = arr.oindex[(sel,)]
+            kinds[name] = arr.attrs.get(DTYPE_ATTR)
+        return arrays, kinds
+
+    def read_shard(self, shard_id: int, rows: Sequence[int] | None = None, dtype=np.float32) -> dict[str, np.ndarray]:
+        """All arrays of a committed shard: ``x`` [n, S+1, *latent], ``u`` [n, S, *latent],
+        ``sigmas`` [S+1] float64, each cond field, ``sample_id``, ``seed``, ``guidance`` [n].
+        Floating arrays (except sigmas) are converted to ``dtype`` (None: as stored, bfloat16 -> float32)."""
+        arrays, kinds = self.read_shard_raw(shard_id, rows)
+        out = {}
+        for name, a in arrays.items():
+            if kinds[name] is not None and name != "sigmas":
+                out[name] = _io.decode_float(a, kinds[name], dtype)
+            else:
+                out[name] = a
+        return out
+
+    def read_sample(self, sample_id: int, dtype=np.float32) -> dict:
+        """One trajectory by sample id (reads only its chunks): like ``read_shard`` without the
+        leading axis, plus ``prompt``, ``shard`` and ``row``."""
+        if self._locator is None:
+            df = self.index(columns=["sample_id", "shard", "row", "step"])
+            df = df[df["step"] == 0]
+            self._locator = dict(zip(df["sample_id"].tolist(), zip(df["shard"].tolist(), df["row"].tolist())))
+        try:
+            shard, row = self._locator[int(sample_id)]
+        except KeyError:
+            raise ArcflowError(f"dataset {self.url}: no committed sample with id {sample_id}") from None
+        arrays = self.read_shard(shard, rows=[row], dtype=dtype)
+        out = {k: (v if k == "sigmas" else v[0]) for k, v in arrays.items()}
+        part = self._read_part(shard, columns=["row", "prompt"])
+        out["prompt"] = _prompt_of(part, row)
+        out["shard"], out["row"] = shard, row
+        return out
+
+    # -- index ------------------------------------------------------------------------------
+    def _read_part(self, shard_id: int, columns=None):
+        import pyarrow.parquet as pq
+
+        with self.loc.fs.open(self.loc.path(INDEX_DIR, index_part_name(shard_id)), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def index(self, columns: Sequence[str] | None = None, shards: Iterable[int] | None = None):
+        """The Parquet index of the committed shards (or of ``shards``) as a pandas DataFrame,
+        ordered by (shard, row, step)."""
+        import pyarrow as pa
+
+        ids = sorted(self.committed_shards() if shards is None else shards)
+        cols = list(columns) if columns is not None else None
+        if not ids:
+            return index_schema().empty_table().select(cols or index_schema().names).to_pandas()
+        tables = [self._read_part(i, cols) for i in ids]
+        return pa.concat_tables(tables).to_pandas()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` of dataset.json and the committed Parquet parts (names and bytes).
+
+        Stable while the committed data is unchanged; it changes when shards are added or rewritten
+        (a rewrite by a different pyarrow version may change a part's bytes, hence the hash).
+        Students record it to say which data they were trained on.
+        """
+        h = hashlib.sha256()
+        h.update(self.loc.read_bytes(DATASET_JSON))
+        for i in sorted(self.committed_shards()):
+            name = index_part_name(i)
+            h.update(name.encode())
+            h.update(hashlib.sha256(self.loc.read_bytes(INDEX_DIR, name)).digest())
+        return "sha256:" + h.hexdigest()
+
+    def bytes_on_disk(self, committed_only: bool = True) -> dict[str, int]:
+        """Stored bytes: ``total``, ``dataset_json``, ``index``, ``shards`` (all Zarr bytes), one entry
+        per shard array (``x``, ``u``, each cond field, ...) and ``zarr_metadata`` (zarr.json files);
+        ``samples`` is the number of samples counted. Only committed shards unless told otherwise."""
+        committed, uncommitted = list_shards(self.loc)
+        shards = committed if committed_only else committed + uncommitted
+        out: dict[str, int] = {"dataset_json": self.loc.fs.size(self.loc.path(DATASET_JSON)), "index": 0, "shards": 0, "zarr_metadata": 0}
+        for i in committed:
+            out["index"] += self.loc.fs.size(self.loc.path(INDEX_DIR, index_part_name(i)))
+        prefix_len = len(self.loc.path(SHARDS_DIR)) + 1
+        for i in shards:
+            base = self.loc.path(SHARDS_DIR, shard_zarr_name(i))
+            for path, info in self.loc.fs.find(base, detail=True).items():
+                size = int(info.get("size") or 0)
+                rel = path[prefix_len:].split("/")  # shard-000001.zarr/<array>/... or .../zarr.json
+                key = "zarr_metadata" if rel[-1] == "zarr.json" else rel[1]
+                out[key] = out.get(key, 0) + size
+                out["shards"] += size
+        out["total"] = out["dataset_json"] + out["index"] + out["shards"]
+        out["samples"] = sum(self.shard_sizes(committed).values()) if committed else 0
+        return out
+
+    def __repr__(self) -> str:
+        return f"TrajectoryReader({self.url!r}, {self.spec.num_shards} shards planned)"
+
+
+def _prompt_of(part, row: int) -> str:
+    rows = part.column("row").to_numpy()
+    pos = int(np.flatnonzero(rows == row)[0])
+    return part.column("prompt")[pos].as_py()

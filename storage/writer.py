@@ -1,0 +1,269 @@
+"""Writing a trajectory dataset (format v1, see ``arcflow.storage.format``) with its commit protocol.
+
+Commit protocol, per shard (DESIGN.md section 5):
+
+1. remove the shard's Parquet part if there is one (a rewrite un-commits first) and any stale
+   (partial) Zarr group of that shard;
+2. write the shard's Zarr group WHOLE, from this one process (zarr 3.1 loses data when two writers
+   touch one group, so each shard must have exactly one writer at a time: the generator hands out
+   shards, never samples, as units of work);
+3. write the Parquet part LAST and atomically: temp file + rename on local disks (the temp name starts
+   with ``.`` so neither pyarrow's directory discovery nor our readers ever see it), one object write
+   on object stores (``s3://``, ``gs://``: a PUT is atomic).
+
+A shard without its Parquet part does not exist for readers and is simply rewritten on resume.
+Nothing here knows about models: arrays in (numpy or CPU torch), files out.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from arcflow.storage import _io
+from arcflow.storage.errors import ArcflowError
+from arcflow.storage.format import (
+    DATASET_JSON,
+    DTYPE_ATTR,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    SHARDS_DIR,
+    DatasetSpec,
+    index_part_name,
+    shard_zarr_name,
+)
+from arcflow.storage.reader import index_schema, list_shards, read_spec
+
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def create_or_open_dataset(
+    url: str, spec: DatasetSpec, resume: bool = False, storage_options: dict | None = None
+) -> "DatasetWriter":
+    """Create a new dataset at ``url`` (a path, ``file://``, ``memory://``, ``s3://bucket/prefix`` ...)
+    or reopen an existing one to resume it.
+
+    - No dataset there (missing or empty directory): write ``dataset.json`` and return a writer.
+    - A dataset with the same spec: allowed only with ``resume=True`` (committed shards are kept;
+      ``DatasetWriter.pending_shards()`` lists what is left).
+    - A dataset with a different spec, an unreadable one, or a non-empty directory that is not a
+      dataset: ``ArcflowError`` (one line), and nothing on disk is touched.
+
+    ``storage_options`` go to fsspec (e.g. ``{"anon": False, "endpoint_url": ...}`` for s3fs).
+    """
+    loc = _io.Location(url, storage_options)
+    if loc.exists(DATASET_JSON):
+        existing = read_spec(loc)
+        diffs = existing.diff(spec)
+        if diffs:
+            raise ArcflowError(
+                f"dataset {url} already exists with different settings ({'; '.join(diffs)} [existing != requested]); "
+                "use a new path, or the same settings to resume"
+            )
+        if not resume:
+            done = len(list_shards(loc)[0])
+            raise ArcflowError(
+                f"dataset {url} already exists ({done} of {existing.num_shards} shards committed); "
+                "resume it or choose a new path"
+            )
+        return DatasetWriter(loc, existing)
+    if loc.fs.exists(loc.root):
+        if loc.fs.isfile(loc.root):
+            raise ArcflowError(f"dataset path {url} is a file, not a directory")
+        if loc.listdir_names():
+            raise ArcflowError(f"{url} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it")
+    loc.write_atomic(spec.to_json().encode(), DATASET_JSON)
+    loc.makedirs(SHARDS_DIR)
+    loc.makedirs(INDEX_DIR)
+    return DatasetWriter(loc, spec)
+
+
+class DatasetWriter:
+    """Writes whole shards of one dataset. Obtain with ``create_or_open_dataset``.
+
+    Several processes may write DIFFERENT shards of one dataset concurrently; two writers must never
+    write the same shard at the same time.
+    """
+
+    def __init__(self, loc: _io.Location, spec: DatasetSpec):
+        self.loc = loc
+        self.spec = spec
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    def committed_shards(self) -> set[int]:
+        """Shards whose Parquet part exists (complete and visible to readers)."""
+        return set(list_shards(self.loc)[0])
+
+    def pending_shards(self) -> list[int]:
+        """Shards of ``range(spec.num_shards)`` not committed yet, ascending: the work left to do."""
+        done = self.committed_shards()
+        return [i for i in range(self.spec.num_shards) if i not in done]
+
+    def write_shard(
+        self,
+        shard_id: int,
+        x,
+        u,
+        sigmas,
+        cond: Mapping[str, object],
+        sample_ids,
+        seeds,
+        prompts: Sequence[str],
+        guidance: float | Sequence[float] | np.ndarray,
+    ) -> int:
+        """Write shard ``shard_id`` whole and commit it; returns its number of samples ``n``.
+
+        ``x`` [n, S+1, *latent] and ``u`` [n, S, *latent] float (numpy or CPU torch, any float dtype;
+        float32 expected), ``sigmas`` [S+1] (must match the spec's sigmas), ``cond[name]``
+        [n, *shape] for every field of the spec's ``cond_spec`` (and nothing else), ``sample_ids`` and
+        ``seeds`` [n] integers, ``prompts`` n strings, ``guidance`` a float or [n] floats.
+        The index statistics are computed from these float32 values, before storage rounding.
+        Rewriting a committed shard is allowed (it is un-committed first, then rewritten).
+        """
+        spec = self.spec
+        shard_id = int(shard_id)
+        spec.shard_samples(shard_id)  # range check
+        S = spec.steps
+        lat = spec.latent_shape
+        x = _io.to_numpy(x, "x").astype(np.float32, copy=False)
+        u = _io.to_numpy(u, "u").astype(np.float32, copy=False)
+        n = x.shape[0] if x.ndim else 0
+        if n < 1 or n > spec.shard_size:
+            raise ArcflowError(f"shard {shard_id}: expected 1..{spec.shard_size} samples, got {n}")
+        if x.shape != (n, S + 1, *lat):
+            raise ArcflowError(f"shard {shard_id}: x has shape {tuple(x.shape)}, expected {(n, S + 1, *lat)}")
+        if u.shape != (n, S, *lat):
+            raise ArcflowError(f"shard {shard_id}: u has shape {tuple(u.shape)}, expected {(n, S, *lat)}")
+        sig = _io.to_numpy(sigmas, "sigmas").astype(np.float64).reshape(-1)
+        ref = np.asarray(spec.sigmas, dtype=np.float64)
+        if sig.shape != ref.shape or not np.allclose(sig, ref, rtol=0, atol=1e-6):
+            raise ArcflowError(f"shard {shard_id}: sigmas differ from the dataset's sigmas")
+        ids = _io.to_numpy(sample_ids, "sample_ids").astype(np.int64).reshape(-1)
+        sds = _io.to_numpy(seeds, "seeds").astype(np.int64).reshape(-1)
+        if ids.shape != (n,) or sds.shape != (n,):
+            raise ArcflowError(f"shard {shard_id}: sample_ids and seeds must hold {n} values each")
+        if len(np.unique(ids)) != n:
+            raise ArcflowError(f"shard {shard_id}: sample_ids are not unique")
+        prompts = [str(p) for p in prompts]
+        if len(prompts) != n:
+            raise ArcflowError(f"shard {shard_id}: got {len(prompts)} prompts for {n} samples")
+        g = np.broadcast_to(_io.to_numpy(guidance, "guidance").astype(np.float32), (n,)).copy()
+        for name, arr in (("x", x), ("u", u)):
+            if not np.isfinite(arr).all():
+                raise ArcflowError(f"shard {shard_id}: {name} holds NaN or infinite values (the teacher diverged?)")
+        if spec.storage_dtype == "float16":
+            peak = max(float(np.abs(x).max()), float(np.abs(u).max()))
+            if peak > _F16_MAX:
+                raise ArcflowError(
+                    f"shard {shard_id}: values up to {peak:.3g} overflow float16; use storage dtype bfloat16 or float32"
+                )
+        if set(cond) != set(spec.cond_spec):
+            raise ArcflowError(
+                f"shard {shard_id}: conditioning fields {sorted(cond)} differ from the dataset's {sorted(spec.cond_spec)}"
+            )
+        cond_np = {}
+        for name, f in spec.cond_spec.items():
+            a = _io.to_numpy(cond[name], name)
+            if a.shape != (n, *f.shape):
+                raise ArcflowError(f"shard {shard_id}: {name} has shape {tuple(a.shape)}, expected {(n, *f.shape)}")
+            cond_np[name] = a
+
+        # 1. un-commit and drop any stale/partial group of this shard
+        self.loc.rm_file(INDEX_DIR, index_part_name(shard_id))
+        self.loc.rm_tree(SHARDS_DIR, shard_zarr_name(shard_id))
+        # 2. the Zarr group, whole
+        self._write_zarr(shard_id, x, u, ref, cond_np, ids, sds, g)
+        # 3. the Parquet part, last and atomically: this commits the shard
+        table = build_index_table(shard_id, x, u, ref, ids, sds, prompts, g)
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.loc.write_atomic(buf.getvalue(), INDEX_DIR, index_part_name(shard_id))
+        return n
+
+    def _write_zarr(self, shard_id, x, u, sigmas, cond_np, ids, seeds, guidance) -> None:
+        import zarr
+
+        spec = self.spec
+        n = x.shape[0]
+        cs = min(spec.samples_per_chunk, n)  # a short last shard gets no padded edge chunk
+        comp = _io.zarr_compressors(spec.compression, spec.compression_level)
+        store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=False)
+        group = zarr.open_group(store, mode="w", zarr_format=3)
+        group.attrs.update(
+            {"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": spec.storage_dtype}
+        )
+
+        def put(name: str, data: np.ndarray, chunks, arcflow_dtype: str | None = None, compress=True):
+            attrs = {DTYPE_ATTR: arcflow_dtype} if arcflow_dtype else {}
+            arr = group.create_array(
+                name,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=chunks,
+                compressors=comp if compress else None,
+                fill_value=0,
+                attributes=attrs,
+            )
+            arr[...] = data
+
+        sd = spec.storage_dtype
+        for name, a in (("x", x), ("u", u)):
+            put(name, _io.encode_float(a, sd), (cs, *a.shape[1:]), sd)
+        put("sigmas", np.asarray(sigmas, dtype=np.float64), sigmas.shape, compress=False)
+        for name, a in cond_np.items():
+            f = spec.cond_spec[name]
+            if f.is_floating:
+                put(name, _io.encode_float(a.astype(np.float32, copy=False), sd), (cs, *a.shape[1:]), sd)
+            else:
+                put(name, np.ascontiguousarray(a, dtype=f.dtype), (cs, *a.shape[1:]))
+        put("sample_id", ids, (n,))
+        put("seed", seeds, (n,))
+        put("guidance", guidance, (n,))
+
+
+def build_index_table(shard_id, x, u, sigmas, ids, seeds, prompts, guidance):
+    """The Parquet index rows of one shard (one per sample and step), stats from float32 ``x``/``u``."""
+    import pyarrow as pa
+
+    n, S1 = x.shape[:2]
+    S = S1 - 1
+    x_rms = np.empty((n, S), np.float64)
+    u_rms = np.empty((n, S), np.float64)
+    u_cos = np.full((n, S), np.nan, np.float64)
+    d = math.prod(x.shape[2:])
+    for i in range(n):  # one sample at a time in float64: bounded memory for large latents
+        xi = x[i, :S].reshape(S, d).astype(np.float64)
+        ui = u[i].reshape(S, d).astype(np.float64)
+        xsq = np.einsum("ij,ij->i", xi, xi)
+        usq = np.einsum("ij,ij->i", ui, ui)
+        x_rms[i] = np.sqrt(xsq / d)
+        u_rms[i] = np.sqrt(usq / d)
+        if S > 1:
+            dots = np.einsum("ij,ij->i", ui[1:], ui[:-1])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                u_cos[i, 1:] = dots / np.sqrt(usq[1:] * usq[:-1])
+    steps = np.tile(np.arange(S, dtype=np.int32), n)
+    rows = np.repeat(np.arange(n, dtype=np.int32), S)
+    cols = {
+        "sample_id": np.repeat(ids, S),
+        "shard": np.full(n * S, shard_id, np.int32),
+        "row": rows,
+        "step": steps,
+        "sigma": np.asarray(sigmas, np.float64)[steps],
+        "prompt": pa.array([p for p in prompts for _ in range(S)], pa.string()),
+        "seed": np.repeat(seeds, S),
+        "guidance": np.repeat(guidance.astype(np.float32), S),
+        "x_rms": x_rms.reshape(-1).astype(np.float32),
+        "u_rms": u_rms.reshape(-1).astype(np.float32),
+        "u_cos_prev": u_cos.reshape(-1).astype(np.float32),
+    }
+    schema = index_schema()
+    return pa.table([pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name] for f in schema], schema=schema)
