@@ -76,7 +76,7 @@ def main() -> None:
     print(f"\ndigits teacher {teacher.revision}  guidance {guidance}  {args.num} samples  "
           f"{args.steps} steps x 2 evaluations  ({seconds:.1f}s)")
     print(f"{'metric':40s} value")
-    print(f"{'accuracy (prompted digit), 50 steps':40s} {accuracy:.4f}")
+    print(f"{f'accuracy (prompted digit), {args.steps} steps':40s} {accuracy:.4f}")
     print(f"{'accuracy (prompted digit), 2 steps':40s} {accuracy_few:.4f}")
     print("per-digit accuracy: " + " ".join(f"{d}:{a:.2f}" for d, a in enumerate(per_digit_acc)))
     for name, value in fd.items():

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @app.command("generate-trajectories")
 def generate_trajectories_command(
     out: str = typer.Option(..., "--out", help="Dataset directory or fsspec URL (file://, s3://, memory://)."),
-    teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded) or 'gpu-latency-sim'."),
+    teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded), 'gpu-latency-sim', a diffusers hub id (black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) or a local pipeline directory."),
     num_samples: int = typer.Option(..., "--num-samples", "-n", help="Number of trajectories N."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (cycled over N). Default: the teacher's own prompts."),
     steps: int = typer.Option(50, "--steps", help="Teacher Euler steps per trajectory."),
@@ -34,8 +34,13 @@ def generate_trajectories_command(
     no_compress: bool = typer.Option(False, "--no-compress", help="Store chunks uncompressed (default: zstd through blosc with byte shuffle)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job with the same configuration."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (diffusers teachers; default: the pipeline's, 1024)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (diffusers teachers; default: the pipeline's, 1024)."),
+    torch_dtype: Optional[str] = typer.Option(None, "--torch-dtype", help="Teacher weights dtype: bfloat16|float16|float32 (diffusers teachers)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device for the teacher (default: cuda when the worker has a GPU, else cpu)."),
 ) -> None:
     """Run the teacher sampler on Ray and write (x_t, t, velocity) trajectories as Zarr + Parquet shards."""
+    teacher_options = _teacher_options(teacher, height=height, width=width, torch_dtype=torch_dtype, device=device)
     config = GenerationConfig(
         out=out,
         teacher=teacher,
@@ -51,6 +56,7 @@ def generate_trajectories_command(
         workers=workers,
         ray_address=ray_address,
         resume=resume,
+        teacher_options=teacher_options,
     )
     summary = generate_trajectories(config, progress=progress)
     typer.echo(
@@ -58,6 +64,23 @@ def generate_trajectories_command(
         f"({summary.shards_written} written, {summary.shards_skipped} already committed; "
         f"{summary.samples_per_second:.1f} samples/s)"
     )
+
+
+def _teacher_options(teacher: str, **given: object) -> dict:
+    """The non-None options, as ``GenerationConfig.teacher_options``; diffusers-only ones are refused
+    for embedded teachers."""
+    from arcflow.pipeline.registry import DIFFUSERS_OPTIONS, is_diffusers_teacher
+
+    options = {k: v for k, v in given.items() if v is not None}
+    misplaced = [k for k in options if k in DIFFUSERS_OPTIONS and not is_diffusers_teacher(teacher)]
+    if misplaced:
+        flags = ", ".join("--" + k.replace("_", "-") for k in misplaced)
+        raise ArcflowError(f"{flags} apply to diffusers teachers only, not to {teacher!r}")
+    if "torch_dtype" in options:
+        from arcflow.pipeline.diffusers_teachers import resolve_torch_dtype
+
+        resolve_torch_dtype(options["torch_dtype"])  # one-line error for an unknown name
+    return options
 
 
 @app.command("inspect")
@@ -92,7 +115,10 @@ def _render_strip(reader, sample_id: int, png: Path, teacher_id: str) -> None:
     if png.suffix.lower() != ".png":
         raise ArcflowError(f"--png must end in .png, got {png}")
     record = reader.read_sample(sample_id)
-    teacher = load_teacher(teacher_id)
+    from arcflow.pipeline.registry import teacher_options_for_dataset
+
+    options = teacher_options_for_dataset(reader.spec) if teacher_id == reader.spec.teacher_id else {}
+    teacher = load_teacher(teacher_id, **options)
     states = torch.from_numpy(record["x"])  # [S+1, *latent]
     pick = torch.linspace(0, states.shape[0] - 1, min(11, states.shape[0])).round().long()
     images = teacher.decode(states[pick])

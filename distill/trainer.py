@@ -8,6 +8,7 @@ its transformer only provides the frozen base weights under the LoRA adapters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -58,7 +59,18 @@ def check_run(config: DistillConfig) -> dict[str, Any]:
             raise ArcflowError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(changed)}")
     elif out.exists() and any(out.iterdir()):
         raise ArcflowError(f"--out {out} exists and is not an arcflow distill run; choose an empty or new directory")
-    return {"steps": steps, "bounds": bounds, "fingerprint": reader.fingerprint(), "teacher": reader.spec.teacher_id}
+    from arcflow.pipeline.registry import teacher_options_for_dataset
+
+    return {
+        "steps": steps,
+        "bounds": bounds,
+        "fingerprint": reader.fingerprint(),
+        "teacher": reader.spec.teacher_id,
+        # diffusers teachers: resolution, dtype and guidance the data was recorded with ({} for digits)
+        "teacher_options": teacher_options_for_dataset(reader.spec),
+        # the recorded sigmas at the segment boundaries: the student's sampling schedule
+        "segment_sigmas": [float(reader.spec.sigmas[i]) for i in bounds],
+    }
 
 
 def _student_config(config: DistillConfig):
@@ -120,7 +132,7 @@ def train_worker(
     torch.manual_seed(config.seed)
     out = Path(config.out)
     bounds = facts["bounds"]
-    teacher = load_teacher(facts["teacher"], device=str(device))
+    teacher = load_teacher(facts["teacher"], device=str(device), **facts.get("teacher_options", {}))
     # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
     student = build_student(teacher, _student_config(config), inplace=True).to(device)
     named = {n: p for n, p in student.named_parameters() if p.requires_grad}
@@ -207,6 +219,10 @@ def train_worker(
             metrics.close()
     if rank == 0:
         extra = {"dataset_fingerprint": facts["fingerprint"], "nfe": config.nfe, "training": config.to_dict()}
+        # what `arcflow sample` / distill.interop need to rebuild the teacher and the schedule
+        extra["teacher_options"] = {k: v for k, v in facts.get("teacher_options", {}).items() if k != "text_encoders"}
+        if "segment_sigmas" in facts:
+            extra["segment_sigmas"] = facts["segment_sigmas"]
         if ema is not None:
             with ema.applied():
                 save_student(student, out, extra_config=extra)
@@ -231,17 +247,27 @@ def _ray_train_loop(payload: dict[str, Any]) -> None:
     )
 
 
+def _absolute_paths(config: DistillConfig) -> DistillConfig:
+    """Ray Train workers run in their own working directory: pin local paths before starting."""
+    changes = {"out": str(Path(config.out).resolve())}
+    if "://" not in config.dataset:
+        changes["dataset"] = str(Path(config.dataset).resolve())
+    return dataclasses.replace(config, **changes)
+
+
 def distill(config: DistillConfig) -> Path:
     """Validate, then train on Ray Train (``config.num_workers`` DDP workers); returns the run dir."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    config = _absolute_paths(config)
     facts = check_run(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     started = False
+    cpus_per_worker = max(1, (os.cpu_count() or 1) // config.num_workers)
     if not ray.is_initialized():
         if config.ray_address:
             ray.init(address=config.ray_address, log_to_driver=True)
@@ -252,7 +278,12 @@ def distill(config: DistillConfig) -> Path:
         trainer = TorchTrainer(
             _ray_train_loop,
             train_loop_config={"config": config.to_dict(), "facts": facts},
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+            scaling_config=ScalingConfig(
+                num_workers=config.num_workers,
+                use_gpu=config.use_gpu,
+                # Locally, split the machine's cores between the workers (torch threads follow).
+                resources_per_worker=None if config.ray_address or config.use_gpu else {"CPU": cpus_per_worker},
+            ),
             run_config=RunConfig(name="ray_train", storage_path=str(out.resolve())),
         )
         trainer.fit()

@@ -92,6 +92,53 @@ def read_prompts(path: Optional[str]) -> Optional[list[str]]:
     return prompts
 
 
+def check_existing_dataset(config: GenerationConfig) -> None:
+    """Refuse, before any cluster starts, an ``--out`` that this run may not write into.
+
+    The same rules as ``create_or_open_dataset`` (which still runs, with the full spec, once the
+    teacher is loaded), decided from what is already known: an existing dataset whose recorded
+    generation settings differ from ``config``, one with the same settings without ``--resume``,
+    and a non-empty directory that is not a dataset. Reads only; nothing on disk is touched.
+    """
+    from arcflow.storage import _io
+    from arcflow.storage.format import DATASET_JSON
+    from arcflow.storage.reader import list_shards, read_spec
+
+    try:
+        loc = _io.Location(config.out)
+        has_spec = loc.exists(DATASET_JSON)
+    except ArcflowError:
+        raise
+    except Exception:  # an fsspec backend that is not installed or not reachable: leave it to the writer
+        return
+    if not has_spec:
+        if loc.fs.exists(loc.root) and loc.fs.isdir(loc.root) and loc.listdir_names():
+            raise ArcflowError(
+                f"{config.out} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it"
+            )
+        return
+    existing = read_spec(loc)
+    recorded = existing.extra.get("generation")
+    if isinstance(recorded, dict):
+        wanted = config.content_config()
+        diffs = [
+            f"{k}: {recorded.get(k)!r} != {wanted.get(k)!r}"
+            for k in sorted(recorded.keys() | wanted.keys())
+            if recorded.get(k) != wanted.get(k)
+        ]
+        if diffs:
+            raise ArcflowError(
+                f"dataset {config.out} already exists with different settings ({'; '.join(diffs)} "
+                "[existing != requested]); use a new path, or the same settings to resume"
+            )
+    if not config.resume:
+        done = len(list_shards(loc)[0])
+        raise ArcflowError(
+            f"dataset {config.out} already exists ({done} of {existing.num_shards} shards committed); "
+            "add --resume to continue it, or choose a new path"
+        )
+
+
 def _pick_device(gpus: float) -> str:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
@@ -103,12 +150,28 @@ class ShardWorker:
         from .registry import load_teacher
 
         torch.set_num_threads(max(1, threads))
-        self.teacher = load_teacher(teacher_id, device=_pick_device(gpus), **teacher_options)
+        options = dict(teacher_options)
+        device = options.pop("device", None) or _pick_device(gpus)  # --device overrides the default
         self._compute = threading.Lock()
+        self._load_error: Optional[ArcflowError] = None
+        try:
+            self.teacher = load_teacher(teacher_id, device=device, **options)
+        except ArcflowError as exc:
+            # A user error while loading (missing weights, unknown hub id, bad option) raised here
+            # would become an ActorDiedError (after restarts) that hides it behind a traceback.
+            # Keep it and raise it from the first task: a RayTaskError whose cause _unwrap returns.
+            self._load_error = exc
+        except TypeError as exc:  # an option the teacher's constructor does not take
+            self._load_error = ArcflowError(f"teacher {teacher_id!r}: {exc}")
+
+    def _teacher(self):
+        if self._load_error is not None:
+            raise self._load_error
+        return self.teacher
 
     def describe(self, prompts: Optional[list[str]], steps: int) -> dict[str, Any]:
         """Validate prompts and report what the dataset header needs about this teacher."""
-        teacher = self.teacher
+        teacher = self._teacher()
         prompts = prompts if prompts is not None else teacher.prompt_set()
         teacher.validate_prompts(prompts)
         cond = teacher.encode_prompts(prompts[:1])
@@ -135,8 +198,9 @@ class ShardWorker:
 
         from .recording import record_trajectories
 
-        started = time.perf_counter()
+        self._teacher()  # raises a deferred load error
         with self._compute, torch.inference_mode():
+            started = time.perf_counter()  # after the lock: compute_s excludes waiting for the other task
             cond = self.teacher.encode_prompts(list(plan.prompts))
             noise = self.teacher.noise(plan.seeds)
             # One constant micro-batch size for the whole job: a sample's trajectory is then
@@ -192,12 +256,27 @@ def _init_ray(config: GenerationConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    # Ray's own INFO lines ("Started a local Ray instance.") would precede a user error on stderr;
+    # keep stderr to our log and the one-line error.
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if config.ray_address:
-        ray.init(address=config.ray_address, log_to_driver=False)
+        ray.init(address=config.ray_address, **quiet)
         return False
     cpus = max(os.cpu_count() or 1, int(config.workers * (config.cpus_per_worker or 1)))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
     return True
+
+
+def _default_cpus_per_worker(workers: int) -> float:
+    """CPU workers share the cluster's cores evenly (a single local worker gets them all, and sets
+    torch's thread count from them), but never ask for more than the largest node has: an actor
+    that fits on no node would wait forever."""
+    import ray
+
+    total = int(ray.cluster_resources().get("CPU", 1))
+    per_node = [n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    largest = int(max(per_node)) if per_node else total
+    return float(max(1, min(total // workers, largest)))
 
 
 def _make_actor_class(resources: dict[str, float]):
@@ -229,18 +308,22 @@ def generate_trajectories(
 
     config.validate()
     prompts = read_prompts(config.prompts_file)
+    check_existing_dataset(config)
     started_ray = _init_ray(config)
     try:
         total_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = config.gpus_per_worker if config.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
         cpus = config.cpus_per_worker
         if cpus is None:
-            cpus = 1.0 if gpus else max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // config.workers))
+            cpus = 1.0 if gpus else _default_cpus_per_worker(config.workers)
         actor_cls = _make_actor_class({"num_cpus": cpus, "num_gpus": gpus})
         spawn = lambda: actor_cls.remote(config.teacher, config.teacher_options, int(cpus), gpus)  # noqa: E731
         actors = [spawn() for _ in range(config.workers)]
         try:
             info = ray.get(actors[0].describe.remote(prompts, config.steps))
+            # Every worker up (process started, teacher loaded) before the clock starts: the
+            # summary's throughput is then the steady state, and no shard waits on a loading actor.
+            ray.get([a.location.remote() for a in actors[1:]])
         except ray.exceptions.RayError as exc:
             raise _unwrap(exc) from None
         guidance = config.guidance if config.guidance is not None else info["default_guidance"]
@@ -290,7 +373,7 @@ def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_sh
     from tqdm.auto import tqdm
 
     queue = list(todo)
-    in_flight: dict[Any, tuple[ShardPlan, int]] = {}
+    in_flight: dict[Any, tuple[ShardPlan, int, Any]] = {}
     load = [0] * len(actors)
     requeues: dict[int, int] = {}
     nodes: dict[str, int] = {}
@@ -311,10 +394,10 @@ def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_sh
                 while queue and load[i] < IN_FLIGHT_PER_WORKER:
                     plan = queue.pop(0)
                     ref = actors[i].run_shard.remote(spec, config.out, plan, config.batch_size)
-                    in_flight[ref] = (plan, i)
+                    in_flight[ref] = (plan, i, actors[i])
                     load[i] += 1
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            plan, i = in_flight.pop(done[0])
+            plan, i, actor = in_flight.pop(done[0])
             load[i] -= 1
             try:
                 result = ray.get(done[0])
@@ -322,8 +405,11 @@ def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_sh
                 requeues[plan.shard_id] = requeues.get(plan.shard_id, 0) + 1
                 if requeues[plan.shard_id] > DRIVER_REQUEUES:
                     raise RuntimeError(f"shard {plan.shard_id} failed {DRIVER_REQUEUES} times: {exc}") from exc
-                log.warning("worker %d died with shard %d; replacing it and re-queueing", i, plan.shard_id)
-                actors[i] = spawn()
+                if actors[i] is actor:  # the second in-flight task of a dead actor must not replace its successor
+                    log.warning("worker %d died with shard %d; replacing it and re-queueing", i, plan.shard_id)
+                    actors[i] = spawn()
+                else:
+                    log.warning("shard %d was lost with a replaced worker; re-queueing", plan.shard_id)
                 queue.insert(0, plan)
                 continue
             except ray.exceptions.RayError as exc:

@@ -1,0 +1,170 @@
+"""Builder throughput vs the bare recording sampler, on one machine, one worker.
+
+    .venv/bin/python benchmarks/builder_throughput.py [--samples 128 --steps 20 --batch-size 32]
+
+Both sides run the same teacher over the same samples (same prompts and seeds) with the same
+micro-batch size and the same torch thread count:
+
+* bare: ``record_trajectories`` in this process, no Ray, no storage;
+* builder: ``generate_trajectories`` with 1 Ray worker (shard size = batch size), writing a real
+  float16 Zarr + Parquet dataset to a temp directory.
+
+Ray start-up and the worker's start-up (process + teacher load) are timed separately; the ratio
+uses the builder's steady state (``GenerationSummary.samples_per_second``: from the first shard
+submitted to the last shard committed). Teacher: the embedded ``digits`` teacher with its shipped
+weights, or, when those are missing, the same architecture with untrained weights (identical compute
+per call, said so in the output). Writes benchmarks/results/builder_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "builder_throughput.json"
+
+
+def digits_teacher_options(scratch: Path) -> tuple[dict, str]:
+    """Options for ``load_teacher("digits", ...)`` and a description of the weights used."""
+    from arcflow.pipeline.digits import CONFIG_FILE, TEACHER_FILE, WEIGHTS_DIR
+
+    if (WEIGHTS_DIR / TEACHER_FILE).is_file() and (WEIGHTS_DIR / CONFIG_FILE).is_file():
+        return {}, "digits (shipped weights)"
+    from safetensors.torch import save_file
+
+    from arcflow.pipeline.digits_training import train_teacher_weights
+
+    state, config = train_teacher_weights(seed=0, iters=1, progress=False)
+    save_file(state, str(scratch / TEACHER_FILE))
+    (scratch / CONFIG_FILE).write_text(json.dumps(config))
+    return {"weights_dir": str(scratch)}, "digits architecture, UNTRAINED weights (shipped weights missing; same compute per call)"
+
+
+def bare_throughput(options: dict, n: int, steps: int, batch: int, threads: int, seed: int) -> dict:
+    from arcflow.pipeline.plan import plan_shards
+    from arcflow.pipeline.recording import record_trajectories
+    from arcflow.pipeline.registry import load_teacher
+
+    torch.set_num_threads(threads)
+    teacher = load_teacher("digits", device="cpu", **options)
+    plans = plan_shards(n, batch, teacher.prompt_set(), seed)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for plan in plans:  # what one worker does per shard, minus storage
+            cond = teacher.encode_prompts(list(plan.prompts))
+            noise = teacher.noise(plan.seeds)
+            record_trajectories(teacher, cond, noise, steps=steps, guidance=teacher.default_guidance, micro_batch=batch)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "samples_per_second": n / seconds}
+
+
+def builder_throughput(options: dict, n: int, steps: int, batch: int, seed: int, out: Path) -> dict:
+    import ray
+
+    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray_start = time.perf_counter() - t0
+    try:
+        config = GenerationConfig(
+            out=str(out), teacher="digits", num_samples=n, steps=steps, shard_size=batch, batch_size=batch,
+            seed=seed, dtype="float16", workers=1, teacher_options=options,
+        )
+        t1 = time.perf_counter()
+        summary = generate_trajectories(config, progress=False)
+        total = time.perf_counter() - t1
+    finally:
+        ray.shutdown()
+    return {
+        "ray_start_seconds": ray_start,
+        "worker_start_seconds": total - summary.seconds,  # actor process + teacher load + describe
+        "steady_seconds": summary.seconds,
+        "samples_per_second": summary.samples_per_second,
+        "end_to_end_samples_per_second": n / (ray_start + total),
+        "compute_seconds": summary.compute_seconds,
+        "write_seconds": summary.write_seconds,
+        "shards": summary.shards_written,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    threads = os.cpu_count() or 1  # what a single local worker gets (pipeline/generate.py)
+
+    scratch = Path(tempfile.mkdtemp(prefix="builder_throughput_"))
+    try:
+        options, teacher_desc = digits_teacher_options(scratch)
+        # bare before and after the builder (the machine may be shared): the ratio uses their mean
+        bare_runs = [bare_throughput(options, args.samples, args.steps, args.batch_size, threads, args.seed)]
+        built = builder_throughput(options, args.samples, args.steps, args.batch_size, args.seed, scratch / "ds")
+        bare_runs.append(bare_throughput(options, args.samples, args.steps, args.batch_size, threads, args.seed))
+        bare = {
+            "seconds": sum(r["seconds"] for r in bare_runs) / len(bare_runs),
+            "samples_per_second": sum(r["samples_per_second"] for r in bare_runs) / len(bare_runs),
+            "runs": bare_runs,
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ratio = built["samples_per_second"] / bare["samples_per_second"]
+
+    print(f"teacher: {teacher_desc}")
+    print(f"{args.samples} samples x {args.steps} steps (true CFG), micro-batch {args.batch_size}, {threads} torch threads, 1 worker")
+    print()
+    print(f"{'':34} {'seconds':>9} {'samples/s':>10}")
+    for k, run in enumerate(bare["runs"]):
+        print(f"{'bare record_trajectories, run ' + str(k + 1):34} {run['seconds']:9.2f} {run['samples_per_second']:10.2f}")
+    print(f"{'bare record_trajectories, mean':34} {bare['seconds']:9.2f} {bare['samples_per_second']:10.2f}")
+    print(f"{'builder, steady state':34} {built['steady_seconds']:9.2f} {built['samples_per_second']:10.2f}")
+    print(f"{'  of which shard compute (sum)':34} {built['compute_seconds']:9.2f}")
+    print(f"{'  of which shard writes (sum)':34} {built['write_seconds']:9.2f}")
+    print(f"{'Ray start-up':34} {built['ray_start_seconds']:9.2f}")
+    print(f"{'worker start-up (teacher load)':34} {built['worker_start_seconds']:9.2f}")
+    print(f"{'builder, end to end':34} {'':9} {built['end_to_end_samples_per_second']:10.2f}")
+    print()
+    print(f"builder steady-state / bare = {ratio:.3f}  (goal >= 0.95)")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "benchmark": "builder_throughput",
+                "command": "python benchmarks/builder_throughput.py " + " ".join(sys.argv[1:]),
+                "teacher": teacher_desc,
+                "samples": args.samples,
+                "steps": args.steps,
+                "micro_batch": args.batch_size,
+                "threads": threads,
+                "bare": bare,
+                "builder": built,
+                "ratio_steady_builder_over_bare": ratio,
+                "goal": 0.95,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Diffusers teachers (FLUX / Qwen-Image), their students and stock-diffusers interop, offline.
+
+Everything runs on tiny pipelines built from configs (tests/tiny_pipelines.py). The Qwen-Image
+text encoder (Qwen2.5-VL + its chat tokenizer) is not built: the Qwen-Image teacher is driven with
+synthetic ``prompt_embeds`` / masks, and checked against ``QwenImagePipeline.__call__`` given the
+same embeddings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from arcflow.distill.schedule import shifted_schedule
+from arcflow.distill.student import (
+    DEFAULT_LORA_TARGETS,
+    StudentConfig,
+    build_student,
+    load_student,
+    save_student,
+)
+from arcflow.pipeline.recording import record_trajectories, sample_teacher
+from arcflow.pipeline.registry import check_teacher_id, load_teacher
+from arcflow.storage.errors import ArcflowError
+from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline, tiny_flux_pipeline, tiny_qwen_image_pipeline
+
+OPTS = dict(height=32, width=32, max_sequence_length=T5_LENGTH)
+PROMPTS = ["a photo of a cat", "a red car"]
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny-flux") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def flux(flux_dir):
+    return load_teacher(str(flux_dir), **OPTS)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
+
+    teacher = teacher_from_pipeline(tiny_qwen_image_pipeline(), teacher_id="tiny-qwen", revision="r0", **OPTS)
+    gen = torch.Generator().manual_seed(0)
+    teacher._negative = teacher.pad_conditioning(torch.randn(1, 4, 32, generator=gen), None)
+    return teacher
+
+
+def qwen_cond(teacher, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(2, 5, 32, generator=gen)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    return embeds, mask, teacher.pad_conditioning(embeds, mask)
+
+
+def _generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+# ----- FLUX teacher --------------------------------------------------------------------------------
+def test_flux_teacher_reproduces_the_pipeline(flux):
+    assert flux.latent_shape == (64, 16) and not flux.true_cfg and flux.default_guidance == 3.5
+    cond = flux.encode_prompts(PROMPTS)
+    assert cond["prompt_embeds"].shape == (2, T5_LENGTH, 32) and cond["pooled_prompt_embeds"].shape == (2, 32)
+    latents = sample_teacher(flux, PROMPTS, [0, 1], steps=4, guidance=3.5)
+    out = flux.pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
+                    max_sequence_length=T5_LENGTH, generator=_generators([0, 1]), output_type="latent")
+    torch.testing.assert_close(latents, out.images, rtol=0, atol=1e-5)
+    images = flux.decode(latents)
+    ref = flux.pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
+                    max_sequence_length=T5_LENGTH, generator=_generators([0, 1]), output_type="pt").images
+    assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
+    torch.testing.assert_close(images, ref, rtol=0, atol=1e-5)
+
+
+def test_flux_sigmas_shift_and_scheduler_step(flux):
+    steps = 4
+    sched = flux.scheduler(steps)
+    sigmas = flux.sigmas(steps)
+    assert sigmas.shape == (steps + 1,) and float(sigmas[0]) == 1.0 and float(sigmas[-1]) == 0.0
+    torch.testing.assert_close(sigmas, sched.sigmas.double(), rtol=0, atol=0)
+    # FLUX's resolution-dependent exponential shift is the static shift exp(mu).
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (64 - 256)
+    assert flux.mu == pytest.approx(mu) and flux.shift == pytest.approx(math.exp(mu))
+    torch.testing.assert_close(shifted_schedule(steps, flux.shift), sigmas, rtol=0, atol=1e-6)
+    # The recorded velocity is exactly what the pipeline's scheduler steps with.
+    cond = flux.encode_prompts(PROMPTS)
+    x, u, rec_sigmas = record_trajectories(flux, cond, flux.noise([3, 4]), steps=steps)
+    assert torch.equal(rec_sigmas.double(), sigmas)
+    for j, t in enumerate(sched.timesteps):
+        stepped = sched.step(u[:, j], t, x[:, j], return_dict=False)[0]
+        torch.testing.assert_close(stepped, x[:, j + 1], rtol=0, atol=1e-6)
+
+
+def test_flux_embedded_guidance_is_one_evaluation(flux):
+    cond = flux.encode_prompts(PROMPTS)
+    x = flux.noise([0, 1])
+    calls = []
+    hook = flux.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((kw["hidden_states"].shape[0], float(kw["guidance"][0]))), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            u35 = flux.velocity(x, torch.ones(2), cond, 3.5)
+            u7 = flux.velocity(x, torch.ones(2), cond, 7.0)
+    finally:
+        hook.remove()
+    assert calls == [(2, 3.5), (2, 7.0)]
+    assert not torch.allclose(u35, u7)
+
+
+def test_text_encoders_can_be_dropped(flux_dir):
+    teacher = load_teacher(str(flux_dir), text_encoders=False, **OPTS)
+    assert teacher.pipe.text_encoder is None and teacher.pipe.text_encoder_2 is None
+    with pytest.raises(ArcflowError, match="without text encoders"):
+        teacher.encode_prompts(["a cat"])
+    full = load_teacher(str(flux_dir), **OPTS)
+    cond = full.encode_prompts(["a cat"])
+    full.release_text_encoders()
+    assert full.pipe.text_encoder is None
+    with torch.no_grad():  # the transformer still runs on stored conditioning
+        assert full.velocity(full.noise([0]), torch.ones(1), cond, 3.5).shape == (1, 64, 16)
+
+
+def test_bad_teacher_input_is_one_line(tmp_path, flux_dir):
+    def one_line(fn):
+        with pytest.raises(ArcflowError) as info:
+            fn()
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert "model_index.json" in one_line(lambda: check_teacher_id(str(tmp_path)))
+    other = tmp_path / "sd"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert "StableDiffusionPipeline" in one_line(lambda: check_teacher_id(str(other)))
+    assert "unknown teacher" in one_line(lambda: check_teacher_id("not a model"))
+    check_teacher_id("black-forest-labs/FLUX.1-dev")  # hub ids are accepted without a network call
+    check_teacher_id(str(flux_dir))
+    assert "hub" in one_line(lambda: load_teacher("nobody-arcflow/no-such-model", local_files_only=True))
+    assert "multiples of 4" in one_line(lambda: load_teacher(str(flux_dir), height=30, width=32))
+    assert "torch dtype" in one_line(lambda: load_teacher(str(flux_dir), torch_dtype="float8", **OPTS))
+
+
+def test_flux_teacher_loads_in_bfloat16(flux_dir):
+    teacher = load_teacher(str(flux_dir), torch_dtype="bfloat16", **OPTS)
+    assert teacher.dtype == torch.bfloat16
+    x, u, _ = record_trajectories(teacher, teacher.encode_prompts(["a cat"]), teacher.noise([0]), steps=2)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+# ----- Qwen-Image teacher -------------------------------------------------------------------------
+def test_qwen_image_teacher_reproduces_the_pipeline(qwen):
+    assert qwen.latent_shape == (64, 16) and qwen.true_cfg and qwen.default_guidance == 4.0
+    embeds, mask, cond = qwen_cond(qwen)
+    assert cond["prompt_embeds"].shape == (2, T5_LENGTH, 32) and cond["prompt_embeds_mask"].shape == (2, T5_LENGTH)
+    x, u, sigmas = record_trajectories(qwen, cond, qwen.noise([0, 1]), steps=4, guidance=4.0)
+    neg = qwen.negative_conditioning()["prompt_embeds"][:, :4]
+    out = qwen.pipe(
+        prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg.expand(2, -1, -1),
+        negative_prompt_embeds_mask=torch.ones(2, 4, dtype=torch.long), true_cfg_scale=4.0, height=32,
+        width=32, num_inference_steps=4, generator=_generators([0, 1]), output_type="latent",
+    )
+    torch.testing.assert_close(x[:, -1], out.images, rtol=0, atol=1e-5)
+    assert qwen.decode(x[:, -1]).shape == (2, 3, 32, 32)
+
+
+def test_qwen_image_cfg_is_one_batched_forward_with_norm_rescale(qwen):
+    _, _, cond = qwen_cond(qwen)
+    x, s = qwen.noise([0, 1]), torch.full((2,), 0.7)
+    batches = []
+    hook = qwen.transformer.register_forward_pre_hook(
+        lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            u = qwen.velocity(x, s, cond, 4.0)
+            u_c = qwen.conditional_velocity(x, s, cond)
+            u_n = qwen.conditional_velocity(x, s, qwen.unconditional(cond))
+    finally:
+        hook.remove()
+    assert batches[0] == 4  # cond + negative halves in one forward
+    comb = u_n + 4.0 * (u_c - u_n)
+    torch.testing.assert_close(u, comb * u_c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.norm(dim=-1), u_c.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+# ----- students -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["flux", "qwen"])
+def test_students_build_on_both_transformers(family, flux, qwen):
+    teacher = flux if family == "flux" else qwen
+    cond = teacher.encode_prompts(PROMPTS) if family == "flux" else qwen_cond(qwen)[2]
+    student = build_student(teacher, StudentConfig(k=4, lora_rank=2))
+    wrapped = [n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped and "proj_out" not in wrapped
+    assert type(student.transformer.proj_out).__name__ == "MomentumHead"
+    out = student.sample(teacher.noise([0, 1]), cond, sigmas=teacher.sigmas(2))
+    assert out.shape == (2, 64, 16) and torch.isfinite(out).all()
+    # K=1 at init is the teacher's Euler step over the scheduler's 1-step schedule (guidance 1 for Qwen).
+    k1 = build_student(teacher, StudentConfig(k=1, lora_rank=2))
+    noise = teacher.noise([5, 6])
+    with torch.no_grad():
+        g = teacher.default_guidance if family == "flux" else 1.0
+        euler = noise - teacher.velocity(noise, torch.ones(2), cond, g)
+    torch.testing.assert_close(k1.sample(noise, cond, nfe=1), euler, rtol=0, atol=1e-5)
+
+
+def test_qwen_image_real_config_trains_under_five_percent():
+    from diffusers import QwenImageTransformer2DModel
+
+    real = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+    import inspect
+
+    signature = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    for key, value in real.items():  # diffusers' defaults ARE the Qwen-Image config
+        assert tuple(signature[key].default) == value if isinstance(value, tuple) else signature[key].default == value
+
+    class Meta:
+        teacher_id, revision, shift = "Qwen/Qwen-Image", "meta", 1.0
+
+    with torch.device("meta"):
+        Meta.transformer = QwenImageTransformer2DModel(**real)
+        student = build_student(Meta(), StudentConfig(k=8, lora_rank=16), inplace=True)
+    total = sum(p.numel() for p in student.transformer.parameters())
+    assert 19e9 < total < 22e9  # ~20B parameters
+    assert 0 < student.trainable_share() < 0.05
+    assert DEFAULT_LORA_TARGETS["QwenImageTransformer2DModel"]
+
+
+# ----- stock diffusers interop --------------------------------------------------------------------
+def _trained_run(teacher, out, **extra):
+    student = build_student(teacher, StudentConfig(k=4, lora_rank=4, lora_alpha=8.0))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    save_student(student, out, {"teacher_options": dict(OPTS), **extra})
+    return student
+
+
+def _style_lora(transformer, path, seed=7):
+    """A random diffusers-format LoRA on the attention query/key projections (a style LoRA stand-in)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_k")) and isinstance(module, torch.nn.Linear):
+            state[f"transformer.{name}.lora_A.weight"] = 0.3 * torch.randn(2, module.in_features, generator=gen)
+            state[f"transformer.{name}.lora_B.weight"] = 0.3 * torch.randn(module.out_features, 2, generator=gen)
+    path.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(state, str(path / "pytorch_lora_weights.safetensors"))
+    return path
+
+
+def test_exported_lora_loads_in_a_stock_flux_pipeline(flux_dir, tmp_path):
+    from diffusers import FluxPipeline
+
+    from arcflow.distill.interop import arcflow_pipeline
+
+    teacher = load_teacher(str(flux_dir), **OPTS)
+    _trained_run(teacher, tmp_path / "run", segment_sigmas=teacher.sigmas(2).tolist())
+    # Plain diffusers: alpha/rank from the metadata give the scaling 8/4.
+    pipe = FluxPipeline.from_pretrained(str(flux_dir))
+    pipe.load_lora_weights(str(tmp_path / "run"), adapter_name="arcflow")
+    scalings = {m.scaling["arcflow"] for m in pipe.transformer.modules() if hasattr(m, "scaling") and "arcflow" in m.scaling}
+    assert scalings == {2.0}
+    # The 2-NFE generator on a stock pipeline == the student loaded by arcflow itself.
+    reference = load_student(load_teacher(str(flux_dir), **OPTS), tmp_path / "run")
+    generator = arcflow_pipeline(FluxPipeline.from_pretrained(str(flux_dir)), tmp_path / "run")
+    cond, noise = teacher.encode_prompts(PROMPTS), teacher.noise([0, 1])
+    expected = reference.sample(noise, cond, sigmas=teacher.sigmas(2))
+    torch.testing.assert_close(generator.latents(PROMPTS, [0, 1]), expected, rtol=0, atol=1e-5)
+    images = generator(PROMPTS, seeds=[0, 1])
+    assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
+    restored = generator.remove()
+    assert isinstance(restored.transformer.proj_out, torch.nn.Linear)
+    # From the run directory alone (what `arcflow sample --adapter RUN` needs): same samples.
+    from arcflow.distill.interop import load_arcflow_generator
+
+    again = load_arcflow_generator(tmp_path / "run")
+    torch.testing.assert_close(again.latents(PROMPTS, [0, 1]), expected, rtol=0, atol=1e-5)
+
+
+def test_a_style_lora_stacks_with_the_arcflow_lora(flux_dir, tmp_path):
+    from diffusers import FluxPipeline
+
+    from arcflow.distill.interop import arcflow_pipeline
+
+    teacher = load_teacher(str(flux_dir), **OPTS)
+    _trained_run(teacher, tmp_path / "run")
+    pipe = FluxPipeline.from_pretrained(str(flux_dir))
+    generator = arcflow_pipeline(pipe, tmp_path / "run")
+    pipe.load_lora_weights(str(_style_lora(pipe.transformer, tmp_path / "style")), adapter_name="style")
+    outputs = {}
+    for name, adapters in {"arcflow": {"arcflow": 1.0}, "style": {"style": 1.0}, "both": {"arcflow": 1.0, "style": 1.0}}.items():
+        pipe.set_adapters(list(adapters), list(adapters.values()))
+        outputs[name] = generator.latents(PROMPTS, [0, 1])
+    generator.set_adapters({"style": 1.0})
+    torch.testing.assert_close(generator.latents(PROMPTS, [0, 1]), outputs["both"], rtol=0, atol=0)
+    for a, b in (("arcflow", "style"), ("arcflow", "both"), ("style", "both")):
+        assert (outputs[a] - outputs[b]).abs().max() > 1e-3, (a, b)
+
+
+def test_qwen_image_run_loads_in_a_stock_pipeline(qwen, tmp_path):
+    from arcflow.distill.interop import arcflow_pipeline
+
+    _trained_run(qwen, tmp_path / "run")
+    _, _, cond = qwen_cond(qwen)
+    noise = qwen.noise([0, 1])
+    reference = load_student(qwen, tmp_path / "run").sample(noise, cond, sigmas=qwen.sigmas(2))
+    generator = arcflow_pipeline(tiny_qwen_image_pipeline(), tmp_path / "run")
+    got = generator.student.sample(noise, cond, sigmas=generator.segment_sigmas())
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
+
+
+# ----- the CLI end to end on a saved pipeline directory ------------------------------------------
+def _arcflow(*args, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "arcflow.cli", *args]
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(args[:1])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow  # ~2 minutes: a local Ray cluster for generation and one for Ray Train
+def test_cli_end_to_end_on_a_tiny_flux_directory(flux_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\na small house\n")
+    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
+    _arcflow("generate-trajectories", "--teacher", str(flux_dir), "--height", "32", "--width", "32",
+             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
+             "--out", str(ds), "--no-progress", cwd=tmp_path)
+    spec = json.loads((ds / "dataset.json").read_text())
+    assert spec["latent_shape"] == [64, 16] if "latent_shape" in spec else True
+    assert (ds / "index").is_dir()
+    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+             "--no-progress", cwd=tmp_path)
+    record = json.loads((run / "arcflow_config.json").read_text())
+    assert record["teacher_options"]["height"] == 32 and len(record["segment_sigmas"]) == 3
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
+    assert png.is_file()
