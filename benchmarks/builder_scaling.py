@@ -1,6 +1,6 @@
 """Builder scaling with the number of Ray workers, on the GPU-LATENCY SIMULATOR teacher.
 
-    .venv/bin/python benchmarks/builder_scaling.py [--workers 1 2 4 --latency 0.05 --samples 96]
+    .venv/bin/python benchmarks/builder_scaling.py [--workers 1 2 4 --latency 0.2 --samples 192 --shard-size 16]
 
 The ``gpu-latency-sim`` teacher is not a model: every network call sleeps ``--latency`` seconds, as
 a GPU call keeps its worker busy without using the CPU. It lets the builder's scaling (shards as
@@ -34,9 +34,9 @@ RESULTS = Path(__file__).parent / "results" / "builder_scaling.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--latency", type=float, default=0.05, help="simulated seconds per network call")
-    parser.add_argument("--samples", type=int, default=96)
-    parser.add_argument("--shard-size", type=int, default=4)
+    parser.add_argument("--latency", type=float, default=0.2, help="simulated seconds per network call")
+    parser.add_argument("--samples", type=int, default=192)
+    parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cpus-per-worker", type=float, default=0.5)
     args = parser.parse_args()

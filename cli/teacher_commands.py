@@ -50,24 +50,59 @@ def _teacher_images(
 @app.command("sample")
 def sample(
     out: Path = typer.Option(..., "--out", help="Output file: .png writes a grid, .npy writes [N, H, W] floats in [0, 1]."),
-    teacher: str = typer.Option("digits", "--teacher", help="Teacher to sample from."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A distill run directory: sample the few-step student."),
+    teacher: str = typer.Option("digits", "--teacher", help="Teacher to sample from (ignored with --adapter)."),
     prompt: Optional[List[str]] = typer.Option(
         None, "--prompt", help="Prompt (repeatable); default: the teacher's own prompt set."
     ),
     steps: int = typer.Option(50, "--steps", help="Euler steps of the teacher sampler."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Student network evaluations (default: the run's)."),
+    compare_teacher: bool = typer.Option(
+        False, "--compare-teacher", help="With --adapter: add the teacher's --steps sample from the same noise."
+    ),
     num: int = typer.Option(8, "--num", help="Samples per prompt."),
     seed: int = typer.Option(0, "--seed", help="Sample i uses seed + i."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default: the teacher's)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Teacher CFG scale (default: the teacher's)."),
 ) -> None:
-    """Generate images with a teacher and write them as a PNG grid or a .npy array."""
+    """Generate images with a teacher or a distilled student; write a PNG grid or a .npy array."""
     from arcflow.pipeline.images import check_image_path, write_images
 
     check_image_path(out)
     _check_positive("--steps", steps)
     _check_positive("--num", num)
-    images, nrow = _teacher_images(teacher, list(prompt or []), num, seed, steps, guidance)
+    if adapter is None:
+        if compare_teacher or nfe is not None:
+            raise ArcflowError("--compare-teacher and --nfe need --adapter RUN")
+        images, nrow = _teacher_images(teacher, list(prompt or []), num, seed, steps, guidance)
+    else:
+        if nfe is not None:
+            _check_positive("--nfe", nfe)
+        images, nrow = _student_images(adapter, list(prompt or []), num, seed, nfe, compare_teacher, steps, guidance)
     path = write_images(images, out, nrow)
     typer.echo(f"wrote {len(images)} images to {path}")
+
+
+def _student_images(
+    run: Path, prompts: list[str], num: int, seed: int, nfe: Optional[int], compare: bool, steps: int,
+    guidance: Optional[float],
+) -> tuple[Tensor, Optional[int]]:
+    """Student samples (and, with ``compare``, the teacher's from the same noise below them)."""
+    import torch
+
+    from arcflow.distill.runs import load_run
+    from arcflow.pipeline.recording import sample_teacher
+
+    loaded = load_run(run)
+    teacher = loaded.teacher
+    prompts = prompts or teacher.prompt_set()
+    teacher.validate_prompts(prompts)
+    batch = [p for p in prompts for _ in range(num)]
+    seeds = [seed + i for i in range(len(batch))]
+    images = teacher.decode(loaded.sample_latents(batch, seeds, nfe))
+    if not compare:
+        return images, (num if len(prompts) > 1 else None)
+    reference = teacher.decode(sample_teacher(teacher, batch, seeds, steps, guidance, progress=True))
+    return torch.cat([images, reference]), len(batch)
 
 
 @app.command("train-teacher")

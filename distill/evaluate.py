@@ -123,7 +123,8 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
     from arcflow.pipeline.recording import sample_teacher
     from arcflow.pipeline.registry import load_teacher
 
-    from .student import load_student, read_student_config
+    from .runs import load_run
+    from .student import read_student_config
 
     config.validate()
     out = Path(config.out)
@@ -176,19 +177,18 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
         bar.update(1)
     students = []
     for run, record in zip(config.adapters, records):
-        student = load_student(teacher, run).eval()
-        nfe = int(record.get("nfe", student.config.nfe))
-        images = []
+        loaded = load_run(run)
+        student, nfe = loaded.student, loaded.nfe
         with torch.inference_mode():
-            for lo in range(0, n, 500):
-                cond = teacher.encode_prompts(prompts[lo : lo + 500])
-                images.append(teacher.decode(student.sample(teacher.noise(seeds[lo : lo + 500]), cond, nfe=nfe)))
-        images = torch.cat(images)
+            images = torch.cat([
+                teacher.decode(loaded.sample_latents(prompts[lo : lo + 500], seeds[lo : lo + 500]))
+                for lo in range(0, n, 500)
+            ])
         row = score(Path(run).name, nfe, images, teacher_img, other_feats)
         row.extra = {"run": str(run), "k": student.config.k, "momentum": student.config.momentum,
                      "trainable": student.config.trainable}
         rows.append(row)
-        students.append((row, student, nfe))
+        students.append((row, loaded, nfe))
         grid_rows.append(images[: config.grid_columns])
         bar.update(1)
     bar.close()
@@ -221,10 +221,8 @@ def _measure_speed(config, teacher, guidance, prompts, seeds, rows, students, nf
         timings = {0: t_teacher}
         for i, nfe in enumerate(nfes, start=1):
             timings[i] = _best_time(lambda: sample_teacher(teacher, p, s, nfe, guidance, micro_batch=None), config.speed_repeats)
-        for j, (row, student, nfe) in enumerate(students):
-            cond = teacher.encode_prompts(p)
-            noise = teacher.noise(s)
-            timings[1 + len(nfes) + j] = _best_time(lambda: student.sample(noise, cond, nfe=nfe), config.speed_repeats)
+        for j, (row, loaded, nfe) in enumerate(students):
+            timings[1 + len(nfes) + j] = _best_time(lambda: loaded.sample_latents(p, s), config.speed_repeats)
     finally:
         torch.set_grad_enabled(True)
     for i, row in enumerate(rows):
