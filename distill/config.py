@@ -40,6 +40,8 @@ class DistillConfig:
     log_every: int = 10
     seed: int = 0
     shuffle_buffer: int = 512
+    #: Train on these committed shards only (None: all of them), e.g. for data-size ablations.
+    shards: Optional[list[int]] = None
     loader_workers: int = 0
     num_workers: int = 1
     use_gpu: bool = False

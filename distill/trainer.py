@@ -140,7 +140,12 @@ def train_worker(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.warmup))
     ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
     stream = TrajectoryStream(
-        config.dataset, rank=rank, world_size=world_size, seed=config.seed, shuffle_buffer=config.shuffle_buffer
+        config.dataset,
+        rank=rank,
+        world_size=world_size,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        shards=config.shards,
     )
     step = 0
     checkpoint = latest_checkpoint(out) if config.resume else None

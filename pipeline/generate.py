@@ -143,6 +143,53 @@ def _pick_device(gpus: float) -> str:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def describe_teacher(teacher: Any, prompts: Optional[list[str]], steps: int) -> dict[str, Any]:
+    """Validate ``prompts`` (None: the teacher's own) and collect what a dataset header needs."""
+    prompts = prompts if prompts is not None else teacher.prompt_set()
+    teacher.validate_prompts(prompts)
+    cond = teacher.encode_prompts(prompts[:1])
+    return {
+        "prompts": list(prompts),
+        "teacher_id": teacher.teacher_id,
+        "revision": teacher.revision,
+        "latent_shape": list(teacher.latent_shape),
+        "shift": float(teacher.shift),
+        "default_guidance": float(teacher.default_guidance),
+        "sigmas": teacher.sigmas(steps).tolist(),
+        "true_cfg": bool(teacher.true_cfg),
+        "cond_spec": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", "")} for k, v in cond.items()},
+    }
+
+
+def record_shard(teacher: Any, spec: DatasetSpec, plan: ShardPlan, batch_size: int) -> dict[str, Any]:
+    """Run the teacher's recording sampler over one shard plan; returns CPU arrays to commit."""
+    from .recording import record_trajectories
+
+    with torch.inference_mode():
+        cond = teacher.encode_prompts(list(plan.prompts))
+        noise = teacher.noise(plan.seeds)
+        # One constant micro-batch size for the whole job: a sample's trajectory is then
+        # bit-identical whichever shard or position it lands in (pipeline/recording.py).
+        x, u, sigmas = record_trajectories(teacher, cond, noise, steps=spec.steps, guidance=spec.guidance,
+                                           micro_batch=batch_size)
+    return {"x": x.numpy(), "u": u.numpy(), "sigmas": sigmas.double().numpy(),
+            "cond": {k: v.float().cpu().numpy() for k, v in cond.items()}}
+
+
+def commit_shard(url: str, spec: DatasetSpec, plan: ShardPlan, arrays: dict[str, Any]) -> None:
+    """Write one recorded shard whole and commit it (storage's commit protocol)."""
+    from arcflow.storage.writer import create_or_open_dataset
+
+    create_or_open_dataset(url, spec, resume=True).write_shard(
+        plan.shard_id,
+        sample_ids=list(plan.sample_ids),
+        seeds=list(plan.seeds),
+        prompts=list(plan.prompts),
+        guidance=spec.guidance,
+        **arrays,
+    )
+
+
 class ShardWorker:
     """A Ray actor body: holds one teacher and turns shard plans into committed shards."""
 
@@ -171,21 +218,7 @@ class ShardWorker:
 
     def describe(self, prompts: Optional[list[str]], steps: int) -> dict[str, Any]:
         """Validate prompts and report what the dataset header needs about this teacher."""
-        teacher = self._teacher()
-        prompts = prompts if prompts is not None else teacher.prompt_set()
-        teacher.validate_prompts(prompts)
-        cond = teacher.encode_prompts(prompts[:1])
-        return {
-            "prompts": list(prompts),
-            "teacher_id": teacher.teacher_id,
-            "revision": teacher.revision,
-            "latent_shape": list(teacher.latent_shape),
-            "shift": float(teacher.shift),
-            "default_guidance": float(teacher.default_guidance),
-            "sigmas": teacher.sigmas(steps).tolist(),
-            "true_cfg": bool(teacher.true_cfg),
-            "cond_spec": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", "")} for k, v in cond.items()},
-        }
+        return describe_teacher(self._teacher(), prompts, steps)
 
     def location(self) -> dict[str, Any]:
         import ray
@@ -194,33 +227,12 @@ class ShardWorker:
 
     def run_shard(self, spec: DatasetSpec, url: str, plan: ShardPlan, batch_size: int) -> dict[str, Any]:
         """Compute the shard's trajectories (holding the teacher), then write and commit it."""
-        from arcflow.storage.writer import create_or_open_dataset
-
-        from .recording import record_trajectories
-
         self._teacher()  # raises a deferred load error
-        with self._compute, torch.inference_mode():
+        with self._compute:
             started = time.perf_counter()  # after the lock: compute_s excludes waiting for the other task
-            cond = self.teacher.encode_prompts(list(plan.prompts))
-            noise = self.teacher.noise(plan.seeds)
-            # One constant micro-batch size for the whole job: a sample's trajectory is then
-            # bit-identical whichever shard or position it lands in (pipeline/recording.py).
-            x, u, sigmas = record_trajectories(
-                self.teacher, cond, noise, steps=spec.steps, guidance=spec.guidance, micro_batch=batch_size
-            )
+            arrays = record_shard(self.teacher, spec, plan, batch_size)
         computed = time.perf_counter()
-        writer = create_or_open_dataset(url, spec, resume=True)
-        writer.write_shard(
-            plan.shard_id,
-            x=x.numpy(),
-            u=u.numpy(),
-            sigmas=sigmas.double().numpy(),
-            cond={k: v.float().cpu().numpy() for k, v in cond.items()},
-            sample_ids=list(plan.sample_ids),
-            seeds=list(plan.seeds),
-            prompts=list(plan.prompts),
-            guidance=spec.guidance,
-        )
+        commit_shard(url, spec, plan, arrays)
         done = time.perf_counter()
         return {
             "shard_id": plan.shard_id,
@@ -328,7 +340,7 @@ def generate_trajectories(
             raise _unwrap(exc) from None
         guidance = config.guidance if config.guidance is not None else info["default_guidance"]
         plans = plan_shards(config.num_samples, config.shard_size, info["prompts"], config.seed)
-        spec = _dataset_spec(config, info, guidance)
+        spec = dataset_spec(config, info, guidance)
         writer = create_or_open_dataset(config.out, spec, resume=config.resume)
         committed = writer.committed_shards()
         todo = [p for p in plans if p.shard_id not in committed]
@@ -343,7 +355,8 @@ def generate_trajectories(
             ray.shutdown()
 
 
-def _dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float) -> DatasetSpec:
+def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float) -> DatasetSpec:
+    """The dataset header for a job: what the data is and how it was made (compared on resume)."""
     prompts_blob = "\n".join(info["prompts"]).encode()
     return DatasetSpec(
         teacher_id=info["teacher_id"],
