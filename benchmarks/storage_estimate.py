@@ -75,7 +75,7 @@ def compression_ratio(dtype: str, seed: int = 0) -> float:
     return len(codec.encode(a)) / a.nbytes
 
 
-def main() -> None:
+def report() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1024, help="image height = width in pixels")
     ap.add_argument("--steps", type=int, default=50, help="teacher Euler steps S")
@@ -126,6 +126,22 @@ def main() -> None:
         print(f"- {name}: {S} steps x {f['nfe_per_step']} = {nfe} NFE x {s_per_nfe[name]:.2f} s/NFE (assumed) "
               f"= ~{sec:.0f} s per trajectory -> ~{10_000 * sec / 3600:.0f} GPU-hours per 10k, "
               f"~{100_000 * sec / 3600:.0f} GPU-hours per 100k")
+
+
+def main() -> None:
+    """Print the report and keep a copy in benchmarks/results/storage_estimate.md (the README's)."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        report()
+    text = buffer.getvalue().replace("\n# ", "\n#### ").replace("# Trajectory", "#### Trajectory", 1)
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "storage_estimate.md").write_text(text)
+    print(buffer.getvalue(), end="")
 
 
 if __name__ == "__main__":

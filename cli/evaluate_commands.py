@@ -19,6 +19,7 @@ def evaluate_command(
     teacher_steps: int = typer.Option(50, "--teacher-steps", help="Steps of the reference teacher sampler."),
     seed: int = typer.Option(0, "--seed", help="Selects the held-out noise seeds."),
     speed_batch: int = typer.Option(100, "--speed-batch", help="Batch size of the wall-time measurement."),
+    speed_repeats: int = typer.Option(3, "--speed-repeats", help="Timed repeats per row (the best one counts)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Measure students against the teacher: Frechet distance, accuracy, PSNR, diversity, speed-up."""
@@ -26,7 +27,7 @@ def evaluate_command(
 
     config = EvaluationConfig(
         adapters=[str(a) for a in adapter], out=str(out), num_samples=num_samples, guidance=guidance,
-        teacher_steps=teacher_steps, seed=seed, speed_batch=speed_batch,
+        teacher_steps=teacher_steps, seed=seed, speed_batch=speed_batch, speed_repeats=speed_repeats,
     )
     report = evaluate(config, progress=progress)
     typer.echo((out / "report.md").read_text().rstrip())

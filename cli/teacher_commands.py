@@ -89,13 +89,13 @@ def _student_images(
     """Student samples (and, with ``compare``, the teacher's from the same noise below them)."""
     import torch
 
-    from arcflow.distill.runs import load_run
+    from arcflow.distill.runs import load_run, load_run_teacher
     from arcflow.pipeline.recording import sample_teacher
 
-    loaded = load_run(run)
-    teacher = loaded.teacher
+    _, teacher = load_run_teacher(run)
     prompts = prompts or teacher.prompt_set()
-    teacher.validate_prompts(prompts)
+    teacher.validate_prompts(prompts)  # before the student is built: bad input fails fast, quietly
+    loaded = load_run(run, teacher=teacher)
     batch = [p for p in prompts for _ in range(num)]
     seeds = [seed + i for i in range(len(batch))]
     images = teacher.decode(loaded.sample_latents(batch, seeds, nfe))

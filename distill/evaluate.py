@@ -40,11 +40,15 @@ EVAL_SEED_DOMAIN = 0xE7A1
 
 
 def heldout_seeds(count: int, seed: int = 0) -> list[int]:
-    """Noise seeds disjoint in construction from the builder's ``sample_seed(job_seed, i)``."""
-    return [
-        int(np.random.SeedSequence([EVAL_SEED_DOMAIN, seed, i]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
-        for i in range(count)
-    ]
+    """Noise seeds disjoint in construction from the builder's ``sample_seed(job_seed, i)``.
+
+    63-bit, from two 32-bit words combined explicitly (low word first), so the same on every platform.
+    """
+    out = []
+    for i in range(count):
+        lo, hi = (int(w) for w in np.random.SeedSequence([EVAL_SEED_DOMAIN, seed, i]).generate_state(2, np.uint32))
+        out.append(((hi << 32) | lo) >> 1)
+    return out
 
 
 @dataclass
@@ -70,8 +74,10 @@ class EvaluationConfig:
         for run in self.adapters:
             if not (Path(run) / "arcflow_config.json").is_file():
                 raise ArcflowError(f"--adapter {run} is not a student run directory (no arcflow_config.json)")
-        if self.teacher_steps < 1 or self.speed_batch < 1 or self.speed_repeats < 1:
-            raise ArcflowError("--teacher-steps, --speed-batch and --speed-repeats must be >= 1")
+        if self.teacher_steps < 1 or self.speed_batch < 1 or self.speed_repeats < 1 or self.grid_columns < 1:
+            raise ArcflowError("--teacher-steps, --speed-batch, --speed-repeats and grid_columns must be >= 1")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ArcflowError(f"--out {self.out!r} exists and is not a directory")
 
 
 @dataclass
@@ -86,6 +92,13 @@ class Row:
     ms_per_sample: float
     speedup: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _row_names(runs: list[str]) -> list[str]:
+    """Row names for student runs: the directory name (also for ``.`` or a trailing slash), or the
+    path as given where two runs share a directory name."""
+    names = [Path(run).resolve().name or str(run) for run in runs]
+    return [str(run) if names.count(name) > 1 else name for run, name in zip(runs, names)]
 
 
 def _psnr(images: Tensor, reference: Tensor) -> float:
@@ -127,6 +140,13 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
     from .student import read_student_config
 
     config.validate()
+    records = [read_student_config(run) for run in config.adapters]
+    for run, record in zip(config.adapters, records):
+        saved = record.get("teacher")
+        teacher_id = saved.get("id") if isinstance(saved, dict) else None
+        if teacher_id != config.teacher:
+            raise ArcflowError(f"--adapter {run} was distilled from teacher {teacher_id!r}, not {config.teacher!r}")
+    names = _row_names(config.adapters)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(config.teacher)
@@ -138,7 +158,6 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
     labels = torch.tensor([i % len(prompts_all) for i in range(n)])
     seeds = heldout_seeds(n, config.seed)
     other_seeds = heldout_seeds(n, config.seed + 1)
-    records = [read_student_config(run) for run in config.adapters]
     nfes = sorted({int(r.get("nfe", r.get("student", {}).get("nfe", 2))) for r in records} or {2})
 
     real = digits_split().heldout_images.float()
@@ -176,7 +195,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
         grid_rows.append(few[: config.grid_columns])
         bar.update(1)
     students = []
-    for run, record in zip(config.adapters, records):
+    for run, name in zip(config.adapters, names):
         loaded = load_run(run)
         student, nfe = loaded.student, loaded.nfe
         with torch.inference_mode():
@@ -184,7 +203,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
                 teacher.decode(loaded.sample_latents(prompts[lo : lo + 500], seeds[lo : lo + 500]))
                 for lo in range(0, n, 500)
             ])
-        row = score(Path(run).name, nfe, images, teacher_img, other_feats)
+        row = score(name, nfe, images, teacher_img, other_feats)
         row.extra = {"run": str(run), "k": student.config.k, "momentum": student.config.momentum,
                      "trainable": student.config.trainable}
         rows.append(row)
@@ -215,16 +234,13 @@ def _measure_speed(config, teacher, guidance, prompts, seeds, rows, students, nf
 
     batch = min(config.speed_batch, len(prompts))
     p, s = prompts[:batch], seeds[:batch]
-    torch.set_grad_enabled(False)
-    try:
+    with torch.no_grad():
         t_teacher = _best_time(lambda: sample_teacher(teacher, p, s, config.teacher_steps, guidance, micro_batch=None), config.speed_repeats)
         timings = {0: t_teacher}
         for i, nfe in enumerate(nfes, start=1):
             timings[i] = _best_time(lambda: sample_teacher(teacher, p, s, nfe, guidance, micro_batch=None), config.speed_repeats)
         for j, (row, loaded, nfe) in enumerate(students):
             timings[1 + len(nfes) + j] = _best_time(lambda: loaded.sample_latents(p, s), config.speed_repeats)
-    finally:
-        torch.set_grad_enabled(True)
     for i, row in enumerate(rows):
         row.ms_per_sample = 1000 * timings[i] / batch
         row.speedup = t_teacher / timings[i]

@@ -123,3 +123,15 @@ class MomentumHead(nn.Module):
         else:
             gam = packed.new_zeros(batch, k - 1, g, tokens)
         return MomentumParams(velocities=v, logits=w, log_gammas=gam)
+
+
+def head_for(projection: nn.Linear, k: int, groups: int, momentum: bool, log_gamma_bound: float) -> MomentumHead:
+    """An (uninitialized) head shaped to replace ``projection``, on its device, in float32."""
+    return MomentumHead(
+        projection.in_features,
+        projection.out_features,
+        k=k,
+        groups=groups,
+        momentum=momentum,
+        log_gamma_bound=log_gamma_bound,
+    ).to(device=projection.weight.device)

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from arcflow.storage.errors import ArcflowError
 
-from .heads import MomentumHead
+from .heads import MomentumHead, head_for
+from .runs import segment_sigmas
 from .student import (
     HEAD_ATTRIBUTE,
     HEAD_FILE,
@@ -68,11 +69,7 @@ class ArcflowPipeline:
 
     def segment_sigmas(self, nfe: Optional[int] = None) -> Tensor:
         """Segment boundaries: the run's recorded ones for its own NFE, else the scheduler's schedule."""
-        nfe = nfe or self.nfe
-        recorded = self.record.get("segment_sigmas")
-        if recorded is not None and len(recorded) == nfe + 1:
-            return torch.tensor(recorded, dtype=torch.float64)
-        return self.teacher.sigmas(nfe)
+        return segment_sigmas(self.record, self.teacher, nfe or self.nfe)
 
     def set_adapters(self, others: Mapping[str, float], arcflow_weight: float = 1.0) -> None:
         """Activate the arcflow adapter plus ``others`` ({adapter name: weight}) on the transformer."""
@@ -112,17 +109,10 @@ class ArcflowPipeline:
 
 
 def _build_head(config: StudentConfig, proj: nn.Linear, state: Mapping[str, Tensor]) -> MomentumHead:
-    head = MomentumHead(
-        proj.in_features,
-        proj.out_features,
-        k=config.k,
-        groups=config.weight_groups,
-        momentum=config.momentum,
-        log_gamma_bound=config.log_gamma_bound,
-    )
+    head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
     head.load_state_dict(dict(state))
     # The head stays float32 (its forward casts the hidden state), as in training.
-    return head.to(proj.weight.device).requires_grad_(False).eval()
+    return head.requires_grad_(False).eval()
 
 
 def arcflow_pipeline(

@@ -9,7 +9,17 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from arcflow.storage.errors import ArcflowError
+
 from .student import Student, load_student, read_student_config
+
+
+def segment_sigmas(record: dict[str, Any], teacher: Any, nfe: int) -> Tensor:
+    """A run's recorded segment boundaries for its own NFE; for another NFE the teacher's schedule."""
+    recorded = record.get("segment_sigmas")
+    if recorded is not None and len(recorded) == nfe + 1:
+        return torch.tensor(recorded, dtype=torch.float64)
+    return teacher.sigmas(nfe)
 
 
 @dataclass
@@ -26,11 +36,7 @@ class LoadedRun:
 
     def segment_sigmas(self, nfe: Optional[int] = None) -> Tensor:
         """The recorded segment boundaries the student was trained on (else the teacher's schedule)."""
-        nfe = nfe or self.nfe
-        recorded = self.record.get("segment_sigmas")
-        if recorded is not None and len(recorded) == nfe + 1:
-            return torch.tensor(recorded, dtype=torch.float64)
-        return self.teacher.sigmas(nfe)
+        return segment_sigmas(self.record, self.teacher, nfe or self.nfe)
 
     @torch.no_grad()
     def sample_latents(self, prompts: Sequence[str], seeds: Sequence[int], nfe: Optional[int] = None) -> Tensor:
@@ -40,16 +46,36 @@ class LoadedRun:
         return self.student.sample(self.teacher.noise(list(seeds)), cond, nfe=len(sigmas) - 1, sigmas=sigmas)
 
 
-def load_run(run_dir: Union[str, os.PathLike], device: str = "cpu", merge_lora: bool = True) -> LoadedRun:
-    """Load the teacher a run was distilled from (same resolution/options) and the student on it.
+def load_run_teacher(run_dir: Union[str, os.PathLike], device: str = "cpu") -> tuple[dict[str, Any], Any]:
+    """The run's saved record and the teacher it was distilled from (same resolution/options).
 
-    ``merge_lora`` folds the LoRA deltas into the base weights (peft's own merge) so a student
-    call costs exactly one teacher call plus the head: the speed-up is then the NFE ratio.
+    Cheap next to loading the student: callers use it to check their input (prompts) before paying
+    for the student, so a bad input fails before anything is built or logged.
     """
     from arcflow.pipeline.registry import load_teacher
 
     record = read_student_config(run_dir)
-    teacher = load_teacher(record["teacher"]["id"], device=device, **record.get("teacher_options", {}))
+    saved = record.get("teacher")
+    teacher_id = saved.get("id") if isinstance(saved, dict) else None
+    if not teacher_id or "student" not in record:
+        raise ArcflowError(f"{run_dir} has an incomplete arcflow_config.json (no teacher id or student config)")
+    teacher = load_teacher(teacher_id, device=device, **(record.get("teacher_options") or {}))
+    return record, teacher
+
+
+def load_run(
+    run_dir: Union[str, os.PathLike], device: str = "cpu", merge_lora: bool = True, teacher: Any = None
+) -> LoadedRun:
+    """Load the teacher a run was distilled from (same resolution/options) and the student on it.
+
+    ``teacher`` reuses one already loaded with :func:`load_run_teacher` (the student checks its
+    revision). ``merge_lora`` folds the LoRA deltas into the base weights (peft's own merge) so a
+    student call costs exactly one teacher call plus the head: the speed-up is then the NFE ratio.
+    """
+    if teacher is None:
+        record, teacher = load_run_teacher(run_dir, device=device)
+    else:
+        record = read_student_config(run_dir)
     student = load_student(teacher, run_dir).eval()
     if merge_lora and student.has_lora:
         from peft.tuners.tuners_utils import BaseTunerLayer

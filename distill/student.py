@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from arcflow.storage.errors import ArcflowError
 
-from .heads import MomentumHead
+from .heads import MomentumHead, head_for
 from .momentum import MomentumParams
 from .sampler import sample_few_step
 
@@ -250,14 +250,7 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
         raise ArcflowError(
             f"weight_groups={config.weight_groups} does not divide the {proj.out_features} latent channels"
         )
-    head = MomentumHead(
-        proj.in_features,
-        proj.out_features,
-        k=config.k,
-        groups=config.weight_groups,
-        momentum=config.momentum,
-        log_gamma_bound=config.log_gamma_bound,
-    ).to(device=proj.weight.device)
+    head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
     head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed))
     setattr(transformer, HEAD_ATTRIBUTE, head)
 

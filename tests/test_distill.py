@@ -163,3 +163,12 @@ def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     state = json.loads((run / "checkpoints/step-0000004/state.json").read_text())
     assert len(state["data"]) == 2 and {s["rank"] for s in state["data"]} == {0, 1}
+
+
+def test_bf16_autocast_trains_with_float32_integral(dataset, tmp_path):
+    run = tmp_path / "run"
+    run_local(config_for(dataset, run, iters=3, checkpoint_every=3, bf16=True))
+    losses = [m["loss"] for m in metrics(run)]
+    assert len(losses) == 3 and all(l == l and l < 1e3 for l in losses)  # finite
+    head = load_file(str(run / "momentum_head.safetensors"))
+    assert all(v.dtype == torch.float32 for v in head.values())
