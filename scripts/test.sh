@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONHASHSEED=0
+# Tests start Ray workers and CLI subprocesses beside pytest: one torch thread each avoids
+# oversubscribing the cores (OpenMP spin-waits made 2-thread runs 10-50x slower under load here).
+export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest "$@"
