@@ -1,6 +1,6 @@
 """Ablation of the offline distiller on the embedded digits teacher.
 
-    .venv/bin/python benchmarks/ablation.py --dataset demo/trajectories      # ~30-40 min on 2 CPU cores
+    .venv/bin/python benchmarks/ablation.py --dataset demo/trajectories --iters 1000   # ~40 min, 2 CPU cores
 
 Trains students from ONE trajectory dataset with the same steps, batch and learning rate, then
 scores them all in one `arcflow evaluate` pass on held-out noise (PSNR vs the teacher's 50x2 sample
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--small-samples", type=int, default=2000, help="samples in the small-data variants")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared 2-core box)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test sizes")
     args = parser.parse_args()
     if args.quick:
@@ -129,7 +130,7 @@ def main() -> None:
     from arcflow.distill.evaluate import EvaluationConfig, evaluate
     from arcflow.storage.reader import open_dataset
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     reader = open_dataset(args.dataset)
     committed = sorted(reader.committed_shards())
     sizes = reader.shard_sizes(committed)

@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {
     "demo-report": ROOT / "docs/demo/report.md",
     "ablation": ROOT / "benchmarks/results/ablation.md",
-    "distill-quality": ROOT / "benchmarks/results/distill_quality.md",
     "teacher-quality": ROOT / "benchmarks/results/teacher_quality.md",
     "builder": ROOT / "benchmarks/results/builder.md",
     "storage-bytes": ROOT / "benchmarks/results/storage_bytes.md",
