@@ -71,18 +71,18 @@ def bare_throughput(options: dict, n: int, steps: int, batch: int, threads: int,
     return {"seconds": seconds, "samples_per_second": n / seconds}
 
 
-def builder_throughput(options: dict, n: int, steps: int, batch: int, seed: int, out: Path) -> dict:
+def builder_throughput(options: dict, n: int, steps: int, batch: int, seed: int, out: Path, threads: int) -> dict:
     import ray
 
     from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=max(threads, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     ray_start = time.perf_counter() - t0
     try:
         config = GenerationConfig(
             out=str(out), teacher="digits", num_samples=n, steps=steps, shard_size=batch, batch_size=batch,
-            seed=seed, dtype="float16", workers=1, teacher_options=options,
+            seed=seed, dtype="float16", workers=1, cpus_per_worker=float(threads), teacher_options=options,
         )
         t1 = time.perf_counter()
         summary = generate_trajectories(config, progress=False)
@@ -107,15 +107,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads on both sides (default: all cores, what one local worker gets)")
     args = parser.parse_args()
-    threads = os.cpu_count() or 1  # what a single local worker gets (pipeline/generate.py)
+    threads = args.threads
 
     scratch = Path(tempfile.mkdtemp(prefix="builder_throughput_"))
     try:
         options, teacher_desc = digits_teacher_options(scratch)
         # bare before and after the builder (the machine may be shared): the ratio uses their mean
         bare_runs = [bare_throughput(options, args.samples, args.steps, args.batch_size, threads, args.seed)]
-        built = builder_throughput(options, args.samples, args.steps, args.batch_size, args.seed, scratch / "ds")
+        built = builder_throughput(options, args.samples, args.steps, args.batch_size, args.seed, scratch / "ds", threads)
         bare_runs.append(bare_throughput(options, args.samples, args.steps, args.batch_size, threads, args.seed))
         bare = {
             "seconds": sum(r["seconds"] for r in bare_runs) / len(bare_runs),

@@ -15,16 +15,12 @@ if TYPE_CHECKING:  # torch loads lazily so that `arcflow --help` stays fast
 
     from arcflow.pipeline.teacher import Teacher
 
-KNOWN_TEACHERS = ("digits",)
-
-
 def _load_teacher(name: str) -> Teacher:
-    """Resolve ``--teacher`` to a loaded teacher (only the embedded ``digits`` for now)."""
-    if name != "digits":
-        raise ArcflowError(f"unknown teacher {name!r}; known teachers: {', '.join(KNOWN_TEACHERS)}")
-    from arcflow.pipeline.digits import load_digits_teacher
+    """Resolve ``--teacher`` (the embedded ``digits``, a hub id or a pipeline directory)."""
+    from arcflow.pipeline.registry import check_teacher_id, load_teacher
 
-    return load_digits_teacher()
+    check_teacher_id(name)
+    return load_teacher(name)
 
 
 def _check_positive(name: str, value: int) -> None:
