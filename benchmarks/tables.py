@@ -48,7 +48,8 @@ def builder(throughput: dict, scaling: dict) -> str:
     b = throughput["builder"]
     lines = [
         f"Trajectory builder, teacher {throughput['teacher']} (`benchmarks/builder_throughput.py`, "
-        f"{throughput['samples']} samples x {throughput['steps']} steps): builder {b['samples_per_second']:.2f} "
+        f"{throughput['samples']} samples x {throughput['steps']} steps, micro-batch {throughput['micro_batch']}, "
+        f"{throughput['threads']} torch thread(s)): builder {b['samples_per_second']:.2f} "
         f"samples/s vs bare recording sampler {throughput['bare']['samples_per_second']:.2f} samples/s in the same "
         f"run: ratio {throughput['ratio_steady_builder_over_bare']:.2f} (Ray start-up {b['ray_start_seconds']:.1f} s "
         f"and worker start-up {b['worker_start_seconds']:.1f} s excluded).",
