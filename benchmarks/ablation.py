@@ -35,19 +35,20 @@ RESULTS = Path(__file__).parent / "results"
 def variants(iters: int, small_shards: list[int]) -> list[dict]:
     core = [
         {"name": "k1", "k": 1},
-        {"name": "arcflow-k8", "k": 8},
+        {"name": "arcflow-k8", "k": 8, "momentum": True},
         {"name": "nomom-k8", "k": 8, "momentum": False},
+        # (k1: K=1 has no momentum component either way)
     ]
     runs = [dict(v, seed=s, group="core") for v in core for s in (0, 1)]
     runs += [
-        {"name": "arcflow-k4", "k": 4, "seed": 0, "group": "components"},
-        {"name": "arcflow-k16", "k": 16, "seed": 0, "group": "components"},
+        {"name": "arcflow-k4", "k": 4, "momentum": True, "seed": 0, "group": "components"},
+        {"name": "arcflow-k16", "k": 16, "momentum": True, "seed": 0, "group": "components"},
         {"name": "k1-heads", "k": 1, "trainable": "heads", "seed": 0, "group": "trainable"},
-        {"name": "arcflow-k8-heads", "k": 8, "trainable": "heads", "seed": 0, "group": "trainable"},
+        {"name": "arcflow-k8-heads", "k": 8, "momentum": True, "trainable": "heads", "seed": 0, "group": "trainable"},
         {"name": "k1-full", "k": 1, "trainable": "full", "lr": 3e-4, "seed": 0, "group": "trainable"},
-        {"name": "arcflow-k8-full", "k": 8, "trainable": "full", "lr": 3e-4, "seed": 0, "group": "trainable"},
+        {"name": "arcflow-k8-full", "k": 8, "momentum": True, "trainable": "full", "lr": 3e-4, "seed": 0, "group": "trainable"},
         {"name": "k1-small", "k": 1, "shards": small_shards, "seed": 0, "group": "data"},
-        {"name": "arcflow-k8-small", "k": 8, "shards": small_shards, "seed": 0, "group": "data"},
+        {"name": "arcflow-k8-small", "k": 8, "momentum": True, "shards": small_shards, "seed": 0, "group": "data"},
     ]
     return runs
 

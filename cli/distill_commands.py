@@ -17,7 +17,10 @@ def distill_command(
     out: str = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl and the exported student."),
     nfe: int = typer.Option(2, "--nfe", help="Network evaluations (segments) of the student; must divide the recorded steps."),
     k: int = typer.Option(8, "--k", help="Momentum components per token (1 = linear-shortcut baseline)."),
-    no_momentum: bool = typer.Option(False, "--no-momentum", help="Fix every log-gamma at 0 (K constant velocities: the control)."),
+    momentum: bool = typer.Option(
+        False, "--momentum/--no-momentum",
+        help="Curved ArcFlow momentum steps (--momentum) or K constant velocities (default: the ablation's pick on digits).",
+    ),
     weight_groups: int = typer.Option(1, "--weight-groups", help="Channel groups that share one mixture weight per token."),
     lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank."),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: the rank)."),
@@ -42,7 +45,7 @@ def distill_command(
     from arcflow.distill.trainer import distill
 
     config = DistillConfig(
-        dataset=dataset, out=out, nfe=nfe, k=k, momentum=not no_momentum, weight_groups=weight_groups,
+        dataset=dataset, out=out, nfe=nfe, k=k, momentum=momentum, weight_groups=weight_groups,
         lora_rank=lora_rank, lora_alpha=lora_alpha, trainable=trainable, iters=iters, batch_size=batch_size,
         lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
         checkpoint_every=checkpoint_every, seed=seed, loader_workers=loader_workers, num_workers=num_workers,

@@ -21,7 +21,9 @@ class DistillConfig:
     out: str
     nfe: int = 2
     k: int = 8
-    momentum: bool = True
+    #: Default off: on the digits testbed the ablation (benchmarks/ablation.py) found K constant
+    #: velocities at least as good as curved momentum steps; `--momentum` gives ArcFlow's curves.
+    momentum: bool = False
     weight_groups: int = 1
     lora_rank: int = 16
     lora_alpha: Optional[float] = None

@@ -23,7 +23,7 @@ $A generate-trajectories --teacher digits --out "$DIR/trajectories" --num-sample
 $A inspect "$DIR/trajectories" | head -7
 
 echo "== 2/4 distill ArcFlow (K=8) and 3/4 the K=1 linear baseline, $ITERS steps each"
-$A distill "$DIR/trajectories" --out "$DIR/arcflow-k8" --k 8 --iters "$ITERS" --resume
+$A distill "$DIR/trajectories" --out "$DIR/arcflow-k8" --k 8 --momentum --iters "$ITERS" --resume
 $A distill "$DIR/trajectories" --out "$DIR/linear-k1" --k 1 --iters "$ITERS" --resume
 
 echo "== 4/4 evaluate on $EVAL held-out noise seeds"

@@ -41,7 +41,7 @@ def metrics(run):
 
 def test_loss_decreases(dataset, tmp_path):
     run = tmp_path / "run"
-    run_local(config_for(dataset, run, iters=40, lr=3e-3, ema_decay=0.0))
+    run_local(config_for(dataset, run, iters=40, lr=3e-3, ema_decay=0.0, momentum=True))
     losses = [m["loss"] for m in metrics(run)]
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -160,6 +160,8 @@ def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     steps = [m["step"] for m in metrics(run)]
     assert steps == sorted(set(steps)) and steps[-1] == 4, "rank 0 alone logs each step once"
     assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "momentum_head.safetensors").is_file()
+    record = json.loads((run / "arcflow_config.json").read_text())
+    assert record["student"]["momentum"] is False, "the CLI default is the ablation's pick: no momentum"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     state = json.loads((run / "checkpoints/step-0000004/state.json").read_text())
     assert len(state["data"]) == 2 and {s["rank"] for s in state["data"]} == {0, 1}
