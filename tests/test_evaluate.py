@@ -6,7 +6,6 @@ what it says (recomputed independently where that is cheap).
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,26 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
-from arcflow.cli.app import main
 from arcflow.distill.config import DistillConfig
 from arcflow.distill.evaluate import EvaluationConfig, _diversity, _psnr, evaluate, heldout_seeds, render_markdown
 from arcflow.distill.metrics import frechet_distance
 from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
+from cli_helpers import CLI_ENV as ENV, assert_one_line_error, run_in_process as cli
 from dataset_factory import make_dataset
 
 NUM_SAMPLES = 20
 TEACHER_STEPS = 4
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """8x8 digits: one intra-op thread is fastest, and on a busy 2-core machine a second thread
-    spin-waiting against other processes makes sampling 10-50x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_tiny(dataset: Path, out: Path, **overrides) -> Path:
@@ -66,23 +56,6 @@ def evaluated(runs, tmp_path_factory):
                               teacher_steps=TEACHER_STEPS, speed_batch=8, speed_repeats=1)
     report = evaluate(config, progress=False)
     return out, report
-
-
-def cli(capsys, *args):
-    """``arcflow ARGS`` in this process: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("arcflow: error:"), err
-    for needle in needles:
-        assert needle in lines[0], err
 
 
 # --- the report ---------------------------------------------------------------------------------

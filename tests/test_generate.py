@@ -29,6 +29,7 @@ ray = pytest.importorskip("ray")
 from arcflow.pipeline.generate import GenerationConfig, generate_trajectories  # noqa: E402
 from arcflow.storage.errors import ArcflowError  # noqa: E402
 from arcflow.storage.reader import open_dataset  # noqa: E402
+from cli_helpers import assert_one_line_error, run_in_process as run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -130,28 +131,6 @@ def tree_hash(root) -> str:
         if p.is_file():
             h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
-
-
-def run_cli(capfd, *args):
-    """The console entry point in-process (reuses this module's Ray): (exit code, stdout, stderr)."""
-    from arcflow.cli.app import main
-
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capfd.readouterr()
-    return info.value.code, out, err
-
-
-def assert_one_line_error(code, err, *fragments) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("arcflow: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # -- a local run ------------------------------------------------------------------------------------

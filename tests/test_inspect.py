@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
 from arcflow.pipeline.generate import GenerationConfig, generate_trajectories  # noqa: E402
+from cli_helpers import run_in_process as run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,16 +40,6 @@ def dataset(tmp_path_factory):
     finally:
         ray.shutdown()  # inspect itself needs no Ray
     return out
-
-
-def run_cli(capfd, *args):
-    from arcflow.cli.app import main
-
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capfd.readouterr()
-    return info.value.code, out, err
 
 
 def test_inspect_text(dataset, capfd):

@@ -1,7 +1,6 @@
 """`arcflow sample --adapter RUN`: the few-step student from the shell, on a tiny real run."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,24 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from arcflow.cli.app import main
 from arcflow.distill.config import DistillConfig
 from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
+from cli_helpers import CLI_ENV as ENV, assert_one_line_error, run_in_process as cli
 from dataset_factory import make_dataset
 
 PROMPT = "a handwritten digit 3"
 STEPS = 4  # teacher steps of --compare-teacher (kept small)
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """8x8 digits: one intra-op thread is fastest, and on a busy 2-core machine a second thread
-    spin-waiting against other processes makes sampling 10-50x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +42,6 @@ def loaded(run):
     return load_run(run)
 
 
-def cli(capsys, *args):
-    """``arcflow ARGS`` in this process: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
 def sample(capsys, out, *args):
     code, stdout, err = cli(capsys, "sample", "--out", out, *args)
     assert code == 0, err
@@ -69,15 +51,6 @@ def sample(capsys, out, *args):
 
 def student(capsys, tmp_path, run, name, *extra, seed=0, num=4):
     return sample(capsys, tmp_path / name, "--adapter", run, "--prompt", PROMPT, "--num", num, "--seed", seed, *extra)
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("arcflow: error:"), err
-    for needle in needles:
-        assert needle in lines[0], err
 
 
 def test_png_grid(run, tmp_path, capsys):

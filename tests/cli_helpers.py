@@ -1,0 +1,34 @@
+"""Shared helpers for CLI tests: the environment for subprocesses and the one-line-error check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+CLI_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def run_in_process(capture, *args):
+    """``arcflow ARGS`` through the console entry point in this process: (exit status, stdout, stderr).
+
+    ``capture`` is pytest's ``capsys`` or ``capfd``; running in-process reuses a module's Ray.
+    """
+    from arcflow.cli.app import main
+
+    capture.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    out, err = capture.readouterr()
+    return info.value.code, out, err
+
+
+def assert_one_line_error(code, err, *fragments) -> str:
+    """Exit status 2, no traceback, exactly one stderr line ``arcflow: error: ...`` naming the fragments."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("arcflow: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
