@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 

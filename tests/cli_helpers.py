@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -32,3 +34,14 @@ def assert_one_line_error(code, err, *fragments) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def run_subprocess(*args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m arcflow.cli ARGS`` in a fresh process (what a user's shell runs)."""
+    return subprocess.run([sys.executable, "-m", "arcflow.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=CLI_ENV)
+
+
+def assert_process_failed_one_line(res: subprocess.CompletedProcess, *fragments) -> str:
+    """``assert_one_line_error`` for a finished subprocess."""
+    return assert_one_line_error(res.returncode, res.stderr, *fragments)

@@ -8,18 +8,15 @@ same embeddings.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-
 from arcflow.distill.schedule import shifted_schedule
 from arcflow.distill.student import (
     DEFAULT_LORA_TARGETS,
@@ -31,7 +28,7 @@ from arcflow.distill.student import (
 from arcflow.pipeline.recording import record_trajectories, sample_teacher
 from arcflow.pipeline.registry import check_teacher_id, load_teacher
 from arcflow.storage.errors import ArcflowError
-from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline, tiny_flux_pipeline, tiny_qwen_image_pipeline
+from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline, tiny_qwen_image_pipeline
 
 OPTS = dict(height=32, width=32, max_sequence_length=T5_LENGTH)
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -265,9 +262,8 @@ def _style_lora(transformer, path, seed=7):
 
 
 def test_exported_lora_loads_in_a_stock_flux_pipeline(flux_dir, tmp_path):
-    from diffusers import FluxPipeline
-
     from arcflow.distill.interop import arcflow_pipeline
+    from diffusers import FluxPipeline
 
     teacher = load_teacher(str(flux_dir), **OPTS)
     _trained_run(teacher, tmp_path / "run", segment_sigmas=teacher.sigmas(2).tolist())
@@ -294,9 +290,8 @@ def test_exported_lora_loads_in_a_stock_flux_pipeline(flux_dir, tmp_path):
 
 
 def test_a_style_lora_stacks_with_the_arcflow_lora(flux_dir, tmp_path):
-    from diffusers import FluxPipeline
-
     from arcflow.distill.interop import arcflow_pipeline
+    from diffusers import FluxPipeline
 
     teacher = load_teacher(str(flux_dir), **OPTS)
     _trained_run(teacher, tmp_path / "run")

@@ -1,18 +1,15 @@
 """The offline distiller: training, resume, export/reload, Ray Train, and bad input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from arcflow.distill.config import DistillConfig
 from arcflow.distill.trainer import CONFIG_FILE, METRICS_FILE, check_run, train_worker
+from cli_helpers import assert_process_failed_one_line, run_subprocess
 from dataset_factory import make_dataset
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -104,20 +101,6 @@ def test_distill_never_calls_the_teacher_velocity(dataset, tmp_path, monkeypatch
     assert calls == []
 
 
-def arcflow(*args, env=None):
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "arcflow.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=full_env)
-
-
-def assert_one_line_error(res, fragment):
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("arcflow: error:"), res.stderr
-    assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(
     "extra,fragment",
     [
@@ -128,25 +111,25 @@ def assert_one_line_error(res, fragment):
     ],
 )
 def test_bad_values(dataset, tmp_path, extra, fragment):
-    assert_one_line_error(arcflow("distill", str(dataset), "--out", str(tmp_path / "r"), *extra), fragment)
+    assert_process_failed_one_line(run_subprocess("distill", str(dataset), "--out", str(tmp_path / "r"), *extra), fragment)
     assert not (tmp_path / "r").exists()
 
 
 def test_missing_and_empty_datasets(tmp_path, dataset):
-    assert_one_line_error(arcflow("distill", str(tmp_path / "nope"), "--out", str(tmp_path / "r")), "does not exist")
+    assert_process_failed_one_line(run_subprocess("distill", str(tmp_path / "nope"), "--out", str(tmp_path / "r")), "does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "dataset.json").write_text((Path(dataset) / "dataset.json").read_text())
-    assert_one_line_error(arcflow("distill", str(empty), "--out", str(tmp_path / "r")), "no committed shards")
+    assert_process_failed_one_line(run_subprocess("distill", str(empty), "--out", str(tmp_path / "r")), "no committed shards")
 
 
 def test_out_holding_another_run_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     run_local(config_for(dataset, run, iters=2, checkpoint_every=2))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    assert_one_line_error(arcflow("distill", str(dataset), "--out", str(run), "--iters", "2"), "--resume")
-    assert_one_line_error(
-        arcflow("distill", str(dataset), "--out", str(run), "--iters", "2", "--k", "2", "--resume"), "differ"
+    assert_process_failed_one_line(run_subprocess("distill", str(dataset), "--out", str(run), "--iters", "2"), "--resume")
+    assert_process_failed_one_line(
+        run_subprocess("distill", str(dataset), "--out", str(run), "--iters", "2", "--k", "2", "--resume"), "differ"
     )
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert before == after
@@ -154,7 +137,7 @@ def test_out_holding_another_run_is_refused(dataset, tmp_path):
 
 def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     run = tmp_path / "run"
-    res = arcflow("distill", str(dataset), "--out", str(run), "--num-workers", "2", "--iters", "4",
+    res = run_subprocess("distill", str(dataset), "--out", str(run), "--num-workers", "2", "--iters", "4",
                   "--batch-size", "4", "--checkpoint-every", "2", "--k", "2", "--lora-rank", "2", "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [m["step"] for m in metrics(run)]

@@ -14,14 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.evaluate import EvaluationConfig, _diversity, _psnr, evaluate, heldout_seeds, render_markdown
+from arcflow.distill.evaluate import (
+    EvaluationConfig,
+    _diversity,
+    _psnr,
+    evaluate,
+    heldout_seeds,
+    render_markdown,
+)
 from arcflow.distill.metrics import frechet_distance
 from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
-from cli_helpers import CLI_ENV as ENV, assert_one_line_error, run_in_process as cli
+from cli_helpers import CLI_ENV as ENV
+from cli_helpers import assert_one_line_error
+from cli_helpers import run_in_process as cli
 from dataset_factory import make_dataset
+from PIL import Image
 
 NUM_SAMPLES = 20
 TEACHER_STEPS = 4

@@ -29,7 +29,8 @@ ray = pytest.importorskip("ray")
 from arcflow.pipeline.generate import GenerationConfig, generate_trajectories  # noqa: E402
 from arcflow.storage.errors import ArcflowError  # noqa: E402
 from arcflow.storage.reader import open_dataset  # noqa: E402
-from cli_helpers import assert_one_line_error, run_in_process as run_cli
+from cli_helpers import assert_one_line_error
+from cli_helpers import run_in_process as run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -108,7 +109,6 @@ def direct_recording(n: int, steps: int, seed: int, batch: int = BATCH) -> dict[
     """What an uninterrupted run stores (float32), computed in this process with no Ray and no storage:
     the recording sampler over the same plan (prompts, seeds) and the same micro-batch size."""
     import torch
-
     from arcflow.pipeline.latency_sim import LatencySimTeacher
     from arcflow.pipeline.plan import plan_shards
     from arcflow.pipeline.recording import record_trajectories

@@ -2,7 +2,6 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-
 from arcflow.distill.momentum import (
     MomentumParams,
     average_velocities,

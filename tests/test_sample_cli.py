@@ -7,12 +7,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from arcflow.distill.config import DistillConfig
 from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
-from cli_helpers import CLI_ENV as ENV, assert_one_line_error, run_in_process as cli
+from cli_helpers import CLI_ENV as ENV
+from cli_helpers import assert_one_line_error
+from cli_helpers import run_in_process as cli
 from dataset_factory import make_dataset
+from PIL import Image
 
 PROMPT = "a handwritten digit 3"
 STEPS = 4  # teacher steps of --compare-teacher (kept small)

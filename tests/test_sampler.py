@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from arcflow.distill.momentum import MomentumParams
 from arcflow.distill.sampler import sample_few_step
 from arcflow.distill.schedule import segment_step_indices, shifted_schedule

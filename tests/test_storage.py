@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from arcflow.storage import DatasetSpec, create_or_open_dataset, open_dataset
 from arcflow.storage.errors import ArcflowError
 from arcflow.storage.format import FORMAT_VERSION, index_part_name, shard_zarr_name

@@ -8,10 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
 from arcflow.storage import DatasetSpec, TrajectoryStream, create_or_open_dataset
 from arcflow.storage.errors import ArcflowError
+from torch.utils.data import DataLoader
 
 S = 4
 LAT = (4, 2)

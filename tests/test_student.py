@@ -6,8 +6,6 @@ import math
 import pytest
 import safetensors
 import torch
-from torch import nn
-
 from arcflow.distill.heads import MomentumHead, soft_clamp
 from arcflow.distill.loss import segment_loss
 from arcflow.distill.momentum import displacement, velocity_at
@@ -24,6 +22,7 @@ from arcflow.distill.student import (
 )
 from arcflow.storage.errors import ArcflowError
 from tiny_flux import FLUX_DEV_CONFIG, TinyFluxTeacher
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-
 from arcflow.pipeline.classifier import load_digits_classifier
 from arcflow.pipeline.digits import DigitsTeacher, load_digits_teacher
-from arcflow.pipeline.digits_data import digits_split, images_to_latents, latents_to_images
+from arcflow.pipeline.digits_data import (
+    digits_split,
+    images_to_latents,
+    latents_to_images,
+)
 from arcflow.pipeline.digits_training import train_digits
 from arcflow.pipeline.recording import record_trajectories, sample_teacher
 from arcflow.storage.errors import ArcflowError
-
-ARCFLOW = [sys.executable, "-m", "arcflow.cli"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*ARCFLOW, *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
-    assert res.returncode == 2, res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("arcflow: error:"), res.stderr
-    for needle in needles:
-        assert needle in lines[0]
+from cli_helpers import assert_process_failed_one_line
+from cli_helpers import run_subprocess as run_cli
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +134,7 @@ def test_cli_sample_writes_npy_and_png(tmp_path):
 )
 def test_cli_sample_bad_input_is_one_line(tmp_path, args, needle):
     argv = ["sample", "--out", str(tmp_path / "x.png"), *args]
-    assert_one_line_error(run_cli(*argv), needle)
+    assert_process_failed_one_line(run_cli(*argv), needle)
 
 
 def _hashes(directory) -> dict[str, str]:

@@ -6,10 +6,9 @@ import hashlib
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from arcflow.pipeline.teacher import Conditioning, Teacher
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
-
-from arcflow.pipeline.teacher import Conditioning, Teacher
 
 TINY_CONFIG: dict[str, Any] = dict(
     patch_size=1,

@@ -63,7 +63,11 @@ def word_tokenizer(max_length: int, bos_eos: bool):
 
 
 def tiny_flux_components(seed: int = 0) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     vocab = len(WORDS) + 4
@@ -122,7 +126,11 @@ def save_tiny_flux_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path
 
 
 def tiny_qwen_image_components(seed: int = 0) -> dict[str, Any]:
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageTransformer2DModel,
+    )
 
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
