@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from importlib.metadata import PackageNotFoundError, version
 from typing import Optional, Sequence
 
 import typer
 from typer.exceptions import TyperException
 
-from arcflow.storage.errors import ArcflowError
+
+from .errors import TRACEBACK_ENV, describe
 
 app = typer.Typer(
     name="arcflow",
@@ -40,14 +43,21 @@ def root(
     show_version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help=f"Log debug messages and show full tracebacks (also: {TRACEBACK_ENV}=1)."
+    ),
 ) -> None:
     """Distill flow-matching text-to-image models into 2-step ArcFlow generators."""
+    if verbose:
+        os.environ[TRACEBACK_ENV] = "1"
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+INTERRUPTED = "interrupted; rerun the same command with --resume to continue"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -66,14 +76,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ctx = getattr(exc, "ctx", None)
         where = f"arcflow {ctx.info_name}" if ctx is not None and ctx.parent is not None else "arcflow"
         _fail(f"{exc.format_message()} (see '{where} --help')", getattr(exc, "exit_code", 2))
-    except ArcflowError as exc:
-        _fail(str(exc), 2)
-    except typer.Abort:
-        _fail("aborted", 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail(INTERRUPTED, 130)
+    except Exception as exc:  # the CLI boundary: every failure is one line (see cli/errors.py)
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        _fail(describe(exc), 2)
+    if result == 130:  # typer turns Ctrl-C into Exit(130), which click returns without a word
+        _fail(INTERRUPTED, 130)
     sys.exit(result if isinstance(result, int) else 0)
 
 

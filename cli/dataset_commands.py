@@ -72,6 +72,9 @@ def _teacher_options(teacher: str, **given: object) -> dict:
     from arcflow.pipeline.registry import DIFFUSERS_OPTIONS, is_diffusers_teacher
 
     options = {k: v for k, v in given.items() if v is not None}
+    for name in ("height", "width"):
+        if name in options and not 16 <= options[name] <= 16_384:
+            raise ArcflowError(f"--{name} must be from 16 to 16384 pixels, got {options[name]}")
     misplaced = [k for k in options if k in DIFFUSERS_OPTIONS and not is_diffusers_teacher(teacher)]
     if misplaced:
         flags = ", ".join("--" + k.replace("_", "-") for k in misplaced)
@@ -97,6 +100,12 @@ def inspect_command(
 
     if (sample is None) != (png is None):
         raise ArcflowError("--sample and --png go together: --sample ID --png out.png")
+    if png is not None:
+        from arcflow.pipeline.images import check_writable_file
+
+        if png.suffix.lower() != ".png":
+            raise ArcflowError(f"--png must end in .png, got {png}")
+        check_writable_file(png)
     reader = open_dataset(dataset)
     if sample is not None:
         _render_strip(reader, sample, png, teacher or reader.spec.teacher_id)
@@ -112,8 +121,6 @@ def _render_strip(reader, sample_id: int, png: Path, teacher_id: str) -> None:
     from arcflow.pipeline.images import save_grid
     from arcflow.pipeline.registry import load_teacher
 
-    if png.suffix.lower() != ".png":
-        raise ArcflowError(f"--png must end in .png, got {png}")
     record = reader.read_sample(sample_id)
     from arcflow.pipeline.registry import teacher_options_for_dataset
 

@@ -21,13 +21,14 @@ def evaluate_command(
     speed_batch: int = typer.Option(100, "--speed-batch", help="Batch size of the wall-time measurement."),
     speed_repeats: int = typer.Option(3, "--speed-repeats", help="Timed repeats per row (the best one counts)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out."),
 ) -> None:
     """Measure students against the teacher: Frechet distance, accuracy, PSNR, diversity, speed-up."""
     from arcflow.distill.evaluate import EvaluationConfig, evaluate
 
     config = EvaluationConfig(
         adapters=[str(a) for a in adapter], out=str(out), num_samples=num_samples, guidance=guidance,
-        teacher_steps=teacher_steps, seed=seed, speed_batch=speed_batch, speed_repeats=speed_repeats,
+        teacher_steps=teacher_steps, seed=seed, speed_batch=speed_batch, speed_repeats=speed_repeats, overwrite=overwrite,
     )
     report = evaluate(config, progress=progress)
     typer.echo((out / "report.md").read_text().rstrip())

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, List, Optional
 import typer
 
 from arcflow.cli.app import app
-from arcflow.storage.errors import ArcflowError
+from arcflow.storage.errors import ArcflowError, check_finite, check_seed, refuse_overwrite
 
 if TYPE_CHECKING:  # torch loads lazily so that `arcflow --help` stays fast
     from torch import Tensor
@@ -23,9 +23,9 @@ def _load_teacher(name: str) -> Teacher:
     return load_teacher(name)
 
 
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ArcflowError(f"{name} must be >= 1, got {value}")
+def _check_positive(name: str, value: int, most: int = 1_000_000) -> None:
+    if not 1 <= value <= most:
+        raise ArcflowError(f"{name} must be from 1 to {most}, got {value}")
 
 
 def _teacher_images(
@@ -64,15 +64,17 @@ def sample(
     from arcflow.pipeline.images import check_image_path, write_images
 
     check_image_path(out)
-    _check_positive("--steps", steps)
-    _check_positive("--num", num)
+    _check_positive("--steps", steps, most=10_000)
+    _check_positive("--num", num, most=100_000)
+    check_seed(seed)
+    check_finite("--guidance", guidance, minimum=0.0)
     if adapter is None:
         if compare_teacher or nfe is not None:
             raise ArcflowError("--compare-teacher and --nfe need --adapter RUN")
         images, nrow = _teacher_images(teacher, list(prompt or []), num, seed, steps, guidance)
     else:
         if nfe is not None:
-            _check_positive("--nfe", nfe)
+            _check_positive("--nfe", nfe, most=1000)
         images, nrow = _student_images(adapter, list(prompt or []), num, seed, nfe, compare_teacher, steps, guidance)
     path = write_images(images, out, nrow)
     typer.echo(f"wrote {len(images)} images to {path}")
@@ -108,6 +110,7 @@ def train_teacher(
     iters: Optional[int] = typer.Option(None, "--iters", help="Teacher training iterations (default: the shipped recipe)."),
     classifier_epochs: Optional[int] = typer.Option(None, "--classifier-epochs", help="Classifier training epochs."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (fixed for reproducibility)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier teacher in --out."),
 ) -> None:
     """Retrain the embedded digits teacher and its evaluation classifier, deterministically."""
     from arcflow.pipeline import digits_training as training
@@ -115,11 +118,11 @@ def train_teacher(
     iters = training.DEFAULT_ITERS if iters is None else iters
     epochs = training.CLASSIFIER_EPOCHS if classifier_epochs is None else classifier_epochs
     threads = training.DEFAULT_THREADS if threads is None else threads
-    _check_positive("--iters", iters)
-    _check_positive("--classifier-epochs", epochs)
-    _check_positive("--threads", threads)
-    if out.exists() and not out.is_dir():
-        raise ArcflowError(f"--out {str(out)!r} exists and is not a directory")
+    _check_positive("--iters", iters, most=10_000_000)
+    _check_positive("--classifier-epochs", epochs, most=100_000)
+    _check_positive("--threads", threads, most=1024)
+    check_seed(seed)
+    refuse_overwrite(out, training.OUTPUT_FILES, overwrite)
     summary = training.train_digits(out, seed=seed, iters=iters, classifier_epochs=epochs, threads=threads)
     typer.echo(
         f"wrote teacher + classifier to {out} in {summary['total_seconds']:.0f}s "

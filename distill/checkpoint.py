@@ -76,6 +76,11 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a complete checkpoint was taken at (reads its small JSON only)."""
+    return int(json.loads((Path(path) / _COMPLETE).read_text())["step"])
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a checkpoint back: ``trainable``, ``ema`` (or None), ``optimizer`` and ``state``."""
     path = Path(path)

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.storage.errors import ArcflowError, check_local_workers, check_numbers
 
 TRAINABLE_SETS = ("lora+heads", "heads", "full")
 
-#: Fields that may change when a run is resumed (they do not change what a step computes).
-RESUMABLE_CHANGES = ("iters", "resume", "num_workers", "use_gpu", "ray_address", "checkpoint_every", "log_every", "progress")
+#: Fields that may change when a run is resumed (they do not change what a step computes). A moved
+#: run or dataset resumes: the data itself is compared by its fingerprint instead of its path.
+RESUMABLE_CHANGES = ("out", "dataset", "iters", "resume", "num_workers", "use_gpu", "ray_address", "checkpoint_every", "log_every", "progress")
 
 
 @dataclass
@@ -53,18 +54,28 @@ class DistillConfig:
 
     def validate(self) -> None:
         """One-line ``ArcflowError`` for values no run can use (dataset checks happen elsewhere)."""
-        positive = ("nfe", "k", "lora_rank", "iters", "batch_size", "checkpoint_every", "log_every", "num_workers")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ArcflowError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_numbers(
+            self,
+            positive=("nfe", "k", "weight_groups", "lora_rank", "iters", "batch_size", "checkpoint_every",
+                      "log_every", "num_workers"),
+            non_negative=("warmup", "loader_workers", "shuffle_buffer", "weight_decay"),
+            at_most={"k": 1024, "nfe": 1000, "iters": 10**9, "batch_size": 10**6, "num_workers": 10_000,
+                     "loader_workers": 256, "shuffle_buffer": 10**6, "lora_rank": 65_536, "weight_groups": 65_536},
+        )
+        if not self.use_gpu:
+            check_local_workers("--num-workers", self.num_workers, self.ray_address)
         if self.trainable not in TRAINABLE_SETS:
             raise ArcflowError(f"--trainable must be one of {', '.join(TRAINABLE_SETS)}, got {self.trainable!r}")
         if self.lr <= 0:
             raise ArcflowError(f"--lr must be > 0, got {self.lr}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ArcflowError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if self.grad_clip <= 0:
+            raise ArcflowError(f"--grad-clip must be > 0, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ArcflowError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.warmup < 0 or self.loader_workers < 0:
-            raise ArcflowError("--warmup and --loader-workers must be >= 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ArcflowError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

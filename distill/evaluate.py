@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.storage.errors import ArcflowError, check_finite, check_numbers, refuse_overwrite
 
 from .metrics import frechet_distance
 
@@ -51,6 +51,10 @@ def heldout_seeds(count: int, seed: int = 0) -> list[int]:
     return out
 
 
+#: What `arcflow evaluate` writes into ``--out`` (an earlier report is kept unless ``--overwrite``).
+REPORT_FILES = ("report.json", "report.md", "grid.png", "evaluate_config.json")
+
+
 @dataclass
 class EvaluationConfig:
     """Configuration of `arcflow evaluate`; written next to the report."""
@@ -65,8 +69,13 @@ class EvaluationConfig:
     speed_batch: int = 100
     speed_repeats: int = 3
     grid_columns: int = 10
+    overwrite: bool = False
 
     def validate(self) -> None:
+        check_numbers(self, at_most={"num_samples": 1_000_000, "teacher_steps": 10_000, "speed_batch": 100_000,
+                                     "speed_repeats": 1000, "grid_columns": 1000})
+        check_finite("--guidance", self.guidance, minimum=0.0)
+        refuse_overwrite(self.out, REPORT_FILES, self.overwrite)
         if self.num_samples < 20:
             raise ArcflowError(f"--num-samples must be >= 20 (Frechet distance needs a spread), got {self.num_samples}")
         if self.teacher != "digits":
@@ -76,8 +85,6 @@ class EvaluationConfig:
                 raise ArcflowError(f"--adapter {run} is not a student run directory (no arcflow_config.json)")
         if self.teacher_steps < 1 or self.speed_batch < 1 or self.speed_repeats < 1 or self.grid_columns < 1:
             raise ArcflowError("--teacher-steps, --speed-batch, --speed-repeats and grid_columns must be >= 1")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ArcflowError(f"--out {self.out!r} exists and is not a directory")
 
 
 @dataclass
@@ -177,7 +184,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
             speedup=float("nan"),
         )
 
-    bar = tqdm(total=2 + len(nfes) + len(config.adapters), desc="evaluate", unit="row", disable=not progress)
+    bar = tqdm(total=2 + len(nfes) + len(config.adapters), desc="evaluate", unit="row", disable=None if progress else True)
     with torch.inference_mode():
         teacher_img = teacher.decode(sample_teacher(teacher, prompts, seeds, config.teacher_steps, guidance))
         bar.update(1)

@@ -40,6 +40,7 @@ from .student import (
     HEAD_ATTRIBUTE,
     HEAD_FILE,
     LORA_FILE,
+    run_file,
     Student,
     StudentConfig,
     read_student_config,
@@ -158,19 +159,15 @@ def arcflow_pipeline(
 
     used_adapter: Optional[str] = None
     if config.trainable == "lora+heads":
-        if not (run / files.get("lora", LORA_FILE)).is_file():
-            raise ArcflowError(f"run {run} has no {LORA_FILE}")
-        pipe.load_lora_weights(str(run), weight_name=files.get("lora", LORA_FILE), adapter_name=adapter_name)
+        lora_path = run_file(run, files.get("lora", LORA_FILE))
+        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=adapter_name)
         used_adapter = adapter_name
     proj = getattr(transformer, HEAD_ATTRIBUTE)
     if isinstance(proj, MomentumHead):
         raise ArcflowError("the pipeline already carries an arcflow head; call .remove() on the previous generator")
-    head_path = run / files.get("head", HEAD_FILE)
-    if not head_path.is_file():
-        raise ArcflowError(f"run {run} is missing {head_path.name}")
-    head = _build_head(config, proj, safetensors.torch.load_file(str(head_path)))
+    head = _build_head(config, proj, safetensors.torch.load_file(str(run_file(run, files.get("head", HEAD_FILE)))))
     if "trainable" in files:
-        result = transformer.load_state_dict(safetensors.torch.load_file(str(run / files["trainable"])), strict=False)
+        result = transformer.load_state_dict(safetensors.torch.load_file(str(run_file(run, files["trainable"]))), strict=False)
         if result.unexpected_keys:
             raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
     setattr(transformer, HEAD_ATTRIBUTE, head)

@@ -59,7 +59,10 @@ def load_run_teacher(run_dir: Union[str, os.PathLike], device: str = "cpu") -> t
     teacher_id = saved.get("id") if isinstance(saved, dict) else None
     if not teacher_id or "student" not in record:
         raise ArcflowError(f"{run_dir} has an incomplete arcflow_config.json (no teacher id or student config)")
-    teacher = load_teacher(teacher_id, device=device, **(record.get("teacher_options") or {}))
+    try:
+        teacher = load_teacher(teacher_id, device=device, **(record.get("teacher_options") or {}))
+    except TypeError as exc:  # options the teacher does not take: a tampered or foreign config
+        raise ArcflowError(f"{run_dir}/arcflow_config.json names teacher options {teacher_id!r} does not take ({exc})") from None
     return record, teacher
 
 

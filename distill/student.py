@@ -257,7 +257,10 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
     if config.trainable == "lora+heads":
         if not hasattr(transformer, "add_adapter"):
             raise ArcflowError(f"{type(transformer).__name__} does not support peft adapters (add_adapter)")
-        transformer.add_adapter(lora_config_for(config, transformer), adapter_name=ADAPTER_NAME)
+        try:
+            transformer.add_adapter(lora_config_for(config, transformer), adapter_name=ADAPTER_NAME)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError and friends
+            raise ArcflowError(f"LoRA targets {config.lora_targets!r} match no module of the transformer ({exc})") from None
         wrapped = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
         if not wrapped:
             raise ArcflowError(f"LoRA targets {config.lora_targets!r} match no module of the transformer")
@@ -347,18 +350,41 @@ def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
         raise ArcflowError(f"{run_dir} is not a student run directory (no {CONFIG_FILE})")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArcflowError(f"{path} is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArcflowError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ArcflowError(f"{path} is damaged: a JSON object was expected, got {type(record).__name__}")
     if record.get("format") != CONFIG_FORMAT or record.get("format_version") != CONFIG_VERSION:
         raise ArcflowError(
             f"{path} is not an {CONFIG_FORMAT} v{CONFIG_VERSION} config "
             f"(format={record.get('format')!r}, version={record.get('format_version')!r})"
         )
+    for key, kind in (("student", dict), ("files", dict), ("teacher", dict), ("teacher_options", dict)):
+        if key in record and not isinstance(record[key], kind):
+            raise ArcflowError(f"{path} is damaged: {key!r} must be a JSON object")
     return record
 
 
+def run_file(run_dir: Union[str, os.PathLike], name: object) -> Path:
+    """A file a run config names, resolved strictly INSIDE the run directory (links included):
+    a crafted config cannot make arcflow read anything else."""
+    root = Path(run_dir).resolve()
+    if not isinstance(name, str) or not name:
+        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} is damaged: file names must be non-empty strings")
+    path = (root / name).resolve()
+    if path.parent != root and root not in path.parents:
+        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} names {name!r}, which is outside the run directory")
+    if not path.is_file():
+        raise ArcflowError(f"student run directory {run_dir} is missing {name}")
+    return path
+
+
 def load_student(teacher: Any, run_dir: Union[str, os.PathLike]) -> Student:
-    """Rebuild a saved student on ``teacher`` (which must have the weights it was trained on)."""
+    """Rebuild a saved student on ``teacher`` (which must have the weights it was trained on).
+
+    A run directory whose files do not fit its config (tampered, mixed from two runs, truncated)
+    is refused with one ``ArcflowError`` line.
+    """
     run = Path(run_dir)
     record = read_student_config(run)
     saved_revision = record.get("teacher", {}).get("revision")
@@ -367,21 +393,30 @@ def load_student(teacher: Any, run_dir: Union[str, os.PathLike]) -> Student:
             f"student in {run} was trained on teacher revision {saved_revision}, "
             f"but the loaded teacher is {teacher.revision}"
         )
+    try:
+        return _load_student(teacher, run, record)
+    except ArcflowError:
+        raise
+    except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ArcflowError(f"student run {run} is damaged or inconsistent with its {CONFIG_FILE}: {reason}") from None
+
+
+def _load_student(teacher: Any, run: Path, record: dict[str, Any]) -> Student:
     config = StudentConfig.from_dict(record["student"])
+    files = record.get("files", {})
+    paths = {"head": run_file(run, files.get("head", HEAD_FILE))}
+    if config.trainable == "lora+heads":
+        paths["lora"] = run_file(run, files.get("lora", LORA_FILE))
+    if "trainable" in files:
+        paths["trainable"] = run_file(run, files["trainable"])
     student = build_student(teacher, config)
     transformer = student.transformer
-    files = record.get("files", {})
-    device = next(transformer.parameters()).device
-
-    def load(name: str) -> dict[str, Tensor]:
-        path = run / name
-        if not path.is_file():
-            raise ArcflowError(f"student run directory {run} is missing {name}")
-        return safetensors.torch.load_file(str(path), device=str(device))
+    device = str(next(transformer.parameters()).device)
 
     if student.has_lora:
         prefix = f"{LORA_PREFIX}."
-        lora_state = {k.removeprefix(prefix): v for k, v in load(files.get("lora", LORA_FILE)).items()}
+        lora_state = {k.removeprefix(prefix): v for k, v in safetensors.torch.load_file(str(paths["lora"]), device=device).items()}
         result = set_peft_model_state_dict(transformer, lora_state, adapter_name=ADAPTER_NAME)
         expected = {n for n, _ in transformer.named_parameters() if ".lora_" in n}
         missing = [k for k in getattr(result, "missing_keys", []) if k in expected]
@@ -390,9 +425,9 @@ def load_student(teacher: Any, run_dir: Union[str, os.PathLike]) -> Student:
                 f"LoRA weights in {run} do not fit the student: "
                 f"{len(result.unexpected_keys)} unexpected, {len(missing)} missing keys"
             )
-    student.head.load_state_dict(load(files.get("head", HEAD_FILE)))
-    if "trainable" in files:
-        result = transformer.load_state_dict(load(files["trainable"]), strict=False)
+    student.head.load_state_dict(safetensors.torch.load_file(str(paths["head"]), device=device))
+    if "trainable" in paths:
+        result = transformer.load_state_dict(safetensors.torch.load_file(str(paths["trainable"]), device=device), strict=False)
         if result.unexpected_keys:
             raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
     logger.info("loaded student from %s", run)

@@ -12,15 +12,17 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from arcflow.pipeline.driver_watch import driver_identity, restore_ctrl_c
 from arcflow.storage.errors import ArcflowError
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .ema import EMA
 from .schedule import segment_step_indices
@@ -29,48 +31,86 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "distill_config.json"
 METRICS_FILE = "metrics.jsonl"
+#: Key of ``distill_config.json`` holding the dataset fingerprint a run started on (checked on resume).
+FINGERPRINT_KEY = "dataset_fingerprint"
 
 
 def check_run(config: DistillConfig) -> dict[str, Any]:
     """Validate the config, the dataset and the output directory; returns dataset facts.
 
     Raises ``ArcflowError`` (one line) for: bad values, a missing dataset, a dataset with no
-    committed shards, an NFE whose segment ends do not fall on recorded steps, and an ``--out``
-    holding another run (without ``--resume``) or a different run (with it).
+    committed shards or a damaged index part, more Ray Train workers than shards, weight groups
+    that do not divide the latent channels, an NFE whose segment ends do not fall on recorded
+    steps, and an ``--out`` holding another run (without ``--resume``) or a different run (with it:
+    other settings or other data; a run directory may be moved or copied and resumed there).
+    Everything a training worker would reject is refused here, before anything is written.
     """
+    from arcflow.pipeline.registry import check_teacher_id, teacher_options_for_dataset
     from arcflow.storage.reader import open_dataset
 
     config.validate()
     reader = open_dataset(config.dataset)
-    reader.require_committed_shards()
+    committed = reader.require_committed_shards()
+    selected = committed if config.shards is None else sorted(set(config.shards))
+    missing = sorted(set(selected) - set(committed))
+    if missing or not selected:
+        raise ArcflowError(f"dataset {config.dataset}: shards {missing[:5]} are not committed")
+    reader.shard_sizes(selected)  # one line naming a damaged index part
+    if config.num_workers > len(selected):
+        raise ArcflowError(
+            f"--num-workers {config.num_workers} needs at least {config.num_workers} committed shards "
+            f"(each worker streams its own); the dataset has {len(selected)}"
+        )
+    channels = int(reader.spec.latent_shape[-1])
+    if channels % config.weight_groups:
+        raise ArcflowError(f"--weight-groups {config.weight_groups} does not divide the {channels} latent channels")
+    check_teacher_id(reader.spec.teacher_id)
     steps = int(reader.spec.steps)
     try:
         bounds = segment_step_indices(steps, config.nfe)
     except ValueError as exc:
         raise ArcflowError(f"--nfe {config.nfe} is not representable on this dataset: {exc}") from None
+    fingerprint = reader.fingerprint()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ArcflowError(f"--out {out} exists and is not a directory")
     saved = out / CONFIG_FILE
+    resume_step = 0
     if saved.is_file():
-        previous = DistillConfig.from_dict(json.loads(saved.read_text()))
+        previous, previous_fingerprint = _read_saved_config(saved)
         if not config.resume:
             raise ArcflowError(f"{out} already holds a distill run; pass --resume to continue it or choose another --out")
         changed = config.differences(previous)
         if changed:
             raise ArcflowError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(changed)}")
+        if previous_fingerprint not in (None, fingerprint):
+            raise ArcflowError(f"cannot resume {out}: the dataset's committed data differs from the data the run started on")
+        checkpoint = latest_checkpoint(out)
+        resume_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
     elif out.exists() and any(out.iterdir()):
         raise ArcflowError(f"--out {out} exists and is not an arcflow distill run; choose an empty or new directory")
-    from arcflow.pipeline.registry import teacher_options_for_dataset
-
     return {
         "steps": steps,
         "bounds": bounds,
-        "fingerprint": reader.fingerprint(),
+        "fingerprint": fingerprint,
+        "resume_step": resume_step,
         "teacher": reader.spec.teacher_id,
         # diffusers teachers: resolution, dtype and guidance the data was recorded with ({} for digits)
         "teacher_options": teacher_options_for_dataset(reader.spec),
         # the recorded sigmas at the segment boundaries: the student's sampling schedule
         "segment_sigmas": [float(reader.spec.sigmas[i]) for i in bounds],
     }
+
+
+def _read_saved_config(path: Path) -> tuple[DistillConfig, Optional[str]]:
+    """A run's saved config and the dataset fingerprint it started on; one line if it is damaged."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON object was expected, got {type(data).__name__}")
+        return DistillConfig.from_dict(data), data.get(FINGERPRINT_KEY)
+    except (ValueError, TypeError) as exc:
+        raise ArcflowError(f"{path} is damaged ({exc}); resume is impossible, start a new --out") from None
 
 
 def _student_config(config: DistillConfig):
@@ -95,16 +135,6 @@ def _lr_factor(warmup: int):
     return lambda step: min(1.0, (step + 1) / (warmup + 1))
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, in_ray: bool):
-    if in_ray:
-        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
-
-        return ray_tqdm(total=total, desc="distill", unit="it", position=0) if enabled else None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="distill", unit="it", disable=not enabled, dynamic_ncols=True)
-
-
 def _gather(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1:
         return [obj]
@@ -119,7 +149,6 @@ def train_worker(
     rank: int = 0,
     world_size: int = 1,
     device: Optional[torch.device] = None,
-    in_ray: bool = False,
 ) -> dict[str, Any]:
     """The training loop of one worker (rank). Rank 0 writes checkpoints, metrics and the export."""
     from arcflow.pipeline.registry import load_teacher
@@ -168,9 +197,9 @@ def train_worker(
         model = prepare_model(student, move_to_device=False)
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers)
     batches = iter(loader)
-    bar = _progress_bar(config.iters, step, config.progress and rank == 0, in_ray)
-    metrics = open(out / METRICS_FILE, "a") if rank == 0 else None
+    metrics = _open_metrics(out / METRICS_FILE, step) if rank == 0 else None
     t_last, step_last = time.perf_counter(), step
+    loss = None
     try:
         while step < config.iters:
             batch = next(batches)
@@ -188,10 +217,6 @@ def train_worker(
             if ema is not None:
                 ema.update()
             step += 1
-            if bar is not None:
-                bar.update(1)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if metrics is not None and (step % config.log_every == 0 or step == config.iters):
                 now = time.perf_counter()
                 record = {
@@ -218,8 +243,6 @@ def train_worker(
                         {"data": data_states, "config": config.to_dict()},
                     )
     finally:
-        if bar is not None:
-            bar.close()
         if metrics is not None:
             metrics.close()
     if rank == 0:
@@ -233,13 +256,34 @@ def train_worker(
                 save_student(student, out, extra_config=extra)
         else:
             save_student(student, out, extra_config=extra)
-    return {"step": step, "loss": loss.item() if config.iters > 0 else None}
+    return {"step": step, "loss": loss.item() if loss is not None else None}
+
+
+def _open_metrics(path: Path, step: int):
+    """``metrics.jsonl`` for appending after ``step``: rows a killed run logged past its last
+    checkpoint are dropped first (atomically), so a resumed run never repeats a step."""
+    if step == 0 or not path.is_file():
+        return open(path, "w" if step == 0 else "a")
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return open(path, "a")
 
 
 def _ray_train_loop(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from arcflow.pipeline.driver_watch import watch_driver
+
+    watch_driver(payload["facts"].get("driver"))
     context = ray.train.get_context()
     config = DistillConfig.from_dict(payload["config"])
     train_worker(
@@ -248,7 +292,6 @@ def _ray_train_loop(payload: dict[str, Any]) -> None:
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=ray.train.torch.get_device(),
-        in_ray=True,
     )
 
 
@@ -261,24 +304,61 @@ def _absolute_paths(config: DistillConfig) -> DistillConfig:
 
 
 def distill(config: DistillConfig) -> Path:
-    """Validate, then train on Ray Train (``config.num_workers`` DDP workers); returns the run dir."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    """Validate, then train on Ray Train (``config.num_workers`` DDP workers); returns the run dir.
+
+    Resuming a run that already reached ``iters`` (and exported) does nothing. A new run's
+    directory is claimed only for good: if the job fails before its first checkpoint, what it
+    wrote is removed again, so the corrected command can use the same ``--out``.
+    """
+    from .student import CONFIG_FILE as STUDENT_CONFIG_FILE
 
     config = _absolute_paths(config)
     facts = check_run(config)
     out = Path(config.out)
+    if facts["resume_step"] >= config.iters and (out / STUDENT_CONFIG_FILE).is_file():
+        log.info("%s already reached step %d of %d; nothing to do", out, facts["resume_step"], config.iters)
+        return out
+    facts["driver"] = driver_identity()
+    created = not out.exists()
+    fresh = not (out / CONFIG_FILE).is_file()
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    try:
+        if fresh:
+            (out / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), FINGERPRINT_KEY: facts["fingerprint"]}, indent=2))
+        _fit(config, facts)
+    except BaseException:
+        if fresh and latest_checkpoint(out) is None:
+            _discard(out, created)
+        raise
+    return out
+
+
+def _discard(out: Path, created: bool) -> None:
+    """Remove what a run that never reached a checkpoint wrote (``out`` was new or empty)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def _fit(config: DistillConfig, facts: dict[str, Any]) -> None:
+    """Run :func:`train_worker` on Ray Train's ``TorchTrainer`` (a local cluster unless --ray-address)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(config.out)
     started = False
     cpus_per_worker = max(1, (os.cpu_count() or 1) // config.num_workers)
     if not ray.is_initialized():
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
         if config.ray_address:
-            ray.init(address=config.ray_address, log_to_driver=True)
+            ray.init(address=config.ray_address, **quiet)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers), include_dashboard=False)
+            ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers), include_dashboard=False, **quiet)
             started = True
+        restore_ctrl_c()
     try:
         trainer = TorchTrainer(
             _ray_train_loop,
@@ -291,8 +371,52 @@ def distill(config: DistillConfig) -> Path:
             ),
             run_config=RunConfig(name="ray_train", storage_path=str(out.resolve())),
         )
-        trainer.fit()
+        _fit_with_progress(trainer, out / METRICS_FILE, config, facts["resume_step"])
     finally:
         if started:
             ray.shutdown()
-    return out
+
+
+def _fit_with_progress(trainer: Any, metrics: Path, config: DistillConfig, initial: int) -> None:
+    """``trainer.fit()`` in a thread while this (main) thread draws the one progress bar from the
+    steps rank 0 logs to ``metrics.jsonl``; Ctrl-C still reaches the main thread at once."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # re-raised in the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    with tqdm(total=config.iters, initial=initial, desc="distill", unit="it",
+              disable=None if config.progress else True, dynamic_ncols=True) as bar:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            last = _last_metrics(metrics)
+            if last is not None and last["step"] > bar.n:
+                bar.update(last["step"] - bar.n)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+    if failure:
+        raise failure[0]
+
+
+def _last_metrics(path: Path) -> Optional[dict[str, Any]]:
+    """The newest complete row of ``metrics.jsonl`` (None before the first)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None

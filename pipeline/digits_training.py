@@ -40,6 +40,9 @@ from arcflow.pipeline.digits_model import (
     tokenize,
 )
 
+#: What `train-teacher` writes into its output directory.
+OUTPUT_FILES = (TEACHER_FILE, CONFIG_FILE, CLASSIFIER_FILE)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ITERS = 3000
@@ -109,7 +112,7 @@ def train_teacher_weights(
 
     order = torch.randperm(len(latents), generator=gen)
     cursor = 0
-    bar = tqdm(range(iters), desc="training digits teacher", unit="it", disable=not progress)
+    bar = tqdm(range(iters), desc="training digits teacher", unit="it", disable=None if progress else True)
     for step in bar:
         if cursor + BATCH_SIZE > len(order):
             order, cursor = torch.randperm(len(latents), generator=gen), 0

@@ -12,26 +12,37 @@ Design (DESIGN.md section 7):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.storage.errors import ArcflowError, check_local_workers, check_numbers
 from arcflow.storage.format import STORAGE_DTYPES, DatasetSpec
 
-from .plan import ShardPlan, plan_shards
+from .driver_watch import driver_identity, restore_ctrl_c
+from .plan import ShardPlan, num_shards, plan_shard, shard_length
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2
 DRIVER_REQUEUES = 3
+#: Sanity limits: far beyond any real job, low enough that planning and validation stay instant.
+MAX_SAMPLES = 10**9
+MAX_SHARDS = 10**6
+MAX_STEPS = 10_000
+MAX_WORKERS = 100_000
+MAX_SHARD_SIZE = 1_000_000
+#: The float32 trajectories of one shard (and of one micro-batch) a worker holds while recording.
+MAX_SHARD_BYTES = 64 * 2**30
 
 
 @dataclass
@@ -60,12 +71,26 @@ class GenerationConfig:
     RUNTIME_FIELDS = ("out", "workers", "cpus_per_worker", "gpus_per_worker", "ray_address", "resume")
 
     def validate(self) -> None:
-        """Raise ``ArcflowError`` with one line for a value no run could use."""
-        for name in ("num_samples", "steps", "shard_size", "batch_size", "workers"):
-            if getattr(self, name) < 1:
-                raise ArcflowError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        """Raise ``ArcflowError`` with one line for a value no run could use (before anything starts)."""
+        check_numbers(
+            self,
+            positive=("num_samples", "steps", "shard_size", "batch_size", "workers"),
+            at_most={"num_samples": MAX_SAMPLES, "steps": MAX_STEPS, "workers": MAX_WORKERS,
+                     "shard_size": MAX_SHARD_SIZE, "batch_size": MAX_SHARD_SIZE},
+        )
+        shards = -(-self.num_samples // self.shard_size)
+        if shards > MAX_SHARDS:
+            raise ArcflowError(
+                f"{self.num_samples} samples in shards of {self.shard_size} make {shards} shards (at most "
+                f"{MAX_SHARDS}); raise --shard-size"
+            )
         if self.guidance is not None and self.guidance < 0:
             raise ArcflowError(f"--guidance must be >= 0, got {self.guidance}")
+        check_local_workers("--workers", self.workers, self.ray_address)
+        for name in ("cpus_per_worker", "gpus_per_worker"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ArcflowError(f"{name} must be >= 0, got {value}")
         if self.dtype not in STORAGE_DTYPES:
             raise ArcflowError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
         if not self.out:
@@ -73,6 +98,16 @@ class GenerationConfig:
         from .registry import check_teacher_id
 
         check_teacher_id(self.teacher)
+
+    def check_memory(self, latent_shape: Sequence[int]) -> None:
+        """Refuse a shard or micro-batch that could never fit in a worker's memory, before any work."""
+        per_sample = 4 * (2 * self.steps + 1) * math.prod(latent_shape)  # float32 x and u, as recorded
+        for flag, count in (("--shard-size", self.shard_size), ("--batch-size", self.batch_size)):
+            if count * per_sample > MAX_SHARD_BYTES:
+                raise ArcflowError(
+                    f"{flag} {count} needs {count * per_sample / 2**30:.0f} GiB per worker for its trajectories "
+                    f"(at most {MAX_SHARD_BYTES / 2**30:.0f} GiB); lower it"
+                )
 
     def content_config(self) -> dict[str, Any]:
         """The configuration that determines the dataset's bytes (compared on resume)."""
@@ -86,7 +121,11 @@ def read_prompts(path: Optional[str]) -> Optional[list[str]]:
     p = Path(path)
     if not p.is_file():
         raise ArcflowError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArcflowError(f"prompts file {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ArcflowError(f"prompts file is empty: {path}")
     return prompts
@@ -193,9 +232,14 @@ def commit_shard(url: str, spec: DatasetSpec, plan: ShardPlan, arrays: dict[str,
 class ShardWorker:
     """A Ray actor body: holds one teacher and turns shard plans into committed shards."""
 
-    def __init__(self, teacher_id: str, teacher_options: dict[str, Any], threads: int, gpus: float) -> None:
+    def __init__(
+        self, teacher_id: str, teacher_options: dict[str, Any], threads: int, gpus: float,
+        driver: Optional[dict[str, Any]] = None,
+    ) -> None:
+        from .driver_watch import watch_driver
         from .registry import load_teacher
 
+        watch_driver(driver)  # a killed driver's actors stop instead of finishing shards unseen
         torch.set_num_threads(max(1, threads))
         options = dict(teacher_options)
         device = options.pop("device", None) or _pick_device(gpus)  # --device overrides the default
@@ -273,9 +317,11 @@ def _init_ray(config: GenerationConfig) -> bool:
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if config.ray_address:
         ray.init(address=config.ray_address, **quiet)
+        restore_ctrl_c()
         return False
     cpus = max(os.cpu_count() or 1, int(config.workers * (config.cpus_per_worker or 1)))
     ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+    restore_ctrl_c()
     return True
 
 
@@ -321,6 +367,9 @@ def generate_trajectories(
     config.validate()
     prompts = read_prompts(config.prompts_file)
     check_existing_dataset(config)
+    # claimed: the writer of a dataset this very job creates (removed again if no shard commits)
+    root_existed, had_dataset = _existing(config.out)
+    claimed, actors = None, []
     started_ray = _init_ray(config)
     try:
         total_gpus = ray.cluster_resources().get("GPU", 0)
@@ -329,7 +378,8 @@ def generate_trajectories(
         if cpus is None:
             cpus = 1.0 if gpus else _default_cpus_per_worker(config.workers)
         actor_cls = _make_actor_class({"num_cpus": cpus, "num_gpus": gpus})
-        spawn = lambda: actor_cls.remote(config.teacher, config.teacher_options, int(cpus), gpus)  # noqa: E731
+        driver = driver_identity()
+        spawn = lambda: actor_cls.remote(config.teacher, config.teacher_options, int(cpus), gpus, driver)  # noqa: E731
         actors = [spawn() for _ in range(config.workers)]
         try:
             info = ray.get(actors[0].describe.remote(prompts, config.steps))
@@ -339,20 +389,43 @@ def generate_trajectories(
         except ray.exceptions.RayError as exc:
             raise _unwrap(exc) from None
         guidance = config.guidance if config.guidance is not None else info["default_guidance"]
-        plans = plan_shards(config.num_samples, config.shard_size, info["prompts"], config.seed)
+        config.check_memory(info["latent_shape"])
         spec = dataset_spec(config, info, guidance)
         writer = create_or_open_dataset(config.out, spec, resume=config.resume)
+        if not had_dataset:
+            claimed = writer
         committed = writer.committed_shards()
-        todo = [p for p in plans if p.shard_id not in committed]
-        skipped = len(plans) - len(todo)
-        log.info(
-            "%d shards planned, %d already committed, %d to generate on %d worker(s)",
-            len(plans), skipped, len(todo), len(actors),
-        )
-        return _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_shard_committed)
+        total = num_shards(config.num_samples, config.shard_size)
+        todo = [i for i in range(total) if i not in committed]
+        log.info("%d shards planned, %d already committed, %d to generate on %d worker(s)",
+                 total, total - len(todo), len(todo), len(actors))
+
+        def make_plan(shard_id: int) -> ShardPlan:
+            return plan_shard(shard_id, config.num_samples, config.shard_size, info["prompts"], config.seed)
+
+        return _run_pool(config, spec, actors, spawn, todo, total, make_plan, progress, on_shard_committed)
+    except BaseException:
+        if claimed is not None:
+            with contextlib.suppress(Exception):  # never hide the error that got us here
+                for actor in actors:  # a shard still in flight must not write after the discard
+                    ray.kill(actor, no_restart=True)
+                claimed.discard(root_existed)  # no-op once a shard is committed; frees --out otherwise
+        raise
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _existing(url: str) -> tuple[bool, bool]:
+    """Whether ``url`` exists, and whether it holds a dataset already."""
+    from arcflow.storage import _io
+    from arcflow.storage.format import DATASET_JSON
+
+    try:
+        loc = _io.Location(url)
+        return bool(loc.fs.exists(loc.root)), bool(loc.exists(DATASET_JSON))
+    except Exception:  # an unreachable store: the writer reports it, and nothing is ever discarded
+        return True, True
 
 
 def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float) -> DatasetSpec:
@@ -381,7 +454,7 @@ def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float
     )
 
 
-def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_shard_committed):
+def _run_pool(config, spec, actors, spawn, todo, total, make_plan, progress, on_shard_committed):
     import ray
     from tqdm.auto import tqdm
 
@@ -392,20 +465,21 @@ def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_sh
     nodes: dict[str, int] = {}
     compute_s = write_s = 0.0
     written = 0
+    generated = sum(shard_length(i, config.num_samples, config.shard_size) for i in todo)
     t0 = time.perf_counter()
     bar = tqdm(
-        total=sum(len(p) for p in plans),
-        initial=sum(len(p) for p in plans) - sum(len(p) for p in todo),
+        total=config.num_samples,
+        initial=config.num_samples - generated,
         unit="sample",
         desc="trajectories",
-        disable=not progress,
+        disable=None if progress else True,  # None: off when stderr is not a terminal
         dynamic_ncols=True,
     )
     try:
         while queue or in_flight:
             for i in range(len(actors)):
                 while queue and load[i] < IN_FLIGHT_PER_WORKER:
-                    plan = queue.pop(0)
+                    plan = make_plan(queue.pop(0))
                     ref = actors[i].run_shard.remote(spec, config.out, plan, config.batch_size)
                     in_flight[ref] = (plan, i, actors[i])
                     load[i] += 1
@@ -423,7 +497,7 @@ def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_sh
                     actors[i] = spawn()
                 else:
                     log.warning("shard %d was lost with a replaced worker; re-queueing", plan.shard_id)
-                queue.insert(0, plan)
+                queue.insert(0, plan.shard_id)
                 continue
             except ray.exceptions.RayError as exc:
                 raise _unwrap(exc) from None
@@ -432,18 +506,17 @@ def _run_pool(config, spec, actors, spawn, todo, plans, skipped, progress, on_sh
             write_s += result["write_s"]
             nodes[result["node_id"]] = nodes.get(result["node_id"], 0) + 1
             bar.update(result["samples"])
-            bar.set_postfix(shards=f"{skipped + written}/{len(plans)}", refresh=False)
+            bar.set_postfix(shards=f"{total - len(todo) + written}/{total}", refresh=False)
             if on_shard_committed is not None:
                 on_shard_committed(result)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    generated = sum(len(p) for p in todo)
     return GenerationSummary(
         url=config.out,
         num_samples=config.num_samples,
-        shards_total=len(plans),
-        shards_skipped=skipped,
+        shards_total=total,
+        shards_skipped=total - len(todo),
         shards_written=written,
         seconds=seconds,
         samples_per_second=generated / seconds if seconds > 0 else 0.0,

@@ -23,7 +23,17 @@ def check_image_path(path: str | Path) -> Path:
     p = Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise ArcflowError(f"unsupported output {str(p)!r}: --out must end in .png (a grid) or .npy (an array)")
+    check_writable_file(p)
     return p
+
+
+def check_writable_file(path: Path) -> None:
+    """Refuse, before any work, an output file whose directory is missing or that is a directory."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ArcflowError(f"{path}: the directory {parent} does not exist (or is not a directory); create it first")
+    if path.is_dir():
+        raise ArcflowError(f"{path} is a directory; give a file name")
 
 
 def _to_uint8(images: Tensor) -> np.ndarray:

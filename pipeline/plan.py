@@ -31,19 +31,33 @@ class ShardPlan:
         return len(self.sample_ids)
 
 
+def num_shards(num_samples: int, shard_size: int) -> int:
+    """How many shards ``num_samples`` make in shards of ``shard_size`` (the last may be short)."""
+    return -(-num_samples // shard_size)
+
+
+def shard_length(shard_id: int, num_samples: int, shard_size: int) -> int:
+    """Samples in shard ``shard_id`` (without planning it)."""
+    return max(0, min(shard_size, num_samples - shard_id * shard_size))
+
+
+def plan_shard(shard_id: int, num_samples: int, shard_size: int, prompts: Sequence[str], job_seed: int) -> ShardPlan:
+    """The plan of one shard; prompts are cycled over sample indices. Plans are made one at a time,
+    when a shard is handed out, so a job of a billion samples costs nothing to plan."""
+    if num_samples < 1 or shard_size < 1 or not prompts or not 0 <= shard_id < num_shards(num_samples, shard_size):
+        raise ValueError("num_samples and shard_size must be >= 1, prompts non-empty and shard_id in range")
+    start = shard_id * shard_size
+    ids = tuple(range(start, min(start + shard_size, num_samples)))
+    return ShardPlan(
+        shard_id=shard_id,
+        sample_ids=ids,
+        prompts=tuple(prompts[i % len(prompts)] for i in ids),
+        seeds=tuple(sample_seed(job_seed, i) for i in ids),
+    )
+
+
 def plan_shards(num_samples: int, shard_size: int, prompts: Sequence[str], job_seed: int) -> list[ShardPlan]:
-    """Split ``num_samples`` into shards of ``shard_size``; prompts are cycled over sample indices."""
-    if num_samples < 1 or shard_size < 1 or not prompts:
+    """Every shard's plan (see :func:`plan_shard`)."""
+    if num_samples < 1 or shard_size < 1:
         raise ValueError("num_samples and shard_size must be >= 1 and prompts non-empty")
-    plans = []
-    for shard_id, start in enumerate(range(0, num_samples, shard_size)):
-        ids = tuple(range(start, min(start + shard_size, num_samples)))
-        plans.append(
-            ShardPlan(
-                shard_id=shard_id,
-                sample_ids=ids,
-                prompts=tuple(prompts[i % len(prompts)] for i in ids),
-                seeds=tuple(sample_seed(job_seed, i) for i in ids),
-            )
-        )
-    return plans
+    return [plan_shard(i, num_samples, shard_size, prompts, job_seed) for i in range(num_shards(num_samples, shard_size))]

@@ -53,7 +53,7 @@ def _integrate(
     device, dtype = teacher.device, teacher.dtype
     sig = sigmas.to(device)
     spans = _chunks(noise.shape[0], micro_batch)
-    for start, stop in tqdm(spans, desc="teacher sampling", unit="chunk", disable=not progress):
+    for start, stop in tqdm(spans, desc="teacher sampling", unit="chunk", disable=None if progress else True):
         n = stop - start
         chunk_cond = {k: _pad(v[start:stop], micro_batch).to(device, dtype) for k, v in cond.items()}
         x = _pad(noise[start:stop], micro_batch).to(device, torch.float32)

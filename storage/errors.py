@@ -1,9 +1,90 @@
 """The one exception type that means "the user's input is wrong", shared by every stage.
 
 The CLI prints its message as a single line and exits with status 2; library callers can catch it.
-It lives in ``storage`` because every other package already depends on ``storage``.
+It lives in ``storage`` because every other package already depends on ``storage``; so do the
+checks below, which every stage's configuration uses to refuse bad numbers before anything starts.
 """
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Iterable, Mapping
 
 
 class ArcflowError(Exception):
     """Bad input (a path, a flag value, a dataset): the message is a complete one-line explanation."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+#: Seeds are unsigned 32-bit: numpy's SeedSequence and torch's generators both take them as they are.
+MAX_SEED = 2**32 - 1
+
+
+def check_numbers(
+    config: object,
+    positive: Iterable[str] = (),
+    non_negative: Iterable[str] = (),
+    at_most: Mapping[str, float] = {},
+) -> None:
+    """Refuse, as one ``ArcflowError`` line naming the flag, a configuration dataclass whose numbers no
+    run can use: any float field that is NaN or infinite, ``positive`` fields below 1, ``non_negative``
+    fields below 0, fields above their ``at_most`` bound, and a ``seed`` outside ``[0, MAX_SEED]``."""
+    for f in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArcflowError(f"{_flag(f.name)} must be a finite number, got {value}")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ArcflowError(f"{_flag(name)} must be >= 1, got {getattr(config, name)}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ArcflowError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
+    for name, bound in at_most.items():
+        if getattr(config, name) > bound:
+            raise ArcflowError(f"{_flag(name)} must be at most {bound}, got {getattr(config, name)}")
+    seed = getattr(config, "seed", None)
+    if seed is not None:
+        check_seed(seed)
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed is an integer in ``[0, MAX_SEED]``; anything else is refused in one line."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ArcflowError(f"{flag} must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+
+
+def check_finite(flag: str, value: float | None, minimum: float | None = None) -> None:
+    """One CLI float option: finite (None passes), and at least ``minimum`` when given."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise ArcflowError(f"{flag} must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ArcflowError(f"{flag} must be >= {minimum:g}, got {value}")
+
+
+def refuse_overwrite(out: "os.PathLike[str] | str", names: Iterable[str], overwrite: bool) -> None:
+    """Refuse an output directory that already holds any of ``names`` (an earlier result), unless
+    ``overwrite``; also refuse an ``out`` that is a file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArcflowError(f"--out {out} exists and is not a directory")
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        raise ArcflowError(
+            f"--out {out} already holds {', '.join(existing)}; pass --overwrite to replace it or choose another --out"
+        )
+
+
+def check_local_workers(flag: str, workers: int, ray_address: str | None) -> None:
+    """A local Ray cluster (no ``--ray-address``) gets at most one worker per core: more would
+    load one model copy each on a machine that cannot run them."""
+    cores = os.cpu_count() or 1
+    if ray_address is None and workers > cores:
+        raise ArcflowError(f"{flag} {workers} exceeds this machine's {cores} cores; join a cluster with --ray-address")

@@ -40,6 +40,8 @@ def read_spec(loc: _io.Location) -> DatasetSpec:
     """The dataset's spec; ArcflowError (one line) for a missing dataset / dataset.json / bad version."""
     if not loc.fs.exists(loc.root):
         raise ArcflowError(f"dataset {loc.url} does not exist")
+    if loc.fs.isfile(loc.root):
+        raise ArcflowError(f"{loc.url} is a file, not a dataset directory")
     try:
         raw = loc.read_bytes(DATASET_JSON)
     except (FileNotFoundError, IsADirectoryError):
@@ -57,6 +59,46 @@ def list_shards(loc: _io.Location) -> tuple[list[int], list[int]]:
     parts = {i for i in map(parse_shard_name, loc.listdir_names(INDEX_DIR)) if i is not None}
     groups = {i for i in map(parse_shard_name, loc.listdir_names(SHARDS_DIR)) if i is not None}
     return sorted(parts), sorted(groups - parts)
+
+
+def part_metadata(loc: _io.Location, shard_id: int, steps: int):
+    """The Parquet footer of a shard's index part; ``ArcflowError`` naming the part when it cannot be
+    read (zero bytes, truncated, garbage) or does not hold whole trajectories of index rows."""
+    import pyarrow.parquet as pq
+
+    name = f"{INDEX_DIR}/{index_part_name(shard_id)}"
+    try:
+        with loc.fs.open(loc.path(INDEX_DIR, index_part_name(shard_id)), "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+    except FileNotFoundError:
+        raise ArcflowError(f"dataset {loc.url}: shard {shard_id} is not committed (no {name})") from None
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for every kind of damage
+        raise damaged_part(loc, shard_id, exc) from None
+    names = meta.schema.to_arrow_schema().names
+    if meta.num_rows < steps or meta.num_rows % steps or names != [n for n, _ in INDEX_COLUMNS]:
+        raise damaged_part(loc, shard_id, f"{meta.num_rows} rows, columns {', '.join(names[:4])}...")
+    return meta
+
+
+def damaged_part(loc: _io.Location, shard_id: int, reason: object) -> ArcflowError:
+    """The one-line error for an index part that does not read back."""
+    text = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+    return ArcflowError(
+        f"dataset {loc.url}: index part {INDEX_DIR}/{index_part_name(shard_id)} is damaged ({text}); "
+        "rerun generate-trajectories with --resume to regenerate that shard"
+    )
+
+
+def readable_parts(loc: _io.Location, shard_ids: Iterable[int], steps: int) -> list[int]:
+    """The shard ids among ``shard_ids`` whose index part reads back whole (see :func:`part_metadata`)."""
+    good = []
+    for i in shard_ids:
+        try:
+            part_metadata(loc, i, steps)
+        except ArcflowError:
+            continue
+        good.append(i)
+    return good
 
 
 def open_dataset(url: str, storage_options: dict | None = None) -> "TrajectoryReader":
@@ -102,13 +144,8 @@ class TrajectoryReader:
 
     def shard_sizes(self, shards: Iterable[int] | None = None) -> dict[int, int]:
         """Samples per committed shard, from the Parquet footers (no data read)."""
-        import pyarrow.parquet as pq
-
-        out = {}
-        for i in sorted(self.committed_shards() if shards is None else shards):
-            with self.loc.fs.open(self.loc.path(INDEX_DIR, index_part_name(i)), "rb") as f:
-                out[i] = pq.ParquetFile(f).metadata.num_rows // self.spec.steps
-        return out
+        ids = sorted(self.committed_shards() if shards is None else shards)
+        return {i: part_metadata(self.loc, i, self.spec.steps).num_rows // self.spec.steps for i in ids}
 
     def _check_committed(self, shard_id: int) -> None:
         if not self.loc.exists(INDEX_DIR, index_part_name(shard_id)):
@@ -176,8 +213,12 @@ class TrajectoryReader:
     def _read_part(self, shard_id: int, columns=None):
         import pyarrow.parquet as pq
 
-        with self.loc.fs.open(self.loc.path(INDEX_DIR, index_part_name(shard_id)), "rb") as f:
-            return pq.read_table(f, columns=columns)
+        part_metadata(self.loc, shard_id, self.spec.steps)  # one line naming a damaged part
+        try:
+            with self.loc.fs.open(self.loc.path(INDEX_DIR, index_part_name(shard_id)), "rb") as f:
+                return pq.read_table(f, columns=columns)
+        except Exception as exc:  # damage past an intact footer
+            raise damaged_part(self.loc, shard_id, exc) from None
 
     def index(self, columns: Sequence[str] | None = None, shards: Iterable[int] | None = None):
         """The Parquet index of the committed shards (or of ``shards``) as a pandas DataFrame,

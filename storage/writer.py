@@ -35,7 +35,7 @@ from arcflow.storage.format import (
     index_part_name,
     shard_zarr_name,
 )
-from arcflow.storage.reader import index_schema, list_shards, read_spec
+from arcflow.storage.reader import index_schema, list_shards, read_spec, readable_parts
 
 _F16_MAX = float(np.finfo(np.float16).max)
 
@@ -97,8 +97,21 @@ class DatasetWriter:
         return self.loc.url
 
     def committed_shards(self) -> set[int]:
-        """Shards whose Parquet part exists (complete and visible to readers)."""
-        return set(list_shards(self.loc)[0])
+        """Shards whose Parquet part exists and reads back whole. A damaged part (zero bytes,
+        truncated, garbage) does not count: resuming rewrites that shard, which replaces the part."""
+        return set(readable_parts(self.loc, list_shards(self.loc)[0], self.spec.steps))
+
+    def discard(self, root_existed: bool) -> None:
+        """Remove a dataset this job created and never committed a shard to: its files, and the root
+        too unless it existed (empty) before. Never call it on a dataset that holds committed data."""
+        if self.committed_shards():
+            raise ArcflowError(f"refusing to discard {self.url}: it holds committed shards")
+        if not root_existed:
+            self.loc.rm_tree()
+            return
+        for name in (INDEX_DIR, SHARDS_DIR):
+            self.loc.rm_tree(name)
+        self.loc.rm_file(DATASET_JSON)
 
     def pending_shards(self) -> list[int]:
         """Shards of ``range(spec.num_shards)`` not committed yet, ascending: the work left to do."""
