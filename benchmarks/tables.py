@@ -65,6 +65,57 @@ def builder(throughput: dict, scaling: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def gpu_scale(r: dict) -> str:
+    """Teacher speed, builder vs bare sampler, distill step time/memory, student vs teacher."""
+    if r["reduced"]:
+        where = (f"**{r['device']}, REDUCED configuration** (a few narrow blocks, tiny images, "
+                 f"{r['settings']['text_tokens']} text tokens): a smoke run of the code path, NOT a speed or "
+                 "memory figure of FLUX.1-dev or Qwen-Image")
+    else:
+        where = f"**{r['device']}**, full FLUX.1-dev / Qwen-Image configurations with random bf16 weights"
+    fams = r["families"].values()
+    lines = [
+        f"GPU scale (`benchmarks/gpu_scale.py`, `{r['command']}`) on {where}. "
+        f"All trajectories finite: {'yes' if r.get('all_finite') else 'NO'}.",
+        "",
+        "| model | resolution | tokens | s/NFE batch 1 | s/NFE batch 4 | NFE per trajectory | s per trajectory (batch 1) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for f in fams:
+        for label, row in f["resolutions"].items():
+            lines.append(f"| {f['name']} | {label} | {row['tokens']} | {row['s_per_nfe_b1']:.4f} | "
+                         f"{row['s_per_nfe_b4']:.4f} | {row['nfe_per_trajectory']} | {row['s_per_trajectory_b1']:.2f} |")
+    lines += ["", "| model | resolution | samples | bare samples/s | builder samples/s | builder / bare (goal >= 0.95) "
+              "| GB written per hour | write / compute s per shard | CPU side limits |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for f in fams:
+        if "builder" in f:
+            b = f["builder"]
+            lines.append(f"| {f['name']} | {b['resolution']} | {b['samples']} | {b['bare_samples_per_second']:.3f} | "
+                         f"{b['steady_samples_per_second']:.3f} | {b['ratio']:.2f} | {b['gb_per_hour']:.2f} | "
+                         f"{b['mean_write_s_per_shard']:.2f} / {b['mean_compute_s_per_shard']:.2f} | "
+                         f"{'yes' if b['cpu_side_limits'] else 'no'} |")
+    lines += ["", "| model | distill step (K, LoRA rank) | gradient checkpointing | batch | s per step | peak GPU memory (GB) |",
+              "|---|---|---|---:|---:|---:|"]
+    for f in fams:
+        d = f.get("distill")
+        for row in (d or {}).get("rows", []):
+            step = "OOM" if row["oom"] else _num(row["s_per_step"], ".3f")
+            peak = "OOM" if row["oom"] else _num(row["peak_gb"], ".1f")
+            lines.append(f"| {f['name']} | K={d['k']}, rank {d['lora_rank']} ({100 * d['trainable_share']:.1f}% "
+                         f"trainable) | {'on' if row['gradient_checkpointing'] else 'off'} | {row['batch']} | {step} | {peak} |")
+    lines += ["", "| model | resolution | teacher s (NFE) | 2-NFE student s | speed-up |", "|---|---|---:|---:|---:|"]
+    for f in fams:
+        if "student_vs_teacher" in f:
+            v = f["student_vs_teacher"]
+            lines.append(f"| {f['name']} | {v['resolution']} | {v['teacher_s']:.2f} ({v['teacher_nfe']}) | "
+                         f"{v['student_s']:.3f} | {v['speedup']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     def load(name):
         path = RESULTS / f"{name}.json"
@@ -80,6 +131,9 @@ def main() -> None:
     if (t := load("builder_throughput")) is not None and (s := load("builder_scaling")) is not None:
         (RESULTS / "builder.md").write_text(builder(t, s))
         written.append("builder.md")
+    if (r := load("gpu_scale")) is not None:
+        (RESULTS / "gpu_scale.md").write_text(gpu_scale(r))
+        written.append("gpu_scale.md")
     print("wrote " + ", ".join(written))
 
 

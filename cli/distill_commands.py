@@ -32,10 +32,19 @@ def distill_command(
     ema_decay: float = typer.Option(0.99, "--ema-decay", help="EMA decay of trainable weights (0 disables); the export uses the EMA."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clip."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the network (the integral stays float32)."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing",
+        help="Recompute block activations in backward: less memory, ~1 extra forward per step, same numbers.",
+    ),
+    fsdp: bool = typer.Option(
+        False, "--fsdp",
+        help="Shard the frozen teacher weights over the --num-workers workers (FSDP2); LoRA/head stay replicated. "
+        "Allowed with one worker (nothing to shard then). Not with --trainable full.",
+    ),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between atomic checkpoints."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialization, data order and segment draws."),
     loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader worker processes per training worker."),
-    num_workers: int = typer.Option(1, "--num-workers", help="Ray Train DDP workers."),
+    num_workers: int = typer.Option(1, "--num-workers", help="Ray Train workers (DDP, or FSDP with --fsdp)."),
     use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per Ray Train worker."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
@@ -48,6 +57,7 @@ def distill_command(
         dataset=dataset, out=out, nfe=nfe, k=k, momentum=momentum, weight_groups=weight_groups,
         lora_rank=lora_rank, lora_alpha=lora_alpha, trainable=trainable, iters=iters, batch_size=batch_size,
         lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
         checkpoint_every=checkpoint_every, seed=seed, loader_workers=loader_workers, num_workers=num_workers,
         use_gpu=use_gpu, ray_address=ray_address, resume=resume, progress=progress,
     )

@@ -11,7 +11,10 @@ TRAINABLE_SETS = ("lora+heads", "heads", "full")
 
 #: Fields that may change when a run is resumed (they do not change what a step computes). A moved
 #: run or dataset resumes: the data itself is compared by its fingerprint instead of its path.
-RESUMABLE_CHANGES = ("out", "dataset", "iters", "resume", "num_workers", "use_gpu", "ray_address", "checkpoint_every", "log_every", "progress")
+RESUMABLE_CHANGES = (
+    "out", "dataset", "iters", "resume", "num_workers", "use_gpu", "ray_address", "checkpoint_every", "log_every",
+    "progress", "gradient_checkpointing", "fsdp",
+)
 
 
 @dataclass
@@ -39,6 +42,12 @@ class DistillConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     bf16: bool = False
+    #: Recompute each transformer block's activations in backward (diffusers' checkpointing):
+    #: less activation memory for about one more forward per step; same loss and gradients.
+    gradient_checkpointing: bool = False
+    #: Shard the frozen base weights over the workers (FSDP2; distill/parallel.py). Trainable
+    #: weights stay whole on every worker, so checkpoints and the export are unchanged.
+    fsdp: bool = False
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
@@ -76,6 +85,8 @@ class DistillConfig:
             raise ArcflowError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ArcflowError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.fsdp and self.trainable == "full":
+            raise ArcflowError("--fsdp shards the frozen weights; with --trainable full nothing is frozen")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -276,6 +276,13 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
     return student
 
 
+def transformer_class_name(transformer: nn.Module) -> str:
+    """The diffusers class name, also under FSDP2 (which swaps in a subclass ``FSDP<name>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(transformer).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def _lora_metadata(lora_config: LoraConfig) -> dict[str, Any]:
     data = lora_config.to_dict()
     return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
@@ -329,7 +336,7 @@ def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_confi
         "nfe": config.nfe,
         "shift": float(teacher.shift),
         "teacher": {"id": teacher.teacher_id, "revision": teacher.revision},
-        "transformer_class": type(transformer).__name__,
+        "transformer_class": transformer_class_name(transformer),
         "files": files,
     }
     clash = sorted(k for k in set(extra_config) & set(record) if extra_config[k] != record[k])

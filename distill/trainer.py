@@ -25,6 +25,7 @@ from arcflow.storage.errors import ArcflowError
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import DistillConfig
 from .ema import EMA
+from .parallel import prepare_student
 from .schedule import segment_step_indices
 
 log = logging.getLogger(__name__)
@@ -190,11 +191,7 @@ def train_worker(
             ema.load_state_dict(saved["ema"])
         stream.load_state_dict(saved["state"]["data"][rank])
         log.info("resumed from %s at step %d", checkpoint, step)
-    model = student
-    if world_size > 1:
-        from ray.train.torch import prepare_model
-
-        model = prepare_model(student, move_to_device=False)
+    model = prepare_student(student, config, world_size)
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers)
     batches = iter(loader)
     metrics = _open_metrics(out / METRICS_FILE, step) if rank == 0 else None

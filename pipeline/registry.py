@@ -1,5 +1,6 @@
-"""Load a teacher by id: the embedded ``digits`` model, the latency simulator, or a diffusers
-pipeline (FLUX / Qwen-Image) named by hub id (``owner/name``) or local directory."""
+"""Load a teacher by id: the embedded ``digits`` model, the latency simulator, the random-weight
+FLUX.1-dev / Qwen-Image stand-ins of the GPU scale benchmark, or a diffusers pipeline (FLUX /
+Qwen-Image) named by hub id (``owner/name``) or local directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from arcflow.storage.errors import ArcflowError
 
 from .teacher import Teacher
 
-EMBEDDED_TEACHERS = ("digits", "gpu-latency-sim")
+#: Random-weight teachers at the real sizes (pipeline/random_teachers.py; benchmarks only).
+RANDOM_TEACHERS = ("random-flux-dev", "random-qwen-image")
+EMBEDDED_TEACHERS = ("digits", "gpu-latency-sim", *RANDOM_TEACHERS)
 
 
 def check_teacher_id(teacher_id: str) -> None:
@@ -52,9 +55,11 @@ def teacher_options_for_dataset(spec: Any, text_encoders: bool = False) -> dict[
     dataset's guidance (FLUX's embedded guidance is a network input the student must see too) and
     ``text_encoders`` (False: the student never encodes prompts). Embedded teachers need none.
     """
+    recorded = dict((spec.extra or {}).get("generation", {}).get("teacher_options", {}) or {})
+    if spec.teacher_id in RANDOM_TEACHERS:  # rebuilt from its options (size, seed, resolution)
+        return {k: v for k, v in recorded.items() if k != "device"}
     if not is_diffusers_teacher(spec.teacher_id):
         return {}
-    recorded = dict((spec.extra or {}).get("generation", {}).get("teacher_options", {}) or {})
     options = {k: v for k, v in recorded.items() if k in DIFFUSERS_OPTIONS}
     options["guidance"] = float(spec.guidance)
     options["text_encoders"] = text_encoders
@@ -71,6 +76,10 @@ def load_teacher(teacher_id: str, device: str = "cpu", **options: Any) -> Teache
         from .latency_sim import LatencySimTeacher
 
         return LatencySimTeacher(device=device, **options)
+    if teacher_id in RANDOM_TEACHERS:
+        from .random_teachers import load_random_teacher
+
+        return load_random_teacher(teacher_id, device=device, **options)
     check_teacher_id(teacher_id)
     from .diffusers_teachers import load_diffusers_teacher
 

@@ -22,6 +22,7 @@ SOURCES = {
     "storage-bytes": ROOT / "benchmarks/results/storage_bytes.md",
     "storage-estimate": ROOT / "benchmarks/results/storage_estimate.md",
     "loader": ROOT / "benchmarks/results/loader.md",
+    "gpu-scale": ROOT / "benchmarks/results/gpu_scale.md",
 }
 
 
