@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,7 +221,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
     bar.close()
 
     _measure_speed(config, teacher, guidance, prompts, seeds, rows, students, nfes)
-    save_grid(torch.cat(grid_rows), out / "grid.png", nrow=config.grid_columns)
+    save_grid(torch.cat(grid_rows), out / "grid.png", nrow=config.grid_columns, row_labels=[r.name for r in rows])
     report = {
         "config": asdict(config),
         "guidance": guidance,
@@ -229,7 +230,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
         "rows": [asdict(r) for r in rows],
         "grid_rows": [r.name for r in rows],
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+    (out / "report.json").write_text(json.dumps(_strict_json(report), indent=2, allow_nan=False))
     (out / "report.md").write_text(render_markdown(report))
     (out / "evaluate_config.json").write_text(json.dumps(asdict(config), indent=2))
     return report
@@ -251,6 +252,18 @@ def _measure_speed(config, teacher, guidance, prompts, seeds, rows, students, nf
     for i, row in enumerate(rows):
         row.ms_per_sample = 1000 * timings[i] / batch
         row.speedup = t_teacher / timings[i]
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as null (the teacher's PSNR against itself is infinite):
+    strict JSON that any parser reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ directory into a 2-NFE generator, and keep other LoRAs working alongside.
 What happens: the run's ``pytorch_lora_weights.safetensors`` is loaded with the pipeline's own
 ``load_lora_weights`` (adapter ``"arcflow"``; rank/alpha come from the file's
 ``lora_adapter_metadata``), the transformer's top-level ``proj_out`` is swapped for the trained
-:class:`~arcflow.distill.heads.MomentumHead` (the original is kept; :meth:`ArcflowPipeline.remove`
+:class:`~arcflow.distill.student.MomentumHead` (the original is kept; :meth:`ArcflowPipeline.remove`
 puts it back and deletes the adapter), and sampling runs the analytic momentum integral of
 :meth:`~arcflow.distill.student.Student.sample` over the run's recorded segment sigmas (or the
 pipeline scheduler's ``nfe``-step schedule at the requested resolution), decoding through the
@@ -28,21 +28,18 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
 from arcflow.storage.errors import ArcflowError
 
-from .heads import MomentumHead, head_for
 from .runs import segment_sigmas
 from .student import (
     HEAD_ATTRIBUTE,
-    HEAD_FILE,
-    LORA_FILE,
-    run_file,
+    MomentumHead,
     Student,
     StudentConfig,
+    attach_student,
     read_student_config,
 )
 
@@ -109,13 +106,6 @@ class ArcflowPipeline:
         return self.pipe
 
 
-def _build_head(config: StudentConfig, proj: nn.Linear, state: Mapping[str, Tensor]) -> MomentumHead:
-    head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
-    head.load_state_dict(dict(state))
-    # The head stays float32 (its forward casts the hidden state), as in training.
-    return head.requires_grad_(False).eval()
-
-
 def arcflow_pipeline(
     pipe: Any,
     run_dir: Union[str, os.PathLike],
@@ -155,22 +145,13 @@ def arcflow_pipeline(
         if strict_revision:
             raise ArcflowError(message)
         logger.warning(message)
-    files = record.get("files", {})
-
-    used_adapter: Optional[str] = None
-    if config.trainable == "lora+heads":
-        lora_path = run_file(run, files.get("lora", LORA_FILE))
-        pipe.load_lora_weights(str(lora_path.parent), weight_name=lora_path.name, adapter_name=adapter_name)
-        used_adapter = adapter_name
-    proj = getattr(transformer, HEAD_ATTRIBUTE)
-    if isinstance(proj, MomentumHead):
-        raise ArcflowError("the pipeline already carries an arcflow head; call .remove() on the previous generator")
-    head = _build_head(config, proj, safetensors.torch.load_file(str(run_file(run, files.get("head", HEAD_FILE)))))
-    if "trainable" in files:
-        result = transformer.load_state_dict(safetensors.torch.load_file(str(run_file(run, files["trainable"]))), strict=False)
-        if result.unexpected_keys:
-            raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
-    setattr(transformer, HEAD_ATTRIBUTE, head)
+    try:
+        proj = attach_student(transformer, run, config, adapter_name=adapter_name)
+    except ArcflowError as exc:
+        if isinstance(getattr(transformer, HEAD_ATTRIBUTE), MomentumHead):
+            raise ArcflowError(f"{exc}; call .remove() on the previous generator") from None
+        raise
+    used_adapter = adapter_name if config.trainable == "lora+heads" else None
     student = Student(teacher, transformer, config)
     return ArcflowPipeline(pipe, student, record, proj, used_adapter)
 

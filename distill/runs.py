@@ -12,6 +12,7 @@ from torch import Tensor
 from arcflow.storage.errors import ArcflowError
 
 from .student import Student, load_student, read_student_config
+from .student import merge_lora as fuse_lora
 
 
 def segment_sigmas(record: dict[str, Any], teacher: Any, nfe: int) -> Tensor:
@@ -72,7 +73,7 @@ def load_run(
     """Load the teacher a run was distilled from (same resolution/options) and the student on it.
 
     ``teacher`` reuses one already loaded with :func:`load_run_teacher` (the student checks its
-    revision). ``merge_lora`` folds the LoRA deltas into the base weights (peft's own merge) so a
+    revision). ``merge_lora`` fuses the LoRA deltas into the base weights (diffusers' ``fuse_lora``) so a
     student call costs exactly one teacher call plus the head: the speed-up is then the NFE ratio.
     """
     if teacher is None:
@@ -80,10 +81,6 @@ def load_run(
     else:
         record = read_student_config(run_dir)
     student = load_student(teacher, run_dir).eval()
-    if merge_lora and student.has_lora:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in student.transformer.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.merge()
+    if merge_lora:
+        fuse_lora(student)
     return LoadedRun(teacher=teacher, student=student, record=record)

@@ -47,6 +47,7 @@ def check_run(config: DistillConfig) -> dict[str, Any]:
     Everything a training worker would reject is refused here, before anything is written.
     """
     from arcflow.pipeline.registry import check_teacher_id, teacher_options_for_dataset
+    from arcflow.storage import _io
     from arcflow.storage.reader import open_dataset
 
     config.validate()
@@ -75,6 +76,7 @@ def check_run(config: DistillConfig) -> dict[str, Any]:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ArcflowError(f"--out {out} exists and is not a directory")
+    _io.Location(str(out)).check_writable()
     saved = out / CONFIG_FILE
     resume_step = 0
     if saved.is_file():

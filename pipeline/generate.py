@@ -145,6 +145,7 @@ def check_existing_dataset(config: GenerationConfig) -> None:
 
     try:
         loc = _io.Location(config.out)
+        loc.check_writable()
         has_spec = loc.exists(DATASET_JSON)
     except ArcflowError:
         raise

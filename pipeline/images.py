@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from arcflow.storage.errors import ArcflowError
@@ -40,10 +41,14 @@ def _to_uint8(images: Tensor) -> np.ndarray:
     return (images.detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
 
 
-def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, cell: int = 64, pad: int = 2) -> Path:
+def save_grid(
+    images: Tensor, path: str | Path, nrow: int | None = None, cell: int = 64, pad: int = 2,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
     """Save ``(N, C, H, W)`` images as one PNG grid, ``nrow`` images per row (default ~square).
 
     Each image is upscaled (nearest neighbour) so its longer side is about ``cell`` pixels.
+    ``row_labels`` (one per grid row) are written in a margin left of the rows.
     """
     n, c, h, w = images.shape
     if c not in (1, 3):
@@ -52,15 +57,25 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, cell: i
     scale = max(1, cell // max(h, w))
     pixels = _to_uint8(images).transpose(0, 2, 3, 1).repeat(scale, 1).repeat(scale, 2)
     rows = math.ceil(n / nrow)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} grid rows")
+    font = ImageFont.load_default()
+    margin = pad + max((int(font.getlength(t)) for t in row_labels), default=0) + 2 * pad if row_labels else 0
     ch, cw = h * scale, w * scale
-    canvas = np.full((pad + rows * (ch + pad), pad + nrow * (cw + pad), c), 128, dtype=np.uint8)
+    canvas = np.full((pad + rows * (ch + pad), margin + pad + nrow * (cw + pad), c), 128, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        y, x = pad + r * (ch + pad), pad + col * (cw + pad)
+        y, x = pad + r * (ch + pad), margin + pad + col * (cw + pad)
         canvas[y : y + ch, x : x + cw] = pixels[i]
+    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB")
+    if row_labels:
+        draw = ImageDraw.Draw(image)
+        white = 255 if c == 1 else (255, 255, 255)
+        for r, text in enumerate(row_labels):
+            draw.text((pad, pad + r * (ch + pad) + ch // 2), text, fill=white, font=font, anchor="lm")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode="L" if c == 1 else "RGB").save(out)
+    image.save(out)
     return out
 
 

@@ -83,6 +83,20 @@ class Location:
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)
 
+    def check_writable(self, flag: str = "--out") -> None:
+        """Refuse, before any work, a local root that cannot be created or written: a path under a
+        regular file, or on a read-only / unwritable filesystem. (Object stores report on write.)"""
+        if not self.is_local:
+            return
+        path = os.path.abspath(self.root)
+        ancestor = path
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            raise ArcflowError(f"{flag} {self.url}: {ancestor} is a file, not a directory; choose another path")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ArcflowError(f"{flag} {self.url}: {ancestor} is not writable (read-only filesystem or permissions)")
+
     def zarr_store(self, *parts: str, read_only: bool):
         import zarr.storage
 

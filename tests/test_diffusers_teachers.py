@@ -267,9 +267,11 @@ def test_exported_lora_loads_in_a_stock_flux_pipeline(flux_dir, tmp_path):
 
     teacher = load_teacher(str(flux_dir), **OPTS)
     _trained_run(teacher, tmp_path / "run", segment_sigmas=teacher.sigmas(2).tolist())
-    # Plain diffusers: alpha/rank from the metadata give the scaling 8/4.
+    # Plain diffusers (the model-level LoRA format of save_lora_adapter): alpha/rank from the
+    # metadata give the scaling 8/4.
     pipe = FluxPipeline.from_pretrained(str(flux_dir))
-    pipe.load_lora_weights(str(tmp_path / "run"), adapter_name="arcflow")
+    pipe.transformer.load_lora_adapter(str(tmp_path / "run"), weight_name="pytorch_lora_weights.safetensors",
+                                       prefix=None, adapter_name="arcflow")
     scalings = {m.scaling["arcflow"] for m in pipe.transformer.modules() if hasattr(m, "scaling") and "arcflow" in m.scaling}
     assert scalings == {2.0}
     # The 2-NFE generator on a stock pipeline == the student loaded by arcflow itself.

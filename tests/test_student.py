@@ -6,19 +6,19 @@ import math
 import pytest
 import safetensors
 import torch
-from arcflow.distill.heads import MomentumHead, soft_clamp
 from arcflow.distill.loss import segment_loss
 from arcflow.distill.momentum import displacement, velocity_at
 from arcflow.distill.student import (
     CONFIG_FILE,
     HEAD_FILE,
-    LORA_ADAPTER_METADATA_KEY,
     LORA_FILE,
     TRAINABLE_FILE,
+    MomentumHead,
     StudentConfig,
     build_student,
     load_student,
     save_student,
+    soft_clamp,
 )
 from arcflow.storage.errors import ArcflowError
 from tiny_flux import FLUX_DEV_CONFIG, TinyFluxTeacher
@@ -268,13 +268,13 @@ def test_saved_lora_loads_through_diffusers_with_alpha(teacher, cond, noise, tmp
     student = build_student(teacher, config)
     _perturb(student)
     run = save_student(student, tmp_path / "run", {})
-    with safetensors.safe_open(str(run / LORA_FILE), "pt") as f:
-        meta = json.loads(f.metadata()[LORA_ADAPTER_METADATA_KEY])
-        assert all(k.startswith("transformer.") for k in f.keys())
-    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 8.0
+    with safetensors.safe_open(str(run / LORA_FILE), "pt") as f:  # diffusers' save_lora_adapter format
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        assert all(".lora_" in k and not k.startswith("transformer.") for k in f.keys())
+    assert meta["r"] == 4 and meta["lora_alpha"] == 8.0
 
     fresh = copy.deepcopy(teacher.transformer)
-    fresh.load_lora_adapter(str(run), weight_name=LORA_FILE, prefix="transformer", adapter_name="loaded")
+    fresh.load_lora_adapter(str(run), weight_name=LORA_FILE, prefix=None, adapter_name="loaded")
     layer = fresh.single_transformer_blocks[0].proj_mlp
     assert layer.scaling["loaded"] == pytest.approx(2.0)  # alpha / r survived the round trip
     fresh.proj_out = copy.deepcopy(student.head)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .momentum import MomentumParams
+from ..momentum import MomentumParams
 
 #: Range of the initial momentum factors gamma_k = exp(g_k) of components 1..K-1.
 INITIAL_GAMMA_RANGE = (0.2, 4.0)

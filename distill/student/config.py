@@ -1,0 +1,113 @@
+"""The student's configuration: K, weight groups, momentum, LoRA, what trains. Defaults live here only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional, Union
+
+from peft import LoraConfig
+from torch import nn
+
+from arcflow.storage.errors import ArcflowError, check_numbers
+
+TRAINABLE_MODES = ("lora+heads", "heads", "full")
+#: Name of the peft adapter the student trains.
+ADAPTER_NAME = "arcflow"
+#: The transformer attribute holding the output projection that the momentum head replaces.
+HEAD_ATTRIBUTE = "proj_out"
+
+# Default LoRA targets per transformer class (peft regexes, full match against module names).
+# FLUX (the ArcFlow FLUX recipe): dual-block feed-forwards, single-block MLP in/out projections and
+# the timestep embedder; the top-level proj_out (replaced by the head) never matches.
+FLUX_LORA_TARGETS = (
+    r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
+    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
+    r"|time_text_embed\.timestep_embedder\.linear_[12]"
+)
+QWEN_IMAGE_LORA_TARGETS = (
+    r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
+    r"|time_text_embed\.timestep_embedder\.linear_[12]"
+)
+DEFAULT_LORA_TARGETS = {
+    "FluxTransformer2DModel": FLUX_LORA_TARGETS,
+    "QwenImageTransformer2DModel": QWEN_IMAGE_LORA_TARGETS,
+}
+
+
+@dataclass
+class StudentConfig:
+    """Everything that determines a student's architecture and which weights train.
+
+    ``lora_targets``: a peft ``target_modules`` value (a regex string full-matched against module
+    names, or a list of module-name suffixes); None picks the transformer family's default.
+    ``lora_alpha``: None means equal to ``lora_rank``. ``momentum=False`` fixes every log-gamma at 0
+    (the no-momentum control). ``nfe`` is the number of segments the student is trained for.
+    """
+
+    k: int = 8
+    weight_groups: int = 1
+    momentum: bool = True
+    lora_rank: int = 16
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    lora_targets: Optional[Union[str, list[str]]] = None
+    trainable: str = "lora+heads"
+    log_gamma_bound: float = 6.0
+    nfe: int = 2
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
+        if isinstance(self.lora_targets, tuple):
+            self.lora_targets = list(self.lora_targets)
+        if self.k < 1:
+            raise ArcflowError(f"student k must be >= 1, got {self.k}")
+        if self.weight_groups < 1:
+            raise ArcflowError(f"weight_groups must be >= 1, got {self.weight_groups}")
+        if self.trainable not in TRAINABLE_MODES:
+            raise ArcflowError(f"trainable must be one of {', '.join(TRAINABLE_MODES)}, got {self.trainable!r}")
+        if self.trainable == "lora+heads" and self.lora_rank < 1:
+            raise ArcflowError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ArcflowError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.nfe < 1:
+            raise ArcflowError(f"NFE must be >= 1, got {self.nfe}")
+        check_numbers(self)
+        if not self.log_gamma_bound > 0:
+            raise ArcflowError(f"--log-gamma-bound must be > 0, got {self.log_gamma_bound}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (inverse of :meth:`from_dict`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StudentConfig":
+        """Rebuild from :meth:`to_dict`'s output; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArcflowError(f"unknown student config keys: {', '.join(unknown)}")
+        return cls(**dict(data))
+
+
+def default_lora_targets(transformer: nn.Module) -> str:
+    """The family's default LoRA target regex for ``transformer``'s class."""
+    name = type(transformer).__name__
+    if name not in DEFAULT_LORA_TARGETS:
+        raise ArcflowError(f"no default LoRA targets for {name}; set lora_targets in the student config")
+    return DEFAULT_LORA_TARGETS[name]
+
+
+def lora_config_for(config: StudentConfig, transformer: nn.Module) -> LoraConfig:
+    """The peft ``LoraConfig`` a student config implies for ``transformer``."""
+    targets = config.lora_targets if config.lora_targets is not None else default_lora_targets(transformer)
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+    )
+
+

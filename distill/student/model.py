@@ -1,0 +1,156 @@
+"""The student module and how it is built from a teacher: frozen transformer + momentum head + LoRA."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from arcflow.storage.errors import ArcflowError
+
+from ..momentum import MomentumParams
+from ..sampler import sample_few_step
+from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig, lora_config_for
+from .head import MomentumHead, head_for
+
+logger = logging.getLogger(__name__)
+
+
+class Student(nn.Module):
+    """The few-step student. Calling it (or :meth:`predict`) gives one segment's momentum params."""
+
+    def __init__(self, teacher: Any, transformer: nn.Module, config: StudentConfig) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.config = config
+        # Plain attribute: the teacher supplies input formatting and metadata, it is not a submodule.
+        self.teacher = teacher
+
+    @property
+    def head(self) -> MomentumHead:
+        return getattr(self.transformer, HEAD_ATTRIBUTE)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.config.trainable == "lora+heads"
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
+        """Latent tokens ``x`` ``(B, N, C)`` at per-sample ``sigma`` ``(B,)`` -> params with
+        velocities ``(B, K, C, N)``, logits ``(B, K, G, N)``, log-gammas ``(B, K-1, G, N)``."""
+        out = self.transformer(**self.teacher.transformer_inputs(x, sigma, cond))
+        packed = out[0] if isinstance(out, (tuple, list)) else out.sample
+        return self.head.unpack(packed)
+
+    def predict(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
+        """Same as calling the module (kept for readability at call sites)."""
+        return self(x, sigma, cond)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: Tensor,
+        cond: Mapping[str, Tensor],
+        nfe: Optional[int] = None,
+        sigmas: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Few-step sample ``(B, N, C)`` from ``noise`` ``(B, N, C)``: one network call per segment.
+
+        ``nfe`` defaults to the config's; segments are equal in raw time warped by the teacher's
+        shift unless explicit boundaries ``sigmas`` are given. Leaves the train/eval mode alone.
+        """
+
+        def predict(x_cf: Tensor, sigma: Tensor, c: Mapping[str, Tensor]) -> MomentumParams:
+            return self(x_cf.transpose(1, 2).contiguous(), sigma, c)
+
+        out = sample_few_step(
+            predict,
+            noise.transpose(1, 2),
+            cond,
+            nfe=nfe or self.config.nfe,
+            shift=float(self.teacher.shift),
+            sigmas=sigmas,
+        )
+        return out.transpose(1, 2).contiguous()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_share(self) -> float:
+        """Trainable parameters / all transformer parameters (LoRA and head included)."""
+        total = sum(p.numel() for p in self.transformer.parameters())
+        return sum(p.numel() for p in self.trainable_parameters()) / max(total, 1)
+
+    def describe_trainable(self) -> str:
+        """One line: trainable count, total, share, and the LoRA / head split."""
+        total = sum(p.numel() for p in self.transformer.parameters())
+        lora = sum(p.numel() for n, p in self.named_parameters() if p.requires_grad and ".lora_" in n)
+        head = sum(p.numel() for p in self.head.parameters() if p.requires_grad)
+        train = sum(p.numel() for p in self.trainable_parameters())
+        return (
+            f"student ({self.config.trainable}, K={self.config.k}): trainable {_count(train)} of "
+            f"{_count(total)} transformer parameters ({100 * train / max(total, 1):.3f}%): "
+            f"LoRA {_count(lora)}, head {_count(head)}, other {_count(train - lora - head)}"
+        )
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) -> Student:
+    """Student from ``teacher`` (a :class:`~arcflow.pipeline.teacher.Teacher`) and ``config``.
+
+    The teacher's transformer is deep-copied (``inplace=True`` adapts it in place instead, saving
+    memory when the teacher is no longer needed), frozen, given the momentum head and, for
+    ``trainable="lora+heads"``, fresh LoRA adapters. ``"heads"`` trains only the head, ``"full"``
+    every transformer weight plus the head.
+    """
+    transformer = teacher.transformer if inplace else copy.deepcopy(teacher.transformer)
+    transformer.requires_grad_(False)
+    proj = getattr(transformer, HEAD_ATTRIBUTE, None)
+    if not isinstance(proj, nn.Linear):
+        raise ArcflowError(
+            f"{type(transformer).__name__} has no linear '{HEAD_ATTRIBUTE}' output projection to replace"
+        )
+    if proj.out_features % config.weight_groups:
+        raise ArcflowError(
+            f"weight_groups={config.weight_groups} does not divide the {proj.out_features} latent channels"
+        )
+    head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
+    head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed))
+    setattr(transformer, HEAD_ATTRIBUTE, head)
+
+    if config.trainable == "lora+heads":
+        if not hasattr(transformer, "add_adapter"):
+            raise ArcflowError(f"{type(transformer).__name__} does not support peft adapters (add_adapter)")
+        try:
+            transformer.add_adapter(lora_config_for(config, transformer), adapter_name=ADAPTER_NAME)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError and friends
+            raise ArcflowError(f"LoRA targets {config.lora_targets!r} match no module of the transformer ({exc})") from None
+        wrapped = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
+        if not wrapped:
+            raise ArcflowError(f"LoRA targets {config.lora_targets!r} match no module of the transformer")
+        if any(n == HEAD_ATTRIBUTE or n.startswith(f"{HEAD_ATTRIBUTE}.") for n in wrapped):
+            raise ArcflowError("LoRA targets must not match the output head (top-level proj_out)")
+    elif config.trainable == "full":
+        transformer.requires_grad_(True)
+    # After add_adapter: peft marks only adapter weights trainable.
+    head.requires_grad_(True)
+
+    student = Student(teacher, transformer, config)
+    logger.info(student.describe_trainable())
+    return student
+
+
+def transformer_class_name(transformer: nn.Module) -> str:
+    """The diffusers class name, also under FSDP2 (which swaps in a subclass ``FSDP<name>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(transformer).__mro__ if not issubclass(c, FSDPModule)).__name__

@@ -1,0 +1,207 @@
+"""A student on disk: the run directory's files, written and read back through ONE path.
+
+* ``pytorch_lora_weights.safetensors``: the LoRA, written and read by diffusers' own
+  ``save_lora_adapter`` / ``load_lora_adapter`` (its ``LoraConfig``, rank/alpha/targets included,
+  rides in the safetensors metadata);
+* ``momentum_head.safetensors``: the head;
+* ``trainable_weights.safetensors``: other trained transformer weights (``trainable="full"`` only);
+* ``arcflow_config.json``: student config, teacher id/revision, shift, NFE and the trainer's extras.
+  Written last: a directory without it is not a student.
+
+:func:`attach_student` puts a saved run onto a transformer in place (what a stock diffusers pipeline
+needs); :func:`load_student` does it on a copy of a teacher's. :func:`merge_lora` fuses the LoRA into
+the base weights (diffusers' ``fuse_lora``) so a student call costs one teacher call plus the head.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import safetensors.torch
+from torch import Tensor, nn
+
+from arcflow.storage.errors import ArcflowError
+
+from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig
+from .head import MomentumHead, head_for
+from .model import Student, transformer_class_name
+
+logger = logging.getLogger(__name__)
+
+#: diffusers' ``LORA_WEIGHT_NAME_SAFE`` (diffusers.loaders.lora_base).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+HEAD_FILE = "momentum_head.safetensors"
+TRAINABLE_FILE = "trainable_weights.safetensors"
+CONFIG_FILE = "arcflow_config.json"
+CONFIG_FORMAT = "arcflow-student"
+CONFIG_VERSION = 1
+#: Key prefix of LoRA files written by earlier arcflow versions (the diffusers pipeline format).
+LEGACY_LORA_PREFIX = "transformer"
+
+
+def _cpu_state(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_config: Mapping[str, Any]) -> Path:
+    """Write the run directory (see the module docstring); returns its path.
+
+    ``extra_config`` (JSON-serializable: dataset fingerprint, training config, ...) is merged into
+    ``arcflow_config.json``; it may repeat but not contradict the keys this function writes.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    transformer, config, teacher = student.transformer, student.config, student.teacher
+    files = {"head": HEAD_FILE}
+    if student.has_lora:
+        transformer.save_lora_adapter(str(out), adapter_name=ADAPTER_NAME, weight_name=LORA_FILE)
+        files["lora"] = LORA_FILE
+    safetensors.torch.save_file(_cpu_state(student.head.state_dict()), str(out / HEAD_FILE), metadata={"format": "pt"})
+    head_prefix = f"{HEAD_ATTRIBUTE}."
+    other = {
+        n: p
+        for n, p in transformer.named_parameters()
+        if p.requires_grad and ".lora_" not in n and not n.startswith(head_prefix)
+    }
+    if other:
+        safetensors.torch.save_file(_cpu_state(other), str(out / TRAINABLE_FILE), metadata={"format": "pt"})
+        files["trainable"] = TRAINABLE_FILE
+
+    record: dict[str, Any] = {
+        "format": CONFIG_FORMAT,
+        "format_version": CONFIG_VERSION,
+        "student": config.to_dict(),
+        "k": config.k,
+        "nfe": config.nfe,
+        "shift": float(teacher.shift),
+        "teacher": {"id": teacher.teacher_id, "revision": teacher.revision},
+        "transformer_class": transformer_class_name(transformer),
+        "files": files,
+    }
+    clash = sorted(k for k in set(extra_config) & set(record) if extra_config[k] != record[k])
+    if clash:
+        raise ValueError(f"extra_config contradicts the student on {', '.join(clash)}")
+    record.update(extra_config)
+    tmp = out / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / CONFIG_FILE)
+    logger.info("saved student to %s", out)
+    return out
+
+
+def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The parsed ``arcflow_config.json`` of a run directory (``ArcflowError`` if it is not one)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ArcflowError(f"{run_dir} is not a student run directory (no {CONFIG_FILE})")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArcflowError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise ArcflowError(f"{path} is damaged: a JSON object was expected, got {type(record).__name__}")
+    if record.get("format") != CONFIG_FORMAT or record.get("format_version") != CONFIG_VERSION:
+        raise ArcflowError(
+            f"{path} is not an {CONFIG_FORMAT} v{CONFIG_VERSION} config "
+            f"(format={record.get('format')!r}, version={record.get('format_version')!r})"
+        )
+    for key, kind in (("student", dict), ("files", dict), ("teacher", dict), ("teacher_options", dict)):
+        if key in record and not isinstance(record[key], kind):
+            raise ArcflowError(f"{path} is damaged: {key!r} must be a JSON object")
+    return record
+
+
+def run_file(run_dir: Union[str, os.PathLike], name: object) -> Path:
+    """A file a run config names, resolved strictly INSIDE the run directory (links included):
+    a crafted config cannot make arcflow read anything else."""
+    root = Path(run_dir).resolve()
+    if not isinstance(name, str) or not name:
+        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} is damaged: file names must be non-empty strings")
+    path = (root / name).resolve()
+    if path.parent != root and root not in path.parents:
+        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} names {name!r}, which is outside the run directory")
+    if not path.is_file():
+        raise ArcflowError(f"student run directory {run_dir} is missing {name}")
+    return path
+
+
+def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], config: StudentConfig,
+                   adapter_name: str = ADAPTER_NAME) -> MomentumHead:
+    """Put a saved run onto ``transformer`` IN PLACE: its LoRA (as adapter ``adapter_name``), its
+    trained weights, and its momentum head in place of ``proj_out``; returns the replaced output
+    projection (a pipeline can put it back). ``ArcflowError`` for a run that does not fit."""
+    run = Path(run_dir)
+    record = read_student_config(run)
+    files = record.get("files", {})
+    head_path = run_file(run, files.get("head", HEAD_FILE))
+    proj = getattr(transformer, HEAD_ATTRIBUTE, None)
+    if isinstance(proj, MomentumHead):
+        raise ArcflowError("the transformer already carries an arcflow head")
+    if not isinstance(proj, nn.Linear):
+        raise ArcflowError(f"{type(transformer).__name__} has no linear '{HEAD_ATTRIBUTE}' output projection")
+    try:
+        if config.trainable == "lora+heads":
+            _load_lora(transformer, run_file(run, files.get("lora", LORA_FILE)), adapter_name)
+        if "trainable" in files:
+            weights = safetensors.torch.load_file(str(run_file(run, files["trainable"])))
+            result = transformer.load_state_dict(weights, strict=False)
+            if result.unexpected_keys:
+                raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
+        head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
+        head.load_state_dict(safetensors.torch.load_file(str(head_path)))
+    except ArcflowError:
+        raise
+    except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ArcflowError(f"student run {run} is damaged or inconsistent with its {CONFIG_FILE}: {reason}") from None
+    # The head stays float32 (its forward casts the hidden state), as in training.
+    setattr(transformer, HEAD_ATTRIBUTE, head.to(next(transformer.parameters()).device).requires_grad_(False))
+    return proj
+
+
+def _load_lora(transformer: nn.Module, path: Path, adapter_name: str) -> None:
+    """diffusers' ``load_lora_adapter`` from the run's file (older runs' prefixed keys too)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        legacy = any(k.startswith(f"{LEGACY_LORA_PREFIX}.") for k in f.keys())
+    transformer.load_lora_adapter(
+        str(path.parent), weight_name=path.name, adapter_name=adapter_name,
+        prefix=LEGACY_LORA_PREFIX if legacy else None,
+    )
+    if not any(hasattr(m, "lora_A") and adapter_name in getattr(m, "lora_A", {}) for m in transformer.modules()):
+        raise ArcflowError(f"{path} holds no LoRA weights for this transformer")
+
+
+def load_student(teacher: Any, run_dir: Union[str, os.PathLike]) -> Student:
+    """Rebuild a saved student on a copy of ``teacher``'s transformer (which must have the weights it
+    was trained on). A run directory whose files do not fit its config (tampered, mixed from two
+    runs, truncated) is refused with one ``ArcflowError`` line."""
+    run = Path(run_dir)
+    record = read_student_config(run)
+    saved_revision = record.get("teacher", {}).get("revision")
+    if saved_revision is not None and saved_revision != teacher.revision:
+        raise ArcflowError(
+            f"student in {run} was trained on teacher revision {saved_revision}, "
+            f"but the loaded teacher is {teacher.revision}"
+        )
+    try:
+        config = StudentConfig.from_dict(record["student"])
+    except ArcflowError:
+        raise
+    except Exception as exc:  # a field of the wrong type
+        raise ArcflowError(f"student run {run} has a damaged student config: {exc}") from None
+    transformer = copy.deepcopy(teacher.transformer).requires_grad_(False)
+    attach_student(transformer, run, config)
+    logger.info("loaded student from %s", run)
+    return Student(teacher, transformer, config)
+
+
+def merge_lora(student: Student) -> None:
+    """Fuse the student's LoRA into the base weights (diffusers' ``fuse_lora``): sampling then costs
+    exactly one teacher call plus the head per segment."""
+    if student.has_lora:
+        student.transformer.fuse_lora(adapter_names=[ADAPTER_NAME])
