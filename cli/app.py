@@ -15,6 +15,10 @@ from typer.exceptions import TyperException
 
 from .errors import TRACEBACK_ENV, describe
 
+#: Loggers whose warnings are noise on a user's terminal: Ray's token-auth notice on every local
+#: cluster, diffusers' loading chatter.
+QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup", "diffusers", "transformers")
+
 app = typer.Typer(
     name="arcflow",
     help="Distill flow-matching text-to-image models into 2-step ArcFlow generators.",
@@ -50,6 +54,9 @@ def root(
     """Distill flow-matching text-to-image models into 2-step ArcFlow generators."""
     if verbose:
         os.environ[TRACEBACK_ENV] = "1"
+    else:  # library notices that say nothing about the user's job (they come back with --verbose)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
