@@ -10,6 +10,7 @@ through diffusers' ``add_adapter`` (peft underneath). ``save_student`` writes a 
   ``transformer.load_lora_adapter(run_dir, weight_name=..., prefix="transformer")``;
 * ``momentum_head.safetensors``: the head;
 * ``trainable_weights.safetensors``: other trained transformer weights (``trainable="full"`` only);
+* ``scheduler_config.json``: the :class:`~arcflow.distill.scheduler.ArcFlowScheduler` that samples it;
 * ``arcflow_config.json``: student config, teacher id/revision, shift, NFE and the trainer's extras.
   Written last: a directory without it is not a student.
 """
@@ -35,6 +36,7 @@ from arcflow.storage.errors import ArcflowError
 from .heads import MomentumHead, head_for
 from .momentum import MomentumParams
 from .sampler import sample_few_step
+from .scheduler import save_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -165,21 +167,16 @@ class Student(nn.Module):
     ) -> Tensor:
         """Few-step sample ``(B, N, C)`` from ``noise`` ``(B, N, C)``: one network call per segment.
 
-        ``nfe`` defaults to the config's; segments are equal in raw time warped by the teacher's
-        shift unless explicit boundaries ``sigmas`` are given. Leaves the train/eval mode alone.
+        ``nfe`` defaults to the config's; segments are the teacher's ``sigmas(nfe)`` unless explicit
+        boundaries ``sigmas`` are given. Leaves the train/eval mode alone.
         """
 
         def predict(x_cf: Tensor, sigma: Tensor, c: Mapping[str, Tensor]) -> MomentumParams:
             return self(x_cf.transpose(1, 2).contiguous(), sigma, c)
 
-        out = sample_few_step(
-            predict,
-            noise.transpose(1, 2),
-            cond,
-            nfe=nfe or self.config.nfe,
-            shift=float(self.teacher.shift),
-            sigmas=sigmas,
-        )
+        if sigmas is None:
+            sigmas = self.teacher.sigmas(nfe or self.config.nfe)
+        out = sample_few_step(predict, noise.transpose(1, 2), cond, sigmas=sigmas)
         return out.transpose(1, 2).contiguous()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -343,6 +340,7 @@ def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_confi
     if clash:
         raise ValueError(f"extra_config contradicts the student on {', '.join(clash)}")
     record.update(extra_config)
+    save_scheduler(out, record, teacher)
     tmp = out / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / CONFIG_FILE)
