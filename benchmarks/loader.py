@@ -30,7 +30,7 @@ STEPS, LATENT, SHARD = 50, (16, 4), 500
 
 def write_synthetic(url: Path, shards: int) -> None:
     """Trajectory-shaped random data through the real writer (float16, compressed)."""
-    from arcflow.distill.schedule import shifted_schedule
+    from arcflow.pipeline.schedule import shifted_schedule
     from arcflow.storage.format import DatasetSpec
     from arcflow.storage.writer import create_or_open_dataset
 

@@ -1,24 +1,26 @@
-"""Stock diffusers interop: turn a ``FluxPipeline`` / ``QwenImagePipeline`` plus an arcflow run
-directory into a 2-NFE generator, and keep other LoRAs working alongside.
+"""Stock diffusers interop: a ``FluxPipeline`` / ``QwenImagePipeline`` carrying an arcflow run
+samples with its OWN ``__call__`` in NFE network calls, and other LoRAs keep working alongside.
 
     from diffusers import FluxPipeline
     from arcflow.distill.interop import arcflow_pipeline
 
     pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
-    gen = arcflow_pipeline(pipe, "runs/flux-k8")          # LoRA via pipe.load_lora_weights, head swapped
-    images = gen(["a red fox in the snow"], seeds=[0])     # (B, 3, H, W) in [0, 1], 2 network calls
+    gen = arcflow_pipeline(pipe, "runs/flux-k8")   # LoRA + momentum head on pipe.transformer, ArcFlowScheduler
+    image = pipe("a red fox in the snow", num_inference_steps=2, guidance_scale=3.5).images[0]
+    image = gen("a red fox in the snow").images[0]  # the same, with the run's steps/size/guidance as defaults
 
     pipe.load_lora_weights("my-style-lora", adapter_name="style")   # any diffusers-format LoRA
     gen.set_adapters({"style": 0.8})                        # arcflow stays at weight 1.0
 
-What happens: the run's ``pytorch_lora_weights.safetensors`` is loaded with the pipeline's own
-``load_lora_weights`` (adapter ``"arcflow"``; rank/alpha come from the file's
-``lora_adapter_metadata``), the transformer's top-level ``proj_out`` is swapped for the trained
-:class:`~arcflow.distill.student.MomentumHead` (the original is kept; :meth:`ArcflowPipeline.remove`
-puts it back and deletes the adapter), and sampling runs the analytic momentum integral of
-:meth:`~arcflow.distill.student.Student.sample` over the run's recorded segment sigmas (or the
-pipeline scheduler's ``nfe``-step schedule at the requested resolution), decoding through the
-pipeline's VAE. Prompts are encoded with the pipeline's own ``encode_prompt``.
+What happens: :func:`~arcflow.distill.student.attach_student` loads the run's
+``pytorch_lora_weights.safetensors`` with diffusers' ``load_lora_adapter`` (adapter ``"arcflow"``;
+rank/alpha come from the file's ``lora_adapter_metadata``), the transformer's top-level
+``proj_out`` is swapped for the trained
+:class:`~arcflow.distill.student.MomentumHead`, and ``pipe.scheduler`` becomes the run's
+:class:`~arcflow.distill.scheduler.ArcFlowScheduler` (``scheduler_config.json``), whose ``step``
+does the exact momentum integral over the run's recorded segment sigmas. Prompt encoding, latents,
+callbacks, VAE decode and output types are the pipeline's. The originals are kept:
+:meth:`ArcflowPipeline.remove` puts head and scheduler back and deletes the adapter.
 """
 
 from __future__ import annotations
@@ -33,11 +35,10 @@ from torch import Tensor, nn
 
 from arcflow.storage.errors import ArcflowError
 
-from .runs import segment_sigmas
+from .scheduler import load_scheduler
 from .student import (
     HEAD_ATTRIBUTE,
     MomentumHead,
-    Student,
     StudentConfig,
     attach_student,
     read_student_config,
@@ -50,24 +51,53 @@ ARCFLOW_ADAPTER = "arcflow"
 
 
 class ArcflowPipeline:
-    """A stock pipeline running as an ArcFlow few-step generator (see the module docstring)."""
+    """A stock pipeline carrying a run (see the module docstring); calling it calls the pipeline
+    with the run's defaults (steps = NFE, its resolution, guidance and text length)."""
 
-    def __init__(self, pipe: Any, student: Student, record: Mapping[str, Any], original_head: nn.Module, adapter_name: Optional[str]):
+    def __init__(
+        self,
+        pipe: Any,
+        teacher: Any,
+        record: Mapping[str, Any],
+        originals: tuple[nn.Module, Any],
+        adapter_name: Optional[str],
+    ) -> None:
         self.pipe = pipe
-        self.student = student
-        self.teacher = student.teacher
+        self.teacher = teacher
         self.record = dict(record)
         self.adapter_name = adapter_name
-        self._original_head = original_head
-        self._extra_adapters: dict[str, float] = {}
+        self._original_head, self._original_scheduler = originals
 
     @property
     def nfe(self) -> int:
-        return int(self.student.config.nfe)
+        return self.pipe.scheduler.nfe
 
-    def segment_sigmas(self, nfe: Optional[int] = None) -> Tensor:
-        """Segment boundaries: the run's recorded ones for its own NFE, else the scheduler's schedule."""
-        return segment_sigmas(self.record, self.teacher, nfe or self.nfe)
+    def call_defaults(self) -> dict[str, Any]:
+        """What ``pipe(...)`` needs to sample as the run was trained: its NFE, resolution and text
+        length; no true CFG (the student's one call per segment already carries the guidance) and,
+        for guidance-embedding FLUX, the guidance the data was recorded with."""
+        defaults: dict[str, Any] = {
+            "num_inference_steps": self.nfe,
+            "height": self.teacher.height,
+            "width": self.teacher.width,
+            "true_cfg_scale": 1.0,
+            "max_sequence_length": self.teacher.max_sequence_length,
+        }
+        if getattr(self.teacher, "guidance_embeds", False):
+            defaults["guidance_scale"] = self.teacher.default_guidance
+        return defaults
+
+    def __call__(self, prompt: Union[str, Sequence[str], None] = None, **kwargs: Any) -> Any:
+        """``pipe(prompt, **kwargs)`` with :meth:`call_defaults` filled in; returns the pipeline's output."""
+        return self.pipe(prompt, **{**self.call_defaults(), **kwargs})
+
+    @torch.no_grad()
+    def latents(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
+        """Final packed latents ``(B, tokens, channels)`` from per-seed noise (as ``arcflow sample``
+        draws it): the stock call with ``output_type="latent"``, NFE network calls."""
+        if len(prompts) != len(seeds):
+            raise ArcflowError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        return self(list(prompts), latents=self.teacher.noise(list(seeds)), output_type="latent").images
 
     def set_adapters(self, others: Mapping[str, float], arcflow_weight: float = 1.0) -> None:
         """Activate the arcflow adapter plus ``others`` ({adapter name: weight}) on the transformer."""
@@ -79,28 +109,11 @@ class ArcflowPipeline:
             names.append(name)
             weights.append(float(weight))
         self.pipe.set_adapters(names, weights)
-        self._extra_adapters = dict(others)
-
-    @torch.no_grad()
-    def latents(self, prompts: Sequence[str], seeds: Sequence[int], nfe: Optional[int] = None) -> Tensor:
-        """Final packed latents ``(B, tokens, channels)``: ``nfe`` network calls."""
-        if len(prompts) != len(seeds):
-            raise ArcflowError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        cond = self.teacher.encode_prompts(list(prompts))
-        noise = self.teacher.noise(list(seeds))
-        sigmas = self.segment_sigmas(nfe)
-        return self.student.sample(noise, cond, nfe=len(sigmas) - 1, sigmas=sigmas)
-
-    @torch.no_grad()
-    def __call__(self, prompts: Union[str, Sequence[str]], seeds: Optional[Sequence[int]] = None, nfe: Optional[int] = None) -> Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1] (float32, CPU); ``seeds`` default to ``0..B-1``."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-        return self.teacher.decode(self.latents(prompts, seeds, nfe))
 
     def remove(self) -> Any:
-        """Restore the pipeline: original ``proj_out`` back, the arcflow adapter deleted."""
+        """Restore the pipeline: original ``proj_out`` and scheduler back, the arcflow adapter deleted."""
         setattr(self.pipe.transformer, HEAD_ATTRIBUTE, self._original_head)
+        self.pipe.scheduler = self._original_scheduler
         if self.adapter_name is not None:
             self.pipe.delete_adapters(self.adapter_name)
         return self.pipe
@@ -115,9 +128,11 @@ def arcflow_pipeline(
     adapter_name: str = ARCFLOW_ADAPTER,
     strict_revision: bool = False,
 ) -> ArcflowPipeline:
-    """Turn a stock ``FluxPipeline`` / ``QwenImagePipeline`` into an ArcFlow few-step generator.
+    """Load a run onto a stock ``FluxPipeline`` / ``QwenImagePipeline``: LoRA, momentum head and
+    ``pipe.scheduler = ArcFlowScheduler`` from the run directory, in place.
 
-    ``height``/``width`` default to the resolution the run was trained at (its teacher options).
+    ``height``/``width`` (the returned wrapper's call defaults) default to the resolution the run
+    was trained at (its teacher options).
     The run must have been trained on this pipeline's transformer; a teacher revision mismatch is
     logged (``strict_revision=True`` makes it an error). The pipeline is modified in place.
     """
@@ -145,6 +160,7 @@ def arcflow_pipeline(
         if strict_revision:
             raise ArcflowError(message)
         logger.warning(message)
+    scheduler = load_scheduler(run, record, teacher)
     try:
         proj = attach_student(transformer, run, config, adapter_name=adapter_name)
     except ArcflowError as exc:
@@ -152,8 +168,8 @@ def arcflow_pipeline(
             raise ArcflowError(f"{exc}; call .remove() on the previous generator") from None
         raise
     used_adapter = adapter_name if config.trainable == "lora+heads" else None
-    student = Student(teacher, transformer, config)
-    return ArcflowPipeline(pipe, student, record, proj, used_adapter)
+    original_scheduler, pipe.scheduler = pipe.scheduler, scheduler
+    return ArcflowPipeline(pipe, teacher, record, (proj, original_scheduler), used_adapter)
 
 
 def load_arcflow_generator(

@@ -11,40 +11,42 @@ from torch import Tensor
 
 from arcflow.storage.errors import ArcflowError
 
+from .scheduler import ArcFlowScheduler, load_scheduler
 from .student import Student, load_student, read_student_config
 from .student import merge_lora as fuse_lora
 
 
-def segment_sigmas(record: dict[str, Any], teacher: Any, nfe: int) -> Tensor:
-    """A run's recorded segment boundaries for its own NFE; for another NFE the teacher's schedule."""
-    recorded = record.get("segment_sigmas")
-    if recorded is not None and len(recorded) == nfe + 1:
-        return torch.tensor(recorded, dtype=torch.float64)
-    return teacher.sigmas(nfe)
-
-
 @dataclass
 class LoadedRun:
-    """A run directory's teacher (with the options it was trained at), student and saved record."""
+    """A run directory's teacher (with the options it was trained at), student, scheduler and record."""
 
     teacher: Any
     student: Student
+    scheduler: ArcFlowScheduler
     record: dict[str, Any]
 
     @property
     def nfe(self) -> int:
-        return int(self.record.get("nfe", self.student.config.nfe))
-
-    def segment_sigmas(self, nfe: Optional[int] = None) -> Tensor:
-        """The recorded segment boundaries the student was trained on (else the teacher's schedule)."""
-        return segment_sigmas(self.record, self.teacher, nfe or self.nfe)
+        return self.scheduler.nfe
 
     @torch.no_grad()
     def sample_latents(self, prompts: Sequence[str], seeds: Sequence[int], nfe: Optional[int] = None) -> Tensor:
-        """Final latents for ``prompts`` from per-sample ``seeds``: ``nfe`` network calls in all."""
+        """Final latents for ``prompts`` from per-sample ``seeds``: ``nfe`` network calls in all.
+
+        The run's own scheduler for its NFE; for another ``nfe`` the same scheduler on the
+        teacher's ``sigmas(nfe)``. The loop is a diffusers denoising loop over ``scheduler.step``.
+        """
+        scheduler = self.scheduler
+        if nfe is not None and nfe != self.nfe:
+            scheduler = ArcFlowScheduler.from_config(scheduler.config, segment_sigmas=self.teacher.sigmas(nfe).tolist())
         cond = self.teacher.encode_prompts(list(prompts))
-        sigmas = self.segment_sigmas(nfe)
-        return self.student.sample(self.teacher.noise(list(seeds)), cond, nfe=len(sigmas) - 1, sigmas=sigmas)
+        x = self.teacher.noise(list(seeds))
+        scheduler.set_timesteps(device=x.device)
+        for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
+            out = self.student.transformer(**self.teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond))
+            packed = out[0] if isinstance(out, (tuple, list)) else out.sample
+            x = scheduler.step(packed, t, x, return_dict=False)[0]
+        return x
 
 
 def load_run_teacher(run_dir: Union[str, os.PathLike], device: str = "cpu") -> tuple[dict[str, Any], Any]:
@@ -80,7 +82,8 @@ def load_run(
         record, teacher = load_run_teacher(run_dir, device=device)
     else:
         record = read_student_config(run_dir)
+    scheduler = load_scheduler(run_dir, record, teacher)
     student = load_student(teacher, run_dir).eval()
     if merge_lora:
         fuse_lora(student)
-    return LoadedRun(teacher=teacher, student=student, record=record)
+    return LoadedRun(teacher=teacher, student=student, scheduler=scheduler, record=record)

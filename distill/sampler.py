@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from .momentum import MomentumParams, integrate
-from .schedule import shifted_schedule
 
 # (x at the segment start, its sigma as a (B,) tensor, conditioning) -> momentum parameters.
 MomentumPredictor = Callable[[Tensor, Tensor, Any], MomentumParams]
@@ -18,19 +17,16 @@ def sample_few_step(
     predict: MomentumPredictor,
     noise: Tensor,
     cond: Any = None,
-    nfe: int = 2,
-    shift: float = 1.0,
-    sigmas: Optional[Tensor] = None,
+    *,
+    sigmas: Tensor,
 ) -> Tensor:
-    """Integrate from ``noise`` (sigma = 1) to sigma = 0 in ``nfe`` segments.
+    """Integrate from ``noise`` (at ``sigmas[0]``) to ``sigmas[-1]`` over the decreasing segment
+    boundaries ``sigmas`` (NFE + 1 values, e.g. the teacher's ``sigmas(nfe)``).
 
-    Segments are equal in raw time and warped by ``shift`` unless explicit decreasing segment
-    boundaries ``sigmas`` (``nfe + 1`` values) are given. Each segment makes exactly one call to
-    ``predict`` at its start and moves along the closed-form momentum flow to its end.
-    ``noise`` is laid out as the predictor expects (channels first: ``(B, C, *rest)``).
+    Each segment makes exactly one call to ``predict`` at its start and moves along the closed-form
+    momentum flow to its end. ``noise`` is laid out as the predictor expects (channels first:
+    ``(B, C, *rest)``).
     """
-    if sigmas is None:
-        sigmas = shifted_schedule(nfe, shift)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError("sigmas must be a 1-d tensor of at least two segment boundaries")

@@ -17,7 +17,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from arcflow.distill.schedule import shifted_schedule
+from arcflow.pipeline.schedule import shifted_schedule
 from arcflow.distill.student import (
     DEFAULT_LORA_TARGETS,
     StudentConfig,
@@ -280,10 +280,11 @@ def test_exported_lora_loads_in_a_stock_flux_pipeline(flux_dir, tmp_path):
     cond, noise = teacher.encode_prompts(PROMPTS), teacher.noise([0, 1])
     expected = reference.sample(noise, cond, sigmas=teacher.sigmas(2))
     torch.testing.assert_close(generator.latents(PROMPTS, [0, 1]), expected, rtol=0, atol=1e-5)
-    images = generator(PROMPTS, seeds=[0, 1])
+    images = generator(PROMPTS, output_type="pt").images  # the stock __call__ with the run's defaults
     assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
     restored = generator.remove()
     assert isinstance(restored.transformer.proj_out, torch.nn.Linear)
+    assert type(restored.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     # From the run directory alone (what `arcflow sample --adapter RUN` needs): same samples.
     from arcflow.distill.interop import load_arcflow_generator
 
@@ -318,7 +319,9 @@ def test_qwen_image_run_loads_in_a_stock_pipeline(qwen, tmp_path):
     noise = qwen.noise([0, 1])
     reference = load_student(qwen, tmp_path / "run").sample(noise, cond, sigmas=qwen.sigmas(2))
     generator = arcflow_pipeline(tiny_qwen_image_pipeline(), tmp_path / "run")
-    got = generator.student.sample(noise, cond, sigmas=generator.segment_sigmas())
+    # The stock QwenImagePipeline.__call__ (no text encoder here: the same embeddings passed in).
+    got = generator(prompt_embeds=cond["prompt_embeds"], prompt_embeds_mask=cond["prompt_embeds_mask"],
+                    latents=noise, output_type="latent").images
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
 
 

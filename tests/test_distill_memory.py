@@ -151,7 +151,7 @@ def test_fsdp_two_workers_train_and_export_once(dataset, tmp_path):
     assert [m["step"] for m in metrics(run)] == [4], "rank 0 alone logs (at the last step, --log-every 10)"
     exported = sorted(p.name for p in run.iterdir() if p.suffix in (".safetensors", ".json"))
     assert exported == ["arcflow_config.json", "distill_config.json", "momentum_head.safetensors",
-                        "pytorch_lora_weights.safetensors"]
+                        "pytorch_lora_weights.safetensors", "scheduler_config.json"]
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["transformer_class"] == "FluxTransformer2DModel"
     assert record["training"]["fsdp"] is True and record["training"]["gradient_checkpointing"] is True

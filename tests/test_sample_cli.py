@@ -152,15 +152,19 @@ def test_unknown_prompt_in_process(run, tmp_path, capsys):
 
 
 def test_samples_on_the_runs_recorded_segment_sigmas(run, loaded, tmp_path, capsys):
-    """The student integrates over the segment boundaries recorded at training, not a fresh schedule."""
+    """The student integrates over its scheduler's segment boundaries (recorded at training), not a
+    fresh schedule."""
     import shutil
+
+    from arcflow.distill.scheduler import SCHEDULER_FILE
 
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
     record = json.loads((moved / "arcflow_config.json").read_text())
-    assert len(record["segment_sigmas"]) == 3
-    record["segment_sigmas"] = [1.0, 0.8, 0.0]
-    (moved / "arcflow_config.json").write_text(json.dumps(record))
+    scheduler = json.loads((moved / SCHEDULER_FILE).read_text())
+    assert len(record["segment_sigmas"]) == 3 and scheduler["segment_sigmas"] == record["segment_sigmas"]
+    scheduler["segment_sigmas"] = [1.0, 0.8, 0.0]
+    (moved / SCHEDULER_FILE).write_text(json.dumps(scheduler))
     arr = sample(capsys, tmp_path / "m.npy", "--adapter", moved, "--prompt", PROMPT, "--num", 2, "--seed", 0)
     noise = loaded.teacher.noise([0, 1])
     cond = loaded.teacher.encode_prompts([PROMPT] * 2)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from arcflow.distill.momentum import MomentumParams
 from arcflow.distill.sampler import sample_few_step
-from arcflow.distill.schedule import segment_step_indices, shifted_schedule
+from arcflow.distill.schedule import segment_step_indices
+from arcflow.pipeline.schedule import shifted_schedule
 from momentum_reference import reference_velocity
 
 K, C, N, G = 4, 4, 3, 2
@@ -46,8 +47,8 @@ def test_sampler_reproduces_exact_endpoint_of_a_momentum_flow(nfe, shift):
         return MomentumParams(*segment_law(x, sigma[0].item()))
 
     x0 = torch.randn(2, C, N, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = sample_few_step(predict, x0, "cond", nfe=nfe, shift=shift)
     boundaries = shifted_schedule(nfe, shift).tolist()
+    out = sample_few_step(predict, x0, "cond", sigmas=shifted_schedule(nfe, shift))
     assert len(calls) == nfe
     assert [c[0].item() for c in calls] == pytest.approx(boundaries[:-1], abs=1e-7)
     reference = rk4_reference(x0, boundaries)

@@ -58,21 +58,17 @@ class Student(nn.Module):
     ) -> Tensor:
         """Few-step sample ``(B, N, C)`` from ``noise`` ``(B, N, C)``: one network call per segment.
 
-        ``nfe`` defaults to the config's; segments are equal in raw time warped by the teacher's
-        shift unless explicit boundaries ``sigmas`` are given. Leaves the train/eval mode alone.
+        ``nfe`` defaults to the config's; segments are the teacher's ``sigmas(nfe)`` unless explicit
+        boundaries ``sigmas`` are given. Leaves the train/eval mode alone. (The reference the
+        :class:`~arcflow.distill.scheduler.ArcFlowScheduler` is tested against.)
         """
 
         def predict(x_cf: Tensor, sigma: Tensor, c: Mapping[str, Tensor]) -> MomentumParams:
             return self(x_cf.transpose(1, 2).contiguous(), sigma, c)
 
-        out = sample_few_step(
-            predict,
-            noise.transpose(1, 2),
-            cond,
-            nfe=nfe or self.config.nfe,
-            shift=float(self.teacher.shift),
-            sigmas=sigmas,
-        )
+        if sigmas is None:
+            sigmas = self.teacher.sigmas(nfe or self.config.nfe)
+        out = sample_few_step(predict, noise.transpose(1, 2), cond, sigmas=sigmas)
         return out.transpose(1, 2).contiguous()
 
     def trainable_parameters(self) -> list[nn.Parameter]:

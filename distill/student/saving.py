@@ -5,6 +5,7 @@
   rides in the safetensors metadata);
 * ``momentum_head.safetensors``: the head;
 * ``trainable_weights.safetensors``: other trained transformer weights (``trainable="full"`` only);
+* ``scheduler_config.json``: the :class:`~arcflow.distill.scheduler.ArcFlowScheduler` that samples it;
 * ``arcflow_config.json``: student config, teacher id/revision, shift, NFE and the trainer's extras.
   Written last: a directory without it is not a student.
 
@@ -87,6 +88,9 @@ def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_confi
     if clash:
         raise ValueError(f"extra_config contradicts the student on {', '.join(clash)}")
     record.update(extra_config)
+    from ..scheduler import save_scheduler  # the scheduler imports the head from this package
+
+    save_scheduler(out, record, teacher)
     tmp = out / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, out / CONFIG_FILE)
