@@ -120,8 +120,8 @@ def test_grid_layout(evaluated):
     margin = width - (pad + columns * cell)  # the row labels' column
     assert height == pad + rows * cell and margin > 40
     labels = np.asarray(Image.open(out / "grid.png"))[:, :margin]
-    for row in range(rows):  # each row's label is drawn in white beside it
-        assert (labels[pad + row * cell : pad + row * cell + 64] == 255).any(), row
+    for row in range(rows):  # each row's label is drawn (light on grey) beside it
+        assert (labels[pad + row * cell : pad + row * cell + 64] > 200).any(), row
 
 
 def grid_cells(path, row, columns):
