@@ -28,8 +28,8 @@ def distill_command(
     iters: int = typer.Option(2000, "--iters", help="Optimizer steps."),
     batch_size: int = typer.Option(64, "--batch-size", help="(sample, segment) pairs per step and worker."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (after warm-up)."),
-    warmup: int = typer.Option(100, "--warmup", help="Linear warm-up steps."),
-    ema_decay: float = typer.Option(0.99, "--ema-decay", help="EMA decay of trainable weights (0 disables); the export uses the EMA."),
+    warmup: int = typer.Option(100, "--warmup", help="Warm-up steps: the LR rises linearly from 0 (diffusers' constant schedule with warm-up)."),
+    ema_decay: float = typer.Option(0.99, "--ema-decay", help="EMA decay of trainable weights, reached after a warm-up (diffusers' EMAModel; 0 disables); the export uses the EMA."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clip."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the network (the integral stays float32)."),
     gradient_checkpointing: bool = typer.Option(
@@ -41,12 +41,15 @@ def distill_command(
         help="Shard the frozen teacher weights over the --num-workers workers (FSDP2); LoRA/head stay replicated. "
         "Allowed with one worker (nothing to shard then). Not with --trainable full.",
     ),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between atomic checkpoints."),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialization, data order and segment draws."),
     loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader worker processes per training worker."),
     num_workers: int = typer.Option(1, "--num-workers", help="Ray Train workers (DDP, or FSDP with --fsdp)."),
     use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per Ray Train worker."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
+    max_failures: int = typer.Option(
+        0, "--max-failures", help="Restart the Ray Train workers up to N times after a failure, from the latest checkpoint."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -59,7 +62,7 @@ def distill_command(
         lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
         checkpoint_every=checkpoint_every, seed=seed, loader_workers=loader_workers, num_workers=num_workers,
-        use_gpu=use_gpu, ray_address=ray_address, resume=resume, progress=progress,
+        use_gpu=use_gpu, ray_address=ray_address, max_failures=max_failures, resume=resume, progress=progress,
     )
     run = distill(config)
     typer.echo(f"student written to {run}")

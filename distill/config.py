@@ -13,7 +13,7 @@ TRAINABLE_SETS = ("lora+heads", "heads", "full")
 #: run or dataset resumes: the data itself is compared by its fingerprint instead of its path.
 RESUMABLE_CHANGES = (
     "out", "dataset", "iters", "resume", "num_workers", "use_gpu", "ray_address", "checkpoint_every", "log_every",
-    "progress", "gradient_checkpointing", "fsdp",
+    "progress", "gradient_checkpointing", "fsdp", "max_failures",
 )
 
 
@@ -58,6 +58,8 @@ class DistillConfig:
     num_workers: int = 1
     use_gpu: bool = False
     ray_address: Optional[str] = None
+    #: Ray Train restarts the workers this many times after a failure, from the latest checkpoint.
+    max_failures: int = 0
     resume: bool = False
     progress: bool = True
 
@@ -67,9 +69,9 @@ class DistillConfig:
             self,
             positive=("nfe", "k", "weight_groups", "lora_rank", "iters", "batch_size", "checkpoint_every",
                       "log_every", "num_workers"),
-            non_negative=("warmup", "loader_workers", "shuffle_buffer", "weight_decay"),
+            non_negative=("warmup", "loader_workers", "shuffle_buffer", "weight_decay", "max_failures"),
             at_most={"k": 1024, "nfe": 1000, "iters": 10**9, "batch_size": 10**6, "num_workers": 10_000,
-                     "loader_workers": 256, "shuffle_buffer": 10**6, "lora_rank": 65_536, "weight_groups": 65_536},
+                     "loader_workers": 256, "shuffle_buffer": 10**6, "max_failures": 10**6, "lora_rank": 65_536, "weight_groups": 65_536},
         )
         if not self.use_gpu:
             check_local_workers("--num-workers", self.num_workers, self.ray_address)

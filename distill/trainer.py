@@ -1,32 +1,49 @@
 """`arcflow distill`: stream committed shards into a LoRA + momentum-head student.
 
-The driver (:func:`distill`) validates everything a user can get wrong, then runs
-:func:`train_worker` on Ray Train's ``TorchTrainer`` (DDP over gloo on CPU, NCCL on GPU); one worker
-is the local default, the same code path as a cluster. The teacher's velocity is never evaluated:
-its transformer only provides the frozen base weights under the LoRA adapters.
+Read top-down from the CLI: :func:`distill` (the driver) validates everything a user can get wrong
+(:func:`check_run`), then :func:`_fit` runs :func:`train_worker` on Ray Train's ``TorchTrainer``
+(DDP over gloo on CPU, NCCL on GPU; one worker is the local default, the same code path as a
+cluster). Each worker runs :func:`setup`, then :func:`train_step` (the loss is
+:func:`arcflow.distill.loss.segment_loss`) until ``--iters``, then rank 0 runs :func:`export`.
+Checkpoints go through ``ray.train.report`` and come back through ``ray.train.get_checkpoint``
+(:mod:`arcflow.distill.checkpoint`). The teacher's velocity is never evaluated: its transformer
+only provides the frozen base weights under the LoRA adapters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
+from torch import nn
 
 from arcflow.pipeline.driver_watch import driver_identity, restore_ctrl_c
 from arcflow.storage.errors import ArcflowError
 
-from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS_DIR,
+    KEEP_CHECKPOINTS,
+    Checkpoints,
+    LocalCheckpoints,
+    RayCheckpoints,
+    checkpoint_step,
+    latest_checkpoint,
+    write_checkpoint,
+)
 from .config import DistillConfig
-from .ema import EMA
 from .parallel import prepare_student
 from .schedule import segment_step_indices
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +95,7 @@ def check_run(config: DistillConfig) -> dict[str, Any]:
         raise ArcflowError(f"--out {out} exists and is not a directory")
     _io.Location(str(out)).check_writable()
     saved = out / CONFIG_FILE
-    resume_step = 0
+    resume_step, checkpoint = 0, None
     if saved.is_file():
         previous, previous_fingerprint = _read_saved_config(saved)
         if not config.resume:
@@ -97,6 +114,8 @@ def check_run(config: DistillConfig) -> dict[str, Any]:
         "bounds": bounds,
         "fingerprint": fingerprint,
         "resume_step": resume_step,
+        # the newest checkpoint (workers prefer Ray Train's own record; this serves a run Ray never saw)
+        "resume_checkpoint": str(checkpoint) if resume_step else None,
         "teacher": reader.spec.teacher_id,
         # diffusers teachers: resolution, dtype and guidance the data was recorded with ({} for digits)
         "teacher_options": teacher_options_for_dataset(reader.spec),
@@ -133,9 +152,165 @@ def _student_config(config: DistillConfig):
     )
 
 
-def _lr_factor(warmup: int):
-    """Linear warm-up then constant: a step's LR depends only on the step, so runs can be extended."""
-    return lambda step: min(1.0, (step + 1) / (warmup + 1))
+@dataclasses.dataclass
+class Training:
+    """One worker's training state: built by :func:`setup`, advanced by :func:`train_step`,
+    checkpointed by :func:`checkpoint_files` and exported by :func:`export`."""
+
+    config: DistillConfig
+    bounds: list[int]
+    device: torch.device
+    rank: int
+    world_size: int
+    student: nn.Module  # the teacher's transformer with LoRA + the momentum head
+    model: nn.Module  # what the loss calls: the student, or its DDP wrapper
+    params: dict[str, nn.Parameter]  # the trainable parameters by name
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[EMAModel]
+    stream: Any  # arcflow.storage.streaming.TrajectoryStream of this rank
+    batches: Iterator[dict[str, Any]]
+    step: int = 0
+
+
+def train_worker(
+    config: DistillConfig,
+    facts: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+    device: Optional[torch.device] = None,
+    checkpoints: Optional[Checkpoints] = None,
+) -> dict[str, Any]:
+    """One worker's run: :func:`setup` (from the latest checkpoint when there is one), then
+    :func:`train_step` up to ``config.iters`` with metrics and checkpoints on the way, then rank 0
+    runs :func:`export`. ``checkpoints`` is Ray Train's (:class:`RayCheckpoints`) inside a
+    Ray Train worker; the default writes the same checkpoint directories in this process."""
+    checkpoints = checkpoints or LocalCheckpoints(Path(config.out), config.resume)
+    run = setup(config, facts, rank, world_size, device or torch.device("cpu"), checkpoints.load())
+    metrics = MetricsLog(Path(config.out) / METRICS_FILE, run.step) if rank == 0 else None
+    row = None
+    try:
+        while run.step < config.iters:
+            row = train_step(run)
+            if metrics is not None and (run.step % config.log_every == 0 or run.step == config.iters):
+                metrics.write(row)
+            if run.step % config.checkpoint_every == 0 or run.step == config.iters:
+                data = _gather(run.stream.state_dict(), world_size)  # every rank's data position
+                write = functools.partial(checkpoint_files, run, data) if rank == 0 else None
+                checkpoints.save(run.step, write, {"step": run.step, "loss": row["loss"]})
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if rank == 0:
+        export(run, facts)
+    return {"step": run.step, "loss": row["loss"] if row is not None else None}
+
+
+def setup(
+    config: DistillConfig,
+    facts: dict[str, Any],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    saved: Optional[dict[str, Any]],
+) -> Training:
+    """Build the student on the teacher's frozen weights, AdamW, the LR warm-up, the EMA and this
+    rank's data stream; continue from ``saved`` (a :func:`read_checkpoint` result) if given."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    from arcflow.pipeline.registry import load_teacher
+    from arcflow.storage.streaming import TrajectoryStream
+
+    from .student import build_student
+
+    torch.manual_seed(config.seed)
+    teacher = load_teacher(facts["teacher"], device=str(device), **facts.get("teacher_options", {}))
+    # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
+    student = build_student(teacher, _student_config(config), inplace=True).to(device)
+    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMAModel(params.values(), decay=config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        ema.to(dtype=torch.float32)  # bf16 weights: average in float32 so small updates are not lost
+    stream = TrajectoryStream(config.dataset, rank=rank, world_size=world_size, seed=config.seed,
+                              shuffle_buffer=config.shuffle_buffer, shards=config.shards)
+    step = 0
+    if saved is not None:
+        step = int(saved["state"]["step"])
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved["trainable"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None and saved["ema"] is not None:
+            counters = saved["state"].get("ema", {"optimization_step": step})  # older runs saved none
+            ema.load_state_dict({**counters, "shadow_params": [saved["ema"][n] for n in params]})
+        stream.load_state_dict(saved["state"]["data"][rank])
+        log.info("resumed at step %d", step)
+    # The LR is a function of the step alone (so --resume may extend --iters): rebuilt at ``step``.
+    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup, last_epoch=step - 1)
+    model = prepare_student(student, config, world_size)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers)
+    return Training(config, facts["bounds"], device, rank, world_size, student, model, params, optimizer,
+                    scheduler, ema, stream, iter(loader), step)
+
+
+def train_step(run: Training) -> dict[str, Any]:
+    """One optimizer step on the next batch; returns the step's metrics row (JSON-able)."""
+    from .loss import segment_loss
+
+    config = run.config
+    batch = next(run.batches)
+    run.stream.mark_consumed(batch)  # the data position a checkpoint records
+    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    # Which segment each pair trains: a pure function of (seed, step, rank), so resume is exact.
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step * run.world_size + run.rank)
+    segments = torch.randint(config.nfe, (batch["x"].shape[0],), generator=gen).to(run.device)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        loss, per_segment = segment_loss(run.model, batch, run.bounds, segments)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.step(run.params.values())
+    run.step += 1
+    return {
+        "step": run.step,
+        "loss": loss.item(),
+        # null where a segment was absent from the batch (NaN is not JSON)
+        **{f"loss_segment_{i}": (None if v != v else v) for i, v in enumerate(per_segment.tolist())},
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+    }
+
+
+def checkpoint_files(run: Training, data: list[dict[str, Any]], directory: Path) -> None:
+    """Write the checkpoint of ``run`` at its current step into ``directory`` (rank 0)."""
+    ema = None
+    state: dict[str, Any] = {"step": run.step, "data": data, "config": run.config.to_dict()}
+    if run.ema is not None:
+        ema_state = run.ema.state_dict()
+        ema = dict(zip(run.params, ema_state.pop("shadow_params")))
+        state["ema"] = ema_state  # decay and update count (diffusers' EMAModel warms its decay up)
+    write_checkpoint(directory, dict(run.params), ema, run.optimizer.state_dict(), state)
+
+
+def export(run: Training, facts: dict[str, Any]) -> None:
+    """Save the student (its EMA weights, if any) as the run's diffusers-style LoRA + head files."""
+    from .student import save_student
+
+    config = run.config
+    extra = {"dataset_fingerprint": facts["fingerprint"], "nfe": config.nfe, "training": config.to_dict()}
+    # what `arcflow sample` / distill.interop need to rebuild the teacher and the schedule
+    extra["teacher_options"] = {k: v for k, v in facts.get("teacher_options", {}).items() if k != "text_encoders"}
+    if "segment_sigmas" in facts:
+        extra["segment_sigmas"] = facts["segment_sigmas"]
+    if run.ema is not None:
+        run.ema.copy_to(run.params.values())  # training is over: the export is the average
+    save_student(run.student, Path(config.out), extra_config=extra)
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
@@ -146,134 +321,37 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
-def train_worker(
-    config: DistillConfig,
-    facts: dict[str, Any],
-    rank: int = 0,
-    world_size: int = 1,
-    device: Optional[torch.device] = None,
-) -> dict[str, Any]:
-    """The training loop of one worker (rank). Rank 0 writes checkpoints, metrics and the export."""
-    from arcflow.pipeline.registry import load_teacher
-    from arcflow.storage.streaming import TrajectoryStream
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl``: one row per logged step, plus the speed since the previous row.
 
-    from .loss import segment_loss
-    from .student import build_student, save_student
+    Opened after ``step`` (0: a new file), rows that a killed run logged past its last checkpoint
+    are dropped first (atomically), so a resumed run never repeats a step.
+    """
 
-    device = device or torch.device("cpu")
-    torch.manual_seed(config.seed)
-    out = Path(config.out)
-    bounds = facts["bounds"]
-    teacher = load_teacher(facts["teacher"], device=str(device), **facts.get("teacher_options", {}))
-    # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
-    student = build_student(teacher, _student_config(config), inplace=True).to(device)
-    named = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(named.values(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.warmup))
-    ema = EMA(named, config.ema_decay) if config.ema_decay > 0 else None
-    stream = TrajectoryStream(
-        config.dataset,
-        rank=rank,
-        world_size=world_size,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        shards=config.shards,
-    )
-    step = 0
-    checkpoint = latest_checkpoint(out) if config.resume else None
-    if checkpoint is not None:
-        saved = load_checkpoint(checkpoint)
-        with torch.no_grad():
-            for k, p in named.items():
-                p.copy_(saved["trainable"][k])
-        optimizer.load_state_dict(saved["optimizer"])
-        step = int(saved["state"]["step"])
-        scheduler.last_epoch = step
-        if ema is not None and saved["ema"] is not None:
-            ema.load_state_dict(saved["ema"])
-        stream.load_state_dict(saved["state"]["data"][rank])
-        log.info("resumed from %s at step %d", checkpoint, step)
-    model = prepare_student(student, config, world_size)
-    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers)
-    batches = iter(loader)
-    metrics = _open_metrics(out / METRICS_FILE, step) if rank == 0 else None
-    t_last, step_last = time.perf_counter(), step
-    loss = None
-    try:
-        while step < config.iters:
-            batch = next(batches)
-            stream.mark_consumed(batch)  # the data position a checkpoint records
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * world_size + rank)
-            segments = torch.randint(config.nfe, (batch["x"].shape[0],), generator=gen).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss, per_segment = segment_loss(model, batch, bounds, segments)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(named.values(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update()
-            step += 1
-            if metrics is not None and (step % config.log_every == 0 or step == config.iters):
-                now = time.perf_counter()
-                record = {
-                    "step": step,
-                    "loss": loss.item(),
-                    # null where a segment was absent from the batch (NaN is not JSON)
-                    **{f"loss_segment_{i}": (None if v != v else v) for i, v in enumerate(per_segment.tolist())},
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "it_per_s": (step - step_last) / max(now - t_last, 1e-9),
-                }
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                t_last, step_last = now, step
-            if step % config.checkpoint_every == 0 or step == config.iters:
-                data_states = _gather(stream.state_dict(), world_size)
-                if rank == 0:
-                    save_checkpoint(
-                        out,
-                        step,
-                        {k: p for k, p in named.items()},
-                        ema.state_dict() if ema is not None else None,
-                        optimizer.state_dict(),
-                        {"data": data_states, "config": config.to_dict()},
-                    )
-    finally:
-        if metrics is not None:
-            metrics.close()
-    if rank == 0:
-        extra = {"dataset_fingerprint": facts["fingerprint"], "nfe": config.nfe, "training": config.to_dict()}
-        # what `arcflow sample` / distill.interop need to rebuild the teacher and the schedule
-        extra["teacher_options"] = {k: v for k, v in facts.get("teacher_options", {}).items() if k != "text_encoders"}
-        if "segment_sigmas" in facts:
-            extra["segment_sigmas"] = facts["segment_sigmas"]
-        if ema is not None:
-            with ema.applied():
-                save_student(student, out, extra_config=extra)
-        else:
-            save_student(student, out, extra_config=extra)
-    return {"step": step, "loss": loss.item() if loss is not None else None}
+    def __init__(self, path: Path, step: int) -> None:
+        if step > 0 and path.is_file():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= step:
+                        keep.append(line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    continue
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        self.file = open(path, "w" if step == 0 else "a")
+        self.time, self.step = time.perf_counter(), step
 
+    def write(self, row: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        row = {**row, "it_per_s": (row["step"] - self.step) / max(now - self.time, 1e-9)}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.time, self.step = now, row["step"]
 
-def _open_metrics(path: Path, step: int):
-    """``metrics.jsonl`` for appending after ``step``: rows a killed run logged past its last
-    checkpoint are dropped first (atomically), so a resumed run never repeats a step."""
-    if step == 0 or not path.is_file():
-        return open(path, "w" if step == 0 else "a")
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                keep.append(line + "\n")
-        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-            continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-    return open(path, "a")
+    def close(self) -> None:
+        self.file.close()
 
 
 def _ray_train_loop(payload: dict[str, Any]) -> None:
@@ -291,6 +369,7 @@ def _ray_train_loop(payload: dict[str, Any]) -> None:
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=ray.train.torch.get_device(),
+        checkpoints=RayCheckpoints(payload["facts"]["resume_checkpoint"]),
     )
 
 
@@ -344,7 +423,7 @@ def _discard(out: Path, created: bool) -> None:
 def _fit(config: DistillConfig, facts: dict[str, Any]) -> None:
     """Run :func:`train_worker` on Ray Train's ``TorchTrainer`` (a local cluster unless --ray-address)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out = Path(config.out)
@@ -368,7 +447,14 @@ def _fit(config: DistillConfig, facts: dict[str, Any]) -> None:
                 # Locally, split the machine's cores between the workers (torch threads follow).
                 resources_per_worker=None if config.ray_address or config.use_gpu else {"CPU": cpus_per_worker},
             ),
-            run_config=RunConfig(name="ray_train", storage_path=str(out.resolve())),
+            # Ray's run directory is RUN/checkpoints: checkpoints and Ray's record of them, which
+            # names them relative to it, so a moved or copied RUN resumes from its own.
+            run_config=RunConfig(
+                name=CHECKPOINTS_DIR,
+                storage_path=str(out.resolve()),
+                checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                failure_config=FailureConfig(max_failures=config.max_failures),
+            ),
         )
         _fit_with_progress(trainer, out / METRICS_FILE, config, facts["resume_step"])
     finally:

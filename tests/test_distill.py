@@ -145,9 +145,23 @@ def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "momentum_head.safetensors").is_file()
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["student"]["momentum"] is False, "the CLI default is the ablation's pick: no momentum"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step-0000002", "step-0000004"]
     state = json.loads((run / "checkpoints/step-0000004/state.json").read_text())
     assert len(state["data"]) == 2 and {s["rank"] for s in state["data"]} == {0, 1}
+
+    # Moved elsewhere, the run resumes there from Ray Train's own record of its checkpoints.
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    facts = check_run(DistillConfig(dataset=str(dataset), out=str(moved), num_workers=2, iters=6, batch_size=4,
+                                    checkpoint_every=2, k=2, lora_rank=2, resume=True))
+    assert facts["resume_step"] == 4 and facts["resume_checkpoint"] == str(moved / "checkpoints/step-0000004")
+    res = run_subprocess("distill", str(dataset), "--out", str(moved), "--num-workers", "2", "--iters", "6",
+                         "--batch-size", "4", "--checkpoint-every", "2", "--k", "2", "--lora-rank", "2", "--no-progress",
+                         "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [m["step"] for m in metrics(moved)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6, "no step logged twice"
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir() if p.is_dir()) == ["step-0000004", "step-0000006"]
 
 
 def test_bf16_autocast_trains_with_float32_integral(dataset, tmp_path):
@@ -157,3 +171,11 @@ def test_bf16_autocast_trains_with_float32_integral(dataset, tmp_path):
     assert len(losses) == 3 and all(l == l and l < 1e3 for l in losses)  # finite
     head = load_file(str(run / "momentum_head.safetensors"))
     assert all(v.dtype == torch.float32 for v in head.values())
+
+
+def test_the_ray_train_record_file_name_is_rays():
+    """latest_checkpoint looks for Ray Train's run snapshot by name without importing Ray."""
+    from arcflow.distill.checkpoint import RAY_SNAPSHOT
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    assert RAY_SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
