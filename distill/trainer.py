@@ -159,6 +159,8 @@ def train_worker(
     from .student import build_student, save_student
 
     device = device or torch.device("cpu")
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     out = Path(config.out)
     bounds = facts["bounds"]

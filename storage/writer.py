@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from arcflow.storage.format import (
     DATASET_JSON,
     DTYPE_ATTR,
     FORMAT_VERSION,
+    GENERATION_KEY,
     INDEX_DIR,
     SHARDS_DIR,
     DatasetSpec,
@@ -40,45 +41,76 @@ from arcflow.storage.reader import index_schema, list_shards, read_spec, readabl
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
+def check_dataset_target(
+    url: str,
+    resume: bool = False,
+    spec: DatasetSpec | None = None,
+    generation: Mapping[str, Any] | None = None,
+    storage_options: dict | None = None,
+) -> DatasetSpec | None:
+    """The one rule for whether a job may write a dataset at ``url``; returns the existing dataset's
+    spec (a resume) or None (nothing there yet). Reads only: nothing on disk is touched.
+
+    - No dataset there (missing or empty directory): allowed.
+    - A dataset with the same settings: allowed only with ``resume=True``.
+    - A dataset with different settings, an unreadable one, a file, or a non-empty directory that is
+      not a dataset: ``ArcflowError`` (one line).
+
+    Settings are compared with ``spec`` (the whole header) and/or ``generation`` (the job settings
+    the generator recorded as ``extra["generation"]``): the latter lets a job be checked before its
+    teacher is loaded, i.e. before its full spec is known.
+    """
+    loc = _io.Location(url, storage_options)
+    if not loc.exists(DATASET_JSON):
+        if loc.fs.exists(loc.root):
+            if loc.fs.isfile(loc.root):
+                raise ArcflowError(f"dataset path {url} is a file, not a directory")
+            if loc.listdir_names():
+                raise ArcflowError(
+                    f"{url} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it"
+                )
+        return None
+    existing = read_spec(loc)
+    diffs = existing.diff(spec) if spec is not None else []
+    recorded = existing.extra.get(GENERATION_KEY)
+    if generation is not None and isinstance(recorded, dict):
+        diffs += [
+            f"{k}: {recorded.get(k)!r} != {generation.get(k)!r}"
+            for k in sorted(recorded.keys() | generation.keys())
+            if recorded.get(k) != generation.get(k)
+        ]
+    if diffs:
+        raise ArcflowError(
+            f"dataset {url} already exists with different settings ({'; '.join(diffs)} [existing != requested]); "
+            "use a new path, or the same settings to resume"
+        )
+    if not resume:
+        done = len(list_shards(loc)[0])
+        raise ArcflowError(
+            f"dataset {url} already exists ({done} of {existing.num_shards} shards committed); "
+            "resume it (--resume) or choose a new path"
+        )
+    return existing
+
+
 def create_or_open_dataset(
     url: str, spec: DatasetSpec, resume: bool = False, storage_options: dict | None = None
 ) -> "DatasetWriter":
     """Create a new dataset at ``url`` (a path, ``file://``, ``memory://``, ``s3://bucket/prefix`` ...)
-    or reopen an existing one to resume it.
+    or reopen an existing one to resume it, under the rules of :func:`check_dataset_target`.
 
-    - No dataset there (missing or empty directory): write ``dataset.json`` and return a writer.
-    - A dataset with the same spec: allowed only with ``resume=True`` (committed shards are kept;
-      ``DatasetWriter.pending_shards()`` lists what is left).
-    - A dataset with a different spec, an unreadable one, or a non-empty directory that is not a
-      dataset: ``ArcflowError`` (one line), and nothing on disk is touched.
-
-    ``storage_options`` go to fsspec (e.g. ``{"anon": False, "endpoint_url": ...}`` for s3fs).
+    A resumed dataset keeps its committed shards (``DatasetWriter.pending_shards()`` lists what is
+    left). ``storage_options`` go to fsspec (e.g. ``{"anon": False, "endpoint_url": ...}`` for s3fs).
     """
+    existing = check_dataset_target(url, resume, spec=spec, storage_options=storage_options)
     loc = _io.Location(url, storage_options)
-    if loc.exists(DATASET_JSON):
-        existing = read_spec(loc)
-        diffs = existing.diff(spec)
-        if diffs:
-            raise ArcflowError(
-                f"dataset {url} already exists with different settings ({'; '.join(diffs)} [existing != requested]); "
-                "use a new path, or the same settings to resume"
-            )
-        if not resume:
-            done = len(list_shards(loc)[0])
-            raise ArcflowError(
-                f"dataset {url} already exists ({done} of {existing.num_shards} shards committed); "
-                "resume it or choose a new path"
-            )
+    if existing is not None:
         return DatasetWriter(loc, existing)
-    if loc.fs.exists(loc.root):
-        if loc.fs.isfile(loc.root):
-            raise ArcflowError(f"dataset path {url} is a file, not a directory")
-        if loc.listdir_names():
-            raise ArcflowError(f"{url} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it")
+    root_existed = bool(loc.fs.exists(loc.root))
     loc.write_atomic(spec.to_json().encode(), DATASET_JSON)
     loc.makedirs(SHARDS_DIR)
     loc.makedirs(INDEX_DIR)
-    return DatasetWriter(loc, spec)
+    return DatasetWriter(loc, spec, created=True, root_existed=root_existed)
 
 
 class DatasetWriter:
@@ -88,9 +120,12 @@ class DatasetWriter:
     write the same shard at the same time.
     """
 
-    def __init__(self, loc: _io.Location, spec: DatasetSpec):
+    def __init__(self, loc: _io.Location, spec: DatasetSpec, created: bool = False, root_existed: bool = True):
         self.loc = loc
         self.spec = spec
+        #: Whether this writer wrote ``dataset.json`` (a new dataset), and whether the root was there.
+        self.created = created
+        self._root_existed = root_existed
 
     @property
     def url(self) -> str:
@@ -101,12 +136,14 @@ class DatasetWriter:
         truncated, garbage) does not count: resuming rewrites that shard, which replaces the part."""
         return set(readable_parts(self.loc, list_shards(self.loc)[0], self.spec.steps))
 
-    def discard(self, root_existed: bool) -> None:
-        """Remove a dataset this job created and never committed a shard to: its files, and the root
-        too unless it existed (empty) before. Never call it on a dataset that holds committed data."""
+    def discard(self) -> None:
+        """Remove the dataset this writer created, if no shard was committed to it: its files, and the
+        root too unless it existed (empty) before. Refused for data this writer did not create."""
+        if not self.created:
+            raise ArcflowError(f"refusing to discard {self.url}: this writer did not create it")
         if self.committed_shards():
             raise ArcflowError(f"refusing to discard {self.url}: it holds committed shards")
-        if not root_existed:
+        if not self._root_existed:
             self.loc.rm_tree()
             return
         for name in (INDEX_DIR, SHARDS_DIR):
