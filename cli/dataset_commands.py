@@ -28,7 +28,7 @@ def generate_trajectories_command(
     shard_size: int = typer.Option(256, "--shard-size", help="Trajectories per shard (the unit of work and of commit)."),
     seed: int = typer.Option(0, "--seed", help="Job seed; per-sample noise seeds derive from (seed, sample index)."),
     workers: int = typer.Option(1, "--workers", help="Ray actors, each holding one teacher (one GPU each on a cluster)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads per worker (default: the worker's CPUs)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads per worker (default: the worker's CPUs but one, left to shard writes)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
     dtype: str = typer.Option("float16", "--dtype", help=f"Storage dtype: {'|'.join(STORAGE_DTYPES)}."),
     batch_size: int = typer.Option(256, "--batch-size", help="Trajectories per teacher forward batch."),

@@ -71,7 +71,7 @@ class GenerationConfig:
     compress: bool = True
     workers: int = 1
     cpus_per_worker: Optional[float] = None
-    #: torch intra-op threads per worker (None: the worker's CPUs).
+    #: torch intra-op threads per worker (None: the worker's CPUs but one, see ``default_threads``).
     threads: Optional[int] = None
     gpus_per_worker: Optional[float] = None
     ray_address: Optional[str] = None
@@ -213,7 +213,11 @@ class ShardWorker:
         from .registry import load_teacher
 
         watch_driver(driver)  # a killed driver's actors stop instead of finishing shards unseen
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
+        # The writer's libraries now, while the worker starts: importing them during the first
+        # shard's write would take the GIL from the teacher for seconds.
+        import pyarrow.parquet  # noqa: F401
+        import zarr.api.asynchronous  # noqa: F401
         options = dict(teacher_options)
         device = options.pop("device", None) or _pick_device(gpus)  # --device overrides the default
         self._compute = threading.Lock()
@@ -310,13 +314,23 @@ def _default_cpus_per_worker(workers: int) -> float:
     return float(max(1, min(total // workers, largest)))
 
 
+def default_threads(cpus: float) -> int:
+    """torch threads for a worker with ``cpus`` CPUs: all but one, which stays free for the shard
+    being written while the next one computes (and for Ray's own processes)."""
+    return max(1, int(cpus) - 1)
+
+
 def _make_actor_class(resources: dict[str, float]):
+    """The worker actor. OpenMP threads sleep instead of spinning when they wait: the worker's own
+    write thread and Ray's processes share its cores, and spinning torch threads that lose their
+    core to them stall every parallel region (10x slower on a busy 2-core machine)."""
     import ray
 
     return ray.remote(
         max_concurrency=IN_FLIGHT_PER_WORKER,
         max_restarts=WORKER_RESTARTS,
         max_task_retries=SHARD_RETRIES,
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
         **resources,
     )(ShardWorker)
 
@@ -351,7 +365,7 @@ def generate_trajectories(
         if cpus is None:
             cpus = 1.0 if gpus else _default_cpus_per_worker(config.workers)
         actor_cls = _make_actor_class({"num_cpus": cpus, "num_gpus": gpus})
-        threads = config.threads or max(1, int(cpus))
+        threads = config.threads or default_threads(cpus)
         driver = driver_identity()
         actors = [actor_cls.remote(config.teacher, config.teacher_options, threads, gpus, driver)
                   for _ in range(config.workers)]

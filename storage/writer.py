@@ -204,11 +204,13 @@ class DatasetWriter:
         if len(prompts) != n:
             raise ArcflowError(f"shard {shard_id}: got {len(prompts)} prompts for {n} samples")
         g = np.broadcast_to(_io.to_numpy(guidance, "guidance").astype(np.float32), (n,)).copy()
-        for name, arr in (("x", x), ("u", u)):
-            if not np.isfinite(arr).all():
+        # min and max propagate NaN and reach any infinity: no temporary arrays of the shard's size
+        bounds = {name: (float(a.min()), float(a.max())) for name, a in (("x", x), ("u", u))}
+        for name, (lo, hi) in bounds.items():
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ArcflowError(f"shard {shard_id}: {name} holds NaN or infinite values (the teacher diverged?)")
         if spec.storage_dtype == "float16":
-            peak = max(float(np.abs(x).max()), float(np.abs(u).max()))
+            peak = max(max(-lo, hi) for lo, hi in bounds.values())
             if peak > _F16_MAX:
                 raise ArcflowError(
                     f"shard {shard_id}: values up to {peak:.3g} overflow float16; use storage dtype bfloat16 or float32"
@@ -239,44 +241,53 @@ class DatasetWriter:
         return n
 
     def _write_zarr(self, shard_id, x, u, sigmas, cond_np, ids, seeds, guidance) -> None:
-        import zarr
+        """The shard's group, all arrays created and written in ONE trip to zarr's event loop: each
+        synchronous zarr call is a thread hand-off, and in a generation worker every one of them
+        takes the GIL from the teacher computing the next shard."""
+        import asyncio
+
+        import zarr.api.asynchronous as zarr_async
+        from zarr.core.sync import sync
 
         spec = self.spec
         n = x.shape[0]
         cs = min(spec.samples_per_chunk, n)  # a short last shard gets no padded edge chunk
         comp = _io.zarr_compressors(spec.compression, spec.compression_level)
         store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=False)
-        group = zarr.open_group(store, mode="w", zarr_format=3)
-        group.attrs.update(
-            {"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": spec.storage_dtype}
-        )
-
-        def put(name: str, data: np.ndarray, chunks, arcflow_dtype: str | None = None, compress=True):
-            attrs = {DTYPE_ATTR: arcflow_dtype} if arcflow_dtype else {}
-            arr = group.create_array(
-                name,
-                shape=data.shape,
-                dtype=data.dtype,
-                chunks=chunks,
-                compressors=comp if compress else None,
-                fill_value=0,
-                attributes=attrs,
-            )
-            arr[...] = data
-
         sd = spec.storage_dtype
-        for name, a in (("x", x), ("u", u)):
-            put(name, _io.encode_float(a, sd), (cs, *a.shape[1:]), sd)
-        put("sigmas", np.asarray(sigmas, dtype=np.float64), sigmas.shape, compress=False)
+        arrays = {name: (_io.encode_float(a, sd), (cs, *a.shape[1:]), sd, True) for name, a in (("x", x), ("u", u))}
+        arrays["sigmas"] = (np.asarray(sigmas, dtype=np.float64), sigmas.shape, None, False)
         for name, a in cond_np.items():
             f = spec.cond_spec[name]
             if f.is_floating:
-                put(name, _io.encode_float(a.astype(np.float32, copy=False), sd), (cs, *a.shape[1:]), sd)
+                arrays[name] = (_io.encode_float(a.astype(np.float32, copy=False), sd), (cs, *a.shape[1:]), sd, True)
             else:
-                put(name, np.ascontiguousarray(a, dtype=f.dtype), (cs, *a.shape[1:]))
-        put("sample_id", ids, (n,))
-        put("seed", seeds, (n,))
-        put("guidance", guidance, (n,))
+                arrays[name] = (np.ascontiguousarray(a, dtype=f.dtype), (cs, *a.shape[1:]), None, True)
+        arrays["sample_id"] = (ids, (n,), None, True)
+        arrays["seed"] = (seeds, (n,), None, True)
+        arrays["guidance"] = (guidance, (n,), None, True)
+
+        async def write() -> None:
+            group = await zarr_async.open_group(
+                store=store, mode="w", zarr_format=3,
+                attributes={"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": sd},
+            )
+
+            async def put(name: str, data: np.ndarray, chunks, arcflow_dtype: str | None, compress: bool) -> None:
+                arr = await group.create_array(
+                    name,
+                    shape=data.shape,
+                    dtype=data.dtype,
+                    chunks=chunks,
+                    compressors=comp if compress else None,
+                    fill_value=0,
+                    attributes={DTYPE_ATTR: arcflow_dtype} if arcflow_dtype else {},
+                )
+                await arr.setitem(Ellipsis, data)
+
+            await asyncio.gather(*(put(name, *args) for name, args in arrays.items()))
+
+        sync(write())
 
 
 def build_index_table(shard_id, x, u, sigmas, ids, seeds, prompts, guidance):
@@ -285,21 +296,19 @@ def build_index_table(shard_id, x, u, sigmas, ids, seeds, prompts, guidance):
 
     n, S1 = x.shape[:2]
     S = S1 - 1
-    x_rms = np.empty((n, S), np.float64)
-    u_rms = np.empty((n, S), np.float64)
-    u_cos = np.full((n, S), np.nan, np.float64)
     d = math.prod(x.shape[2:])
-    for i in range(n):  # one sample at a time in float64: bounded memory for large latents
-        xi = x[i, :S].reshape(S, d).astype(np.float64)
-        ui = u[i].reshape(S, d).astype(np.float64)
-        xsq = np.einsum("ij,ij->i", xi, xi)
-        usq = np.einsum("ij,ij->i", ui, ui)
-        x_rms[i] = np.sqrt(xsq / d)
-        u_rms[i] = np.sqrt(usq / d)
-        if S > 1:
-            dots = np.einsum("ij,ij->i", ui[1:], ui[:-1])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                u_cos[i, 1:] = dots / np.sqrt(usq[1:] * usq[:-1])
+    xs = x[:, :S].reshape(n, S, d)
+    us = u.reshape(n, S, d)
+    # float64 accumulation without float64 copies of the shard (einsum casts in buffered blocks)
+    xsq = np.einsum("nsd,nsd->ns", xs, xs, dtype=np.float64)
+    usq = np.einsum("nsd,nsd->ns", us, us, dtype=np.float64)
+    x_rms = np.sqrt(xsq / d)
+    u_rms = np.sqrt(usq / d)
+    u_cos = np.full((n, S), np.nan, np.float64)
+    if S > 1:
+        dots = np.einsum("nsd,nsd->ns", us[:, 1:], us[:, :-1], dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u_cos[:, 1:] = dots / np.sqrt(usq[:, 1:] * usq[:, :-1])
     steps = np.tile(np.arange(S, dtype=np.int32), n)
     rows = np.repeat(np.arange(n, dtype=np.int32), S)
     cols = {
