@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/builder_scaling.py [--workers 1 2 4 --latency 0.2 --samples 192 --shard-size 16]
 
-The ``gpu-latency-sim`` teacher is not a model: every network call sleeps ``--latency`` seconds, as
+The ``gpu-latency-sim`` teacher (benchmarks/latency_sim.py) is not a model: every network call sleeps ``--latency`` seconds, as
 a GPU call keeps its worker busy without using the CPU. It lets the builder's scaling (shards as
 units of work, one teacher per actor, writes overlapped with compute) be measured on a 2-core
 machine: workers ask for ``--cpus-per-worker`` (0.5 by default, so 4 fit on 2 cores), and the
@@ -43,6 +43,8 @@ def main() -> None:
 
     import ray
 
+    from latency_sim import LatencySimTeacher
+
     from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
 
     t0 = time.perf_counter()
@@ -53,7 +55,7 @@ def main() -> None:
     try:
         for workers in args.workers:
             config = GenerationConfig(
-                out=str(scratch / f"w{workers}"), teacher="gpu-latency-sim", num_samples=args.samples,
+                out=str(scratch / f"w{workers}"), teacher=LatencySimTeacher, num_samples=args.samples,
                 steps=args.steps, shard_size=args.shard_size, batch_size=args.shard_size, dtype="float16",
                 workers=workers, cpus_per_worker=args.cpus_per_worker, teacher_options={"latency_s": args.latency},
             )

@@ -4,7 +4,7 @@ distill-step time and memory, 2-NFE student vs 50-step teacher. One command:
     python benchmarks/gpu_scale.py --out benchmarks/results/gpu_scale.json
 
 The transformers are the real diffusers classes with the published configurations and RANDOM bf16
-weights (pipeline/random_teachers.py: built on the meta device, allocated on the GPU with
+weights (benchmarks/random_teachers.py: built on the meta device, allocated on the GPU with
 ``to_empty`` and filled in place; nothing is downloaded or written), with random stored embeddings
 of the real shapes (FLUX: T5 512x4096 + pooled 768; Qwen-Image: 512x3584 + mask). Per family:
 
@@ -54,6 +54,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from random_teachers import RandomTeacherFactory, load_random_teacher, random_transformer  # noqa: E402
 from tables import gpu_scale as render_markdown  # noqa: E402
 
 log = logging.getLogger("gpu_scale")
@@ -150,7 +151,7 @@ def builder(teacher_id: str, options: dict[str, Any], samples: int, steps: int, 
 
     commits: list[tuple[float, dict[str, Any]]] = []
     config = GenerationConfig(
-        out=str(scratch / "ds"), teacher=teacher_id, num_samples=samples, steps=steps, shard_size=shard_size,
+        out=str(scratch / "ds"), teacher=RandomTeacherFactory(teacher_id), num_samples=samples, steps=steps, shard_size=shard_size,
         batch_size=micro_batch, dtype="float16", workers=1, gpus_per_worker=1.0 if use_gpu else None,
         teacher_options=options,
     )
@@ -247,7 +248,6 @@ def distill_steps(teacher: Any, steps: int, batches: list[int], device: torch.de
 def measure_family(family: str, args: argparse.Namespace, settings: dict, device: torch.device,
                    report: Report) -> None:
     from arcflow.pipeline.plan import plan_shards
-    from arcflow.pipeline.random_teachers import load_random_teacher, random_transformer
     from arcflow.pipeline.recording import sample_teacher
 
     teacher_id, name = FAMILIES[family]

@@ -49,9 +49,9 @@ def builder(throughput: dict, scaling: dict) -> str:
     lines = [
         f"Trajectory builder, teacher {throughput['teacher']} (`benchmarks/builder_throughput.py`, "
         f"{throughput['samples']} samples x {throughput['steps']} steps, micro-batch {throughput['micro_batch']}, "
-        f"{throughput['threads']} torch thread(s)): builder {b['samples_per_second']:.2f} "
-        f"samples/s vs bare recording sampler {throughput['bare']['samples_per_second']:.2f} samples/s in the same "
-        f"run: ratio {throughput['ratio_steady_builder_over_bare']:.2f} (Ray start-up {b['ray_start_seconds']:.1f} s "
+        f"builder {b['threads']} torch thread(s)): builder {b['samples_per_second']:.2f} samples/s vs the bare "
+        f"recording sampler at its fastest thread count ({throughput['bare']['threads']}) "
+        f"{throughput['bare']['samples_per_second']:.2f} samples/s in the same run: ratio {throughput['ratio_steady_builder_over_bare']:.2f} (Ray start-up {b['ray_start_seconds']:.1f} s "
         f"and worker start-up {b['worker_start_seconds']:.1f} s excluded).",
         "",
         f"Scaling with the GPU-latency simulator (`benchmarks/builder_scaling.py`; a stand-in teacher that "

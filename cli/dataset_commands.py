@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @app.command("generate-trajectories")
 def generate_trajectories_command(
     out: str = typer.Option(..., "--out", help="Dataset directory or fsspec URL (file://, s3://, memory://)."),
-    teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded), 'gpu-latency-sim', a diffusers hub id (black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) or a local pipeline directory."),
+    teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded), a diffusers hub id (black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) or a local pipeline directory."),
     num_samples: int = typer.Option(..., "--num-samples", "-n", help="Number of trajectories N."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (cycled over N). Default: the teacher's own prompts."),
     steps: int = typer.Option(50, "--steps", help="Teacher Euler steps per trajectory."),
@@ -28,6 +28,7 @@ def generate_trajectories_command(
     shard_size: int = typer.Option(256, "--shard-size", help="Trajectories per shard (the unit of work and of commit)."),
     seed: int = typer.Option(0, "--seed", help="Job seed; per-sample noise seeds derive from (seed, sample index)."),
     workers: int = typer.Option(1, "--workers", help="Ray actors, each holding one teacher (one GPU each on a cluster)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads per worker (default: the worker's CPUs but one, left to shard writes)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
     dtype: str = typer.Option("float16", "--dtype", help=f"Storage dtype: {'|'.join(STORAGE_DTYPES)}."),
     batch_size: int = typer.Option(256, "--batch-size", help="Trajectories per teacher forward batch."),
@@ -54,6 +55,7 @@ def generate_trajectories_command(
         dtype=dtype,
         compress=not no_compress,
         workers=workers,
+        threads=threads,
         ray_address=ray_address,
         resume=resume,
         teacher_options=teacher_options,

@@ -46,6 +46,7 @@ def distill_command(
     loader_workers: int = typer.Option(0, "--loader-workers", help="DataLoader worker processes per training worker."),
     num_workers: int = typer.Option(1, "--num-workers", help="Ray Train workers (DDP, or FSDP with --fsdp)."),
     use_gpu: bool = typer.Option(False, "--use-gpu", help="One GPU per Ray Train worker."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads per training worker (default: its CPUs)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
     max_failures: int = typer.Option(
         0, "--max-failures", help="Restart the Ray Train workers up to N times after a failure, from the latest checkpoint."
@@ -62,7 +63,7 @@ def distill_command(
         lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
         checkpoint_every=checkpoint_every, seed=seed, loader_workers=loader_workers, num_workers=num_workers,
-        use_gpu=use_gpu, ray_address=ray_address, max_failures=max_failures, resume=resume, progress=progress,
+        use_gpu=use_gpu, ray_address=ray_address, threads=threads, max_failures=max_failures, resume=resume, progress=progress,
     )
     run = distill(config)
     typer.echo(f"student written to {run}")

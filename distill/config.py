@@ -13,7 +13,7 @@ TRAINABLE_SETS = ("lora+heads", "heads", "full")
 #: run or dataset resumes: the data itself is compared by its fingerprint instead of its path.
 RESUMABLE_CHANGES = (
     "out", "dataset", "iters", "resume", "num_workers", "use_gpu", "ray_address", "checkpoint_every", "log_every",
-    "progress", "gradient_checkpointing", "fsdp", "max_failures",
+    "progress", "gradient_checkpointing", "fsdp", "max_failures", "threads",
 )
 
 
@@ -57,6 +57,8 @@ class DistillConfig:
     loader_workers: int = 0
     num_workers: int = 1
     use_gpu: bool = False
+    #: torch intra-op threads per training worker (None: torch's default for the worker's CPUs).
+    threads: Optional[int] = None
     ray_address: Optional[str] = None
     #: Ray Train restarts the workers this many times after a failure, from the latest checkpoint.
     max_failures: int = 0
@@ -73,6 +75,8 @@ class DistillConfig:
             at_most={"k": 1024, "nfe": 1000, "iters": 10**9, "batch_size": 10**6, "num_workers": 10_000,
                      "loader_workers": 256, "shuffle_buffer": 10**6, "max_failures": 10**6, "lora_rank": 65_536, "weight_groups": 65_536},
         )
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise ArcflowError(f"--threads must be from 1 to 1024, got {self.threads}")
         if not self.use_gpu:
             check_local_workers("--num-workers", self.num_workers, self.ray_address)
         if self.trainable not in TRAINABLE_SETS:

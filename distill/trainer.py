@@ -224,6 +224,8 @@ def setup(
 
     from .student import build_student
 
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     teacher = load_teacher(facts["teacher"], device=str(device), **facts.get("teacher_options", {}))
     # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.

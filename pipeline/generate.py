@@ -5,8 +5,9 @@ Design (DESIGN.md section 7):
 * every actor runs two shard tasks at a time (a threaded actor): the teacher is guarded by a lock,
   so while one task writes its shard to storage the other already computes the next one, and the
   teacher never waits on I/O;
-* a dead actor is restarted by Ray and its tasks retried (``max_restarts`` / ``max_task_retries``);
-  the driver also re-queues a shard whose retries ran out on a fresh actor;
+* a dead actor is restarted by Ray and its in-flight shards retried on it (``max_restarts`` /
+  ``max_task_retries``); a shard or worker beyond those limits stops the job, and ``--resume``
+  continues it;
 * shard contents are pure functions of the plan (pipeline/plan.py), so retries are identical.
 """
 
@@ -19,38 +20,46 @@ import math
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from arcflow.storage.errors import ArcflowError, check_local_workers, check_numbers
-from arcflow.storage.format import STORAGE_DTYPES, DatasetSpec
+from arcflow.storage.format import GENERATION_KEY, STORAGE_DTYPES, DatasetSpec
 
 from .driver_watch import driver_identity, restore_ctrl_c
 from .plan import ShardPlan, num_shards, plan_shard, shard_length
+from .registry import TeacherSource, teacher_name
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_WORKER = 2
-DRIVER_REQUEUES = 3
+#: Ray's fault tolerance: restarts of one worker, and retries of one shard, within a job.
+WORKER_RESTARTS = 3
+SHARD_RETRIES = 3
 #: Sanity limits: far beyond any real job, low enough that planning and validation stay instant.
 MAX_SAMPLES = 10**9
 MAX_SHARDS = 10**6
 MAX_STEPS = 10_000
 MAX_WORKERS = 100_000
 MAX_SHARD_SIZE = 1_000_000
+MAX_THREADS = 1024
 #: The float32 trajectories of one shard (and of one micro-batch) a worker holds while recording.
 MAX_SHARD_BYTES = 64 * 2**30
 
 
 @dataclass
 class GenerationConfig:
-    """Everything `arcflow generate-trajectories` needs; written into the dataset for reproduction."""
+    """Everything `arcflow generate-trajectories` needs; written into the dataset for reproduction.
+
+    ``teacher`` is a registry id (what the CLI passes) or, from Python, a ``TeacherFactory`` that
+    the Ray workers call (benchmarks and tests use it for stand-in teachers).
+    """
 
     out: str
-    teacher: str = "digits"
+    teacher: TeacherSource = "digits"
     num_samples: int = 1000
     prompts_file: Optional[str] = None
     steps: int = 50
@@ -62,13 +71,15 @@ class GenerationConfig:
     compress: bool = True
     workers: int = 1
     cpus_per_worker: Optional[float] = None
+    #: torch intra-op threads per worker (None: the worker's CPUs but one, see ``default_threads``).
+    threads: Optional[int] = None
     gpus_per_worker: Optional[float] = None
     ray_address: Optional[str] = None
     resume: bool = False
     teacher_options: dict[str, Any] = field(default_factory=dict)
 
     #: Fields that do not change a dataset's contents (may differ on --resume).
-    RUNTIME_FIELDS = ("out", "workers", "cpus_per_worker", "gpus_per_worker", "ray_address", "resume")
+    RUNTIME_FIELDS = ("out", "workers", "cpus_per_worker", "gpus_per_worker", "threads", "ray_address", "resume")
 
     def validate(self) -> None:
         """Raise ``ArcflowError`` with one line for a value no run could use (before anything starts)."""
@@ -78,6 +89,8 @@ class GenerationConfig:
             at_most={"num_samples": MAX_SAMPLES, "steps": MAX_STEPS, "workers": MAX_WORKERS,
                      "shard_size": MAX_SHARD_SIZE, "batch_size": MAX_SHARD_SIZE},
         )
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ArcflowError(f"--threads must be from 1 to {MAX_THREADS}, got {self.threads}")
         shards = -(-self.num_samples // self.shard_size)
         if shards > MAX_SHARDS:
             raise ArcflowError(
@@ -95,9 +108,12 @@ class GenerationConfig:
             raise ArcflowError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
         if not self.out:
             raise ArcflowError("--out is required")
-        from .registry import check_teacher_id
+        if isinstance(self.teacher, str):
+            from .registry import check_teacher_id
 
-        check_teacher_id(self.teacher)
+            check_teacher_id(self.teacher)
+        elif not callable(self.teacher) or not isinstance(getattr(self.teacher, "teacher_id", None), str):
+            raise ArcflowError(f"teacher must be a teacher id or a TeacherFactory, got {self.teacher!r}")
 
     def check_memory(self, latent_shape: Sequence[int]) -> None:
         """Refuse a shard or micro-batch that could never fit in a worker's memory, before any work."""
@@ -110,8 +126,12 @@ class GenerationConfig:
                 )
 
     def content_config(self) -> dict[str, Any]:
-        """The configuration that determines the dataset's bytes (compared on resume)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+        """The configuration that determines the dataset's bytes (compared on resume); JSON-ready,
+        with a factory recorded by its ``teacher_id``."""
+        config = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUNTIME_FIELDS}
+        config["teacher"] = teacher_name(self.teacher)
+        config["teacher_options"] = dict(self.teacher_options)
+        return config
 
 
 def read_prompts(path: Optional[str]) -> Optional[list[str]]:
@@ -129,54 +149,6 @@ def read_prompts(path: Optional[str]) -> Optional[list[str]]:
     if not prompts:
         raise ArcflowError(f"prompts file is empty: {path}")
     return prompts
-
-
-def check_existing_dataset(config: GenerationConfig) -> None:
-    """Refuse, before any cluster starts, an ``--out`` that this run may not write into.
-
-    The same rules as ``create_or_open_dataset`` (which still runs, with the full spec, once the
-    teacher is loaded), decided from what is already known: an existing dataset whose recorded
-    generation settings differ from ``config``, one with the same settings without ``--resume``,
-    and a non-empty directory that is not a dataset. Reads only; nothing on disk is touched.
-    """
-    from arcflow.storage import _io
-    from arcflow.storage.format import DATASET_JSON
-    from arcflow.storage.reader import list_shards, read_spec
-
-    try:
-        loc = _io.Location(config.out)
-        loc.check_writable()
-        has_spec = loc.exists(DATASET_JSON)
-    except ArcflowError:
-        raise
-    except Exception:  # an fsspec backend that is not installed or not reachable: leave it to the writer
-        return
-    if not has_spec:
-        if loc.fs.exists(loc.root) and loc.fs.isdir(loc.root) and loc.listdir_names():
-            raise ArcflowError(
-                f"{config.out} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it"
-            )
-        return
-    existing = read_spec(loc)
-    recorded = existing.extra.get("generation")
-    if isinstance(recorded, dict):
-        wanted = config.content_config()
-        diffs = [
-            f"{k}: {recorded.get(k)!r} != {wanted.get(k)!r}"
-            for k in sorted(recorded.keys() | wanted.keys())
-            if recorded.get(k) != wanted.get(k)
-        ]
-        if diffs:
-            raise ArcflowError(
-                f"dataset {config.out} already exists with different settings ({'; '.join(diffs)} "
-                "[existing != requested]); use a new path, or the same settings to resume"
-            )
-    if not config.resume:
-        done = len(list_shards(loc)[0])
-        raise ArcflowError(
-            f"dataset {config.out} already exists ({done} of {existing.num_shards} shards committed); "
-            "add --resume to continue it, or choose a new path"
-        )
 
 
 def _pick_device(gpus: float) -> str:
@@ -234,27 +206,31 @@ class ShardWorker:
     """A Ray actor body: holds one teacher and turns shard plans into committed shards."""
 
     def __init__(
-        self, teacher_id: str, teacher_options: dict[str, Any], threads: int, gpus: float,
+        self, teacher: TeacherSource, teacher_options: dict[str, Any], threads: int, gpus: float,
         driver: Optional[dict[str, Any]] = None,
     ) -> None:
         from .driver_watch import watch_driver
         from .registry import load_teacher
 
         watch_driver(driver)  # a killed driver's actors stop instead of finishing shards unseen
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads)
+        # The writer's libraries now, while the worker starts: importing them during the first
+        # shard's write would take the GIL from the teacher for seconds.
+        import pyarrow.parquet  # noqa: F401
+        import zarr.api.asynchronous  # noqa: F401
         options = dict(teacher_options)
         device = options.pop("device", None) or _pick_device(gpus)  # --device overrides the default
         self._compute = threading.Lock()
         self._load_error: Optional[ArcflowError] = None
         try:
-            self.teacher = load_teacher(teacher_id, device=device, **options)
+            self.teacher = load_teacher(teacher, device=device, **options)
         except ArcflowError as exc:
             # A user error while loading (missing weights, unknown hub id, bad option) raised here
             # would become an ActorDiedError (after restarts) that hides it behind a traceback.
             # Keep it and raise it from the first task: a RayTaskError whose cause _unwrap returns.
             self._load_error = exc
         except TypeError as exc:  # an option the teacher's constructor does not take
-            self._load_error = ArcflowError(f"teacher {teacher_id!r}: {exc}")
+            self._load_error = ArcflowError(f"teacher {teacher_name(teacher)!r}: {exc}")
 
     def _teacher(self):
         if self._load_error is not None:
@@ -338,13 +314,23 @@ def _default_cpus_per_worker(workers: int) -> float:
     return float(max(1, min(total // workers, largest)))
 
 
+def default_threads(cpus: float) -> int:
+    """torch threads for a worker with ``cpus`` CPUs: all but one, which stays free for the shard
+    being written while the next one computes (and for Ray's own processes)."""
+    return max(1, int(cpus) - 1)
+
+
 def _make_actor_class(resources: dict[str, float]):
+    """The worker actor. OpenMP threads sleep instead of spinning when they wait: the worker's own
+    write thread and Ray's processes share its cores, and spinning torch threads that lose their
+    core to them stall every parallel region (10x slower on a busy 2-core machine)."""
     import ray
 
     return ray.remote(
         max_concurrency=IN_FLIGHT_PER_WORKER,
-        max_restarts=3,
-        max_task_retries=3,
+        max_restarts=WORKER_RESTARTS,
+        max_task_retries=SHARD_RETRIES,
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
         **resources,
     )(ShardWorker)
 
@@ -363,13 +349,13 @@ def generate_trajectories(
     """Run (or resume) a generation job; returns a summary. See the module docstring."""
     import ray
 
-    from arcflow.storage.writer import create_or_open_dataset
+    from arcflow.storage.writer import check_dataset_target, create_or_open_dataset
 
     config.validate()
     prompts = read_prompts(config.prompts_file)
-    check_existing_dataset(config)
+    # before any cluster starts; the writer applies the same rule again with the full spec
+    check_dataset_target(config.out, config.resume, generation=config.content_config())
     # claimed: the writer of a dataset this very job creates (removed again if no shard commits)
-    root_existed, had_dataset = _existing(config.out)
     claimed, actors = None, []
     started_ray = _init_ray(config)
     try:
@@ -379,9 +365,10 @@ def generate_trajectories(
         if cpus is None:
             cpus = 1.0 if gpus else _default_cpus_per_worker(config.workers)
         actor_cls = _make_actor_class({"num_cpus": cpus, "num_gpus": gpus})
+        threads = config.threads or default_threads(cpus)
         driver = driver_identity()
-        spawn = lambda: actor_cls.remote(config.teacher, config.teacher_options, int(cpus), gpus, driver)  # noqa: E731
-        actors = [spawn() for _ in range(config.workers)]
+        actors = [actor_cls.remote(config.teacher, config.teacher_options, threads, gpus, driver)
+                  for _ in range(config.workers)]
         try:
             info = ray.get(actors[0].describe.remote(prompts, config.steps))
             # Every worker up (process started, teacher loaded) before the clock starts: the
@@ -393,7 +380,7 @@ def generate_trajectories(
         config.check_memory(info["latent_shape"])
         spec = dataset_spec(config, info, guidance)
         writer = create_or_open_dataset(config.out, spec, resume=config.resume)
-        if not had_dataset:
+        if writer.created:
             claimed = writer
         committed = writer.committed_shards()
         total = num_shards(config.num_samples, config.shard_size)
@@ -404,29 +391,17 @@ def generate_trajectories(
         def make_plan(shard_id: int) -> ShardPlan:
             return plan_shard(shard_id, config.num_samples, config.shard_size, info["prompts"], config.seed)
 
-        return _run_pool(config, spec, actors, spawn, todo, total, make_plan, progress, on_shard_committed)
+        return _run_pool(config, spec, actors, todo, total, make_plan, progress, on_shard_committed)
     except BaseException:
         if claimed is not None:
             with contextlib.suppress(Exception):  # never hide the error that got us here
                 for actor in actors:  # a shard still in flight must not write after the discard
                     ray.kill(actor, no_restart=True)
-                claimed.discard(root_existed)  # no-op once a shard is committed; frees --out otherwise
+                claimed.discard()  # refused once a shard is committed; frees --out otherwise
         raise
     finally:
         if started_ray:
             ray.shutdown()
-
-
-def _existing(url: str) -> tuple[bool, bool]:
-    """Whether ``url`` exists, and whether it holds a dataset already."""
-    from arcflow.storage import _io
-    from arcflow.storage.format import DATASET_JSON
-
-    try:
-        loc = _io.Location(url)
-        return bool(loc.fs.exists(loc.root)), bool(loc.exists(DATASET_JSON))
-    except Exception:  # an unreachable store: the writer reports it, and nothing is ever discarded
-        return True, True
 
 
 def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float) -> DatasetSpec:
@@ -450,23 +425,28 @@ def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float
             "prompts_sha256": hashlib.sha256(prompts_blob).hexdigest(),
             "num_prompts": len(info["prompts"]),
             "true_cfg": info["true_cfg"],
-            "generation": config.content_config(),
+            GENERATION_KEY: config.content_config(),
         },
     )
 
 
-def _run_pool(config, spec, actors, spawn, todo, total, make_plan, progress, on_shard_committed):
+def _run_pool(config, spec, actors, todo, total, make_plan, progress, on_shard_committed) -> GenerationSummary:
+    """Keep ``IN_FLIGHT_PER_WORKER`` shards on every worker until all are committed. A worker that
+    dies is Ray's to restart, and its shards Ray's to retry (``_make_actor_class``)."""
     import ray
     from tqdm.auto import tqdm
 
     queue = list(todo)
-    in_flight: dict[Any, tuple[ShardPlan, int, Any]] = {}
-    load = [0] * len(actors)
-    requeues: dict[int, int] = {}
+    in_flight: dict[Any, Any] = {}  # task -> the worker it runs on
     nodes: dict[str, int] = {}
     compute_s = write_s = 0.0
     written = 0
     generated = sum(shard_length(i, config.num_samples, config.shard_size) for i in todo)
+
+    def submit(actor: Any) -> None:
+        plan = make_plan(queue.pop(0))
+        in_flight[actor.run_shard.remote(spec, config.out, plan, config.batch_size)] = actor
+
     t0 = time.perf_counter()
     bar = tqdm(
         total=config.num_samples,
@@ -477,31 +457,19 @@ def _run_pool(config, spec, actors, spawn, todo, total, make_plan, progress, on_
         dynamic_ncols=True,
     )
     try:
-        while queue or in_flight:
-            for i in range(len(actors)):
-                while queue and load[i] < IN_FLIGHT_PER_WORKER:
-                    plan = make_plan(queue.pop(0))
-                    ref = actors[i].run_shard.remote(spec, config.out, plan, config.batch_size)
-                    in_flight[ref] = (plan, i, actors[i])
-                    load[i] += 1
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            plan, i, actor = in_flight.pop(done[0])
-            load[i] -= 1
+        for _ in range(IN_FLIGHT_PER_WORKER):
+            for actor in actors:
+                if queue:
+                    submit(actor)
+        while in_flight:
+            (done,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(done)
             try:
-                result = ray.get(done[0])
-            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
-                requeues[plan.shard_id] = requeues.get(plan.shard_id, 0) + 1
-                if requeues[plan.shard_id] > DRIVER_REQUEUES:
-                    raise RuntimeError(f"shard {plan.shard_id} failed {DRIVER_REQUEUES} times: {exc}") from exc
-                if actors[i] is actor:  # the second in-flight task of a dead actor must not replace its successor
-                    log.warning("worker %d died with shard %d; replacing it and re-queueing", i, plan.shard_id)
-                    actors[i] = spawn()
-                else:
-                    log.warning("shard %d was lost with a replaced worker; re-queueing", plan.shard_id)
-                queue.insert(0, plan.shard_id)
-                continue
+                result = ray.get(done)
             except ray.exceptions.RayError as exc:
                 raise _unwrap(exc) from None
+            if queue:
+                submit(actor)
             written += 1
             compute_s += result["compute_s"]
             write_s += result["write_s"]

@@ -1,18 +1,41 @@
-"""Load a teacher by id: the embedded ``digits`` model, the latency simulator, the random-weight
-FLUX.1-dev / Qwen-Image stand-ins of the GPU scale benchmark, or a diffusers pipeline (FLUX /
-Qwen-Image) named by hub id (``owner/name``) or local directory."""
+"""Load a teacher by id: the embedded ``digits`` model or a diffusers pipeline (FLUX / Qwen-Image)
+named by hub id (``owner/name``) or local directory.
+
+Only these ids reach the product (the CLI's ``--teacher``): a string can never name code to import.
+Stand-in teachers (the GPU-latency simulator, random-weight FLUX / Qwen-Image) live with the
+benchmarks and reach ``load_teacher`` from Python only, as a :class:`TeacherFactory` object.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, Union
 
 from arcflow.storage.errors import ArcflowError
+from arcflow.storage.format import GENERATION_KEY
 
 from .teacher import Teacher
 
-#: Random-weight teachers at the real sizes (pipeline/random_teachers.py; benchmarks only).
-RANDOM_TEACHERS = ("random-flux-dev", "random-qwen-image")
-EMBEDDED_TEACHERS = ("digits", "gpu-latency-sim", *RANDOM_TEACHERS)
+EMBEDDED_TEACHERS = ("digits",)
+
+
+class TeacherFactory(Protocol):
+    """Builds a teacher the registry does not know (Python API only; pickled to Ray workers).
+
+    A ``Teacher`` subclass whose constructor takes ``device`` and its options qualifies as it is.
+    """
+
+    teacher_id: str
+
+    def __call__(self, *, device: str, **options: Any) -> Teacher: ...
+
+
+#: What ``load_teacher`` (and ``GenerationConfig.teacher``) accepts: a registry id or a factory.
+TeacherSource = Union[str, TeacherFactory]
+
+
+def teacher_name(teacher: TeacherSource) -> str:
+    """The id a teacher source records in datasets: the string itself or the factory's ``teacher_id``."""
+    return teacher if isinstance(teacher, str) else teacher.teacher_id
 
 
 def check_teacher_id(teacher_id: str) -> None:
@@ -55,31 +78,25 @@ def teacher_options_for_dataset(spec: Any, text_encoders: bool = False) -> dict[
     dataset's guidance (FLUX's embedded guidance is a network input the student must see too) and
     ``text_encoders`` (False: the student never encodes prompts). Embedded teachers need none.
     """
-    recorded = dict((spec.extra or {}).get("generation", {}).get("teacher_options", {}) or {})
-    if spec.teacher_id in RANDOM_TEACHERS:  # rebuilt from its options (size, seed, resolution)
-        return {k: v for k, v in recorded.items() if k != "device"}
     if not is_diffusers_teacher(spec.teacher_id):
         return {}
+    recorded = dict((spec.extra or {}).get(GENERATION_KEY, {}).get("teacher_options", {}) or {})
     options = {k: v for k, v in recorded.items() if k in DIFFUSERS_OPTIONS}
     options["guidance"] = float(spec.guidance)
     options["text_encoders"] = text_encoders
     return options
 
 
-def load_teacher(teacher_id: str, device: str = "cpu", **options: Any) -> Teacher:
-    """Instantiate the teacher named ``teacher_id`` (``options`` go to its constructor)."""
+def load_teacher(teacher: TeacherSource, device: str = "cpu", **options: Any) -> Teacher:
+    """Instantiate the teacher ``teacher`` names, or that a factory builds (``options`` go to its
+    constructor)."""
+    if not isinstance(teacher, str):
+        return teacher(device=device, **options)
+    teacher_id = teacher
     if teacher_id == "digits":
         from .digits import load_digits_teacher
 
         return load_digits_teacher(device=device, **options)
-    if teacher_id == "gpu-latency-sim":
-        from .latency_sim import LatencySimTeacher
-
-        return LatencySimTeacher(device=device, **options)
-    if teacher_id in RANDOM_TEACHERS:
-        from .random_teachers import load_random_teacher
-
-        return load_random_teacher(teacher_id, device=device, **options)
     check_teacher_id(teacher_id)
     from .diffusers_teachers import load_diffusers_teacher
 

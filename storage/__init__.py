@@ -4,6 +4,7 @@ Knows nothing about models: arrays in, arrays out. Public names are imported laz
 ``from arcflow.storage.errors import ArcflowError`` stays cheap (no zarr / pyarrow / torch import).
 
 - ``create_or_open_dataset(url, spec, resume=False) -> DatasetWriter``  (``arcflow.storage.writer``)
+- ``check_dataset_target(url, resume, spec=, generation=)``: may a job write there? (``.writer``)
 - ``open_dataset(url) -> TrajectoryReader``                              (``arcflow.storage.reader``)
 - ``TrajectoryStream``: torch IterableDataset over committed shards      (``arcflow.storage.streaming``)
 - ``DatasetSpec``, ``CondField``, ``FORMAT_VERSION``, ``STORAGE_DTYPES`` (``arcflow.storage.format``)
@@ -18,6 +19,7 @@ _EXPORTS = {
     "CondField": "arcflow.storage.format",
     "shard_name": "arcflow.storage.format",
     "create_or_open_dataset": "arcflow.storage.writer",
+    "check_dataset_target": "arcflow.storage.writer",
     "DatasetWriter": "arcflow.storage.writer",
     "open_dataset": "arcflow.storage.reader",
     "TrajectoryReader": "arcflow.storage.reader",

@@ -53,6 +53,9 @@ SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 #: Attribute marking a uint16 Zarr array that holds bfloat16 bits.
 DTYPE_ATTR = "arcflow_dtype"
+#: Key of ``DatasetSpec.extra`` where the generator records its job settings (compared before a
+#: resume, when the full spec is not known yet).
+GENERATION_KEY = "generation"
 #: Target size of one chunk of ``x`` when ``samples_per_chunk`` is left to auto (0).
 AUTO_CHUNK_BYTES = 1 << 20
 

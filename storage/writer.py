@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from arcflow.storage.format import (
     DATASET_JSON,
     DTYPE_ATTR,
     FORMAT_VERSION,
+    GENERATION_KEY,
     INDEX_DIR,
     SHARDS_DIR,
     DatasetSpec,
@@ -40,45 +41,77 @@ from arcflow.storage.reader import index_schema, list_shards, read_spec, readabl
 _F16_MAX = float(np.finfo(np.float16).max)
 
 
+def check_dataset_target(
+    url: str,
+    resume: bool = False,
+    spec: DatasetSpec | None = None,
+    generation: Mapping[str, Any] | None = None,
+    storage_options: dict | None = None,
+) -> DatasetSpec | None:
+    """The one rule for whether a job may write a dataset at ``url``; returns the existing dataset's
+    spec (a resume) or None (nothing there yet). Reads only: nothing on disk is touched.
+
+    - No dataset there (missing or empty directory): allowed.
+    - A dataset with the same settings: allowed only with ``resume=True``.
+    - A dataset with different settings, an unreadable one, a file, or a non-empty directory that is
+      not a dataset: ``ArcflowError`` (one line).
+
+    Settings are compared with ``spec`` (the whole header) and/or ``generation`` (the job settings
+    the generator recorded as ``extra["generation"]``): the latter lets a job be checked before its
+    teacher is loaded, i.e. before its full spec is known.
+    """
+    loc = _io.Location(url, storage_options)
+    loc.check_writable()
+    if not loc.exists(DATASET_JSON):
+        if loc.fs.exists(loc.root):
+            if loc.fs.isfile(loc.root):
+                raise ArcflowError(f"dataset path {url} is a file, not a directory")
+            if loc.listdir_names():
+                raise ArcflowError(
+                    f"{url} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it"
+                )
+        return None
+    existing = read_spec(loc)
+    diffs = existing.diff(spec) if spec is not None else []
+    recorded = existing.extra.get(GENERATION_KEY)
+    if generation is not None and isinstance(recorded, dict):
+        diffs += [
+            f"{k}: {recorded.get(k)!r} != {generation.get(k)!r}"
+            for k in sorted(recorded.keys() | generation.keys())
+            if recorded.get(k) != generation.get(k)
+        ]
+    if diffs:
+        raise ArcflowError(
+            f"dataset {url} already exists with different settings ({'; '.join(diffs)} [existing != requested]); "
+            "use a new path, or the same settings to resume"
+        )
+    if not resume:
+        done = len(list_shards(loc)[0])
+        raise ArcflowError(
+            f"dataset {url} already exists ({done} of {existing.num_shards} shards committed); "
+            "resume it (--resume) or choose a new path"
+        )
+    return existing
+
+
 def create_or_open_dataset(
     url: str, spec: DatasetSpec, resume: bool = False, storage_options: dict | None = None
 ) -> "DatasetWriter":
     """Create a new dataset at ``url`` (a path, ``file://``, ``memory://``, ``s3://bucket/prefix`` ...)
-    or reopen an existing one to resume it.
+    or reopen an existing one to resume it, under the rules of :func:`check_dataset_target`.
 
-    - No dataset there (missing or empty directory): write ``dataset.json`` and return a writer.
-    - A dataset with the same spec: allowed only with ``resume=True`` (committed shards are kept;
-      ``DatasetWriter.pending_shards()`` lists what is left).
-    - A dataset with a different spec, an unreadable one, or a non-empty directory that is not a
-      dataset: ``ArcflowError`` (one line), and nothing on disk is touched.
-
-    ``storage_options`` go to fsspec (e.g. ``{"anon": False, "endpoint_url": ...}`` for s3fs).
+    A resumed dataset keeps its committed shards (``DatasetWriter.pending_shards()`` lists what is
+    left). ``storage_options`` go to fsspec (e.g. ``{"anon": False, "endpoint_url": ...}`` for s3fs).
     """
+    existing = check_dataset_target(url, resume, spec=spec, storage_options=storage_options)
     loc = _io.Location(url, storage_options)
-    if loc.exists(DATASET_JSON):
-        existing = read_spec(loc)
-        diffs = existing.diff(spec)
-        if diffs:
-            raise ArcflowError(
-                f"dataset {url} already exists with different settings ({'; '.join(diffs)} [existing != requested]); "
-                "use a new path, or the same settings to resume"
-            )
-        if not resume:
-            done = len(list_shards(loc)[0])
-            raise ArcflowError(
-                f"dataset {url} already exists ({done} of {existing.num_shards} shards committed); "
-                "resume it or choose a new path"
-            )
+    if existing is not None:
         return DatasetWriter(loc, existing)
-    if loc.fs.exists(loc.root):
-        if loc.fs.isfile(loc.root):
-            raise ArcflowError(f"dataset path {url} is a file, not a directory")
-        if loc.listdir_names():
-            raise ArcflowError(f"{url} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it")
+    root_existed = bool(loc.fs.exists(loc.root))
     loc.write_atomic(spec.to_json().encode(), DATASET_JSON)
     loc.makedirs(SHARDS_DIR)
     loc.makedirs(INDEX_DIR)
-    return DatasetWriter(loc, spec)
+    return DatasetWriter(loc, spec, created=True, root_existed=root_existed)
 
 
 class DatasetWriter:
@@ -88,9 +121,12 @@ class DatasetWriter:
     write the same shard at the same time.
     """
 
-    def __init__(self, loc: _io.Location, spec: DatasetSpec):
+    def __init__(self, loc: _io.Location, spec: DatasetSpec, created: bool = False, root_existed: bool = True):
         self.loc = loc
         self.spec = spec
+        #: Whether this writer wrote ``dataset.json`` (a new dataset), and whether the root was there.
+        self.created = created
+        self._root_existed = root_existed
 
     @property
     def url(self) -> str:
@@ -101,12 +137,14 @@ class DatasetWriter:
         truncated, garbage) does not count: resuming rewrites that shard, which replaces the part."""
         return set(readable_parts(self.loc, list_shards(self.loc)[0], self.spec.steps))
 
-    def discard(self, root_existed: bool) -> None:
-        """Remove a dataset this job created and never committed a shard to: its files, and the root
-        too unless it existed (empty) before. Never call it on a dataset that holds committed data."""
+    def discard(self) -> None:
+        """Remove the dataset this writer created, if no shard was committed to it: its files, and the
+        root too unless it existed (empty) before. Refused for data this writer did not create."""
+        if not self.created:
+            raise ArcflowError(f"refusing to discard {self.url}: this writer did not create it")
         if self.committed_shards():
             raise ArcflowError(f"refusing to discard {self.url}: it holds committed shards")
-        if not root_existed:
+        if not self._root_existed:
             self.loc.rm_tree()
             return
         for name in (INDEX_DIR, SHARDS_DIR):
@@ -167,11 +205,13 @@ class DatasetWriter:
         if len(prompts) != n:
             raise ArcflowError(f"shard {shard_id}: got {len(prompts)} prompts for {n} samples")
         g = np.broadcast_to(_io.to_numpy(guidance, "guidance").astype(np.float32), (n,)).copy()
-        for name, arr in (("x", x), ("u", u)):
-            if not np.isfinite(arr).all():
+        # min and max propagate NaN and reach any infinity: no temporary arrays of the shard's size
+        bounds = {name: (float(a.min()), float(a.max())) for name, a in (("x", x), ("u", u))}
+        for name, (lo, hi) in bounds.items():
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ArcflowError(f"shard {shard_id}: {name} holds NaN or infinite values (the teacher diverged?)")
         if spec.storage_dtype == "float16":
-            peak = max(float(np.abs(x).max()), float(np.abs(u).max()))
+            peak = max(max(-lo, hi) for lo, hi in bounds.values())
             if peak > _F16_MAX:
                 raise ArcflowError(
                     f"shard {shard_id}: values up to {peak:.3g} overflow float16; use storage dtype bfloat16 or float32"
@@ -202,44 +242,53 @@ class DatasetWriter:
         return n
 
     def _write_zarr(self, shard_id, x, u, sigmas, cond_np, ids, seeds, guidance) -> None:
-        import zarr
+        """The shard's group, all arrays created and written in ONE trip to zarr's event loop: each
+        synchronous zarr call is a thread hand-off, and in a generation worker every one of them
+        takes the GIL from the teacher computing the next shard."""
+        import asyncio
+
+        import zarr.api.asynchronous as zarr_async
+        from zarr.core.sync import sync
 
         spec = self.spec
         n = x.shape[0]
         cs = min(spec.samples_per_chunk, n)  # a short last shard gets no padded edge chunk
         comp = _io.zarr_compressors(spec.compression, spec.compression_level)
         store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=False)
-        group = zarr.open_group(store, mode="w", zarr_format=3)
-        group.attrs.update(
-            {"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": spec.storage_dtype}
-        )
-
-        def put(name: str, data: np.ndarray, chunks, arcflow_dtype: str | None = None, compress=True):
-            attrs = {DTYPE_ATTR: arcflow_dtype} if arcflow_dtype else {}
-            arr = group.create_array(
-                name,
-                shape=data.shape,
-                dtype=data.dtype,
-                chunks=chunks,
-                compressors=comp if compress else None,
-                fill_value=0,
-                attributes=attrs,
-            )
-            arr[...] = data
-
         sd = spec.storage_dtype
-        for name, a in (("x", x), ("u", u)):
-            put(name, _io.encode_float(a, sd), (cs, *a.shape[1:]), sd)
-        put("sigmas", np.asarray(sigmas, dtype=np.float64), sigmas.shape, compress=False)
+        arrays = {name: (_io.encode_float(a, sd), (cs, *a.shape[1:]), sd, True) for name, a in (("x", x), ("u", u))}
+        arrays["sigmas"] = (np.asarray(sigmas, dtype=np.float64), sigmas.shape, None, False)
         for name, a in cond_np.items():
             f = spec.cond_spec[name]
             if f.is_floating:
-                put(name, _io.encode_float(a.astype(np.float32, copy=False), sd), (cs, *a.shape[1:]), sd)
+                arrays[name] = (_io.encode_float(a.astype(np.float32, copy=False), sd), (cs, *a.shape[1:]), sd, True)
             else:
-                put(name, np.ascontiguousarray(a, dtype=f.dtype), (cs, *a.shape[1:]))
-        put("sample_id", ids, (n,))
-        put("seed", seeds, (n,))
-        put("guidance", guidance, (n,))
+                arrays[name] = (np.ascontiguousarray(a, dtype=f.dtype), (cs, *a.shape[1:]), None, True)
+        arrays["sample_id"] = (ids, (n,), None, True)
+        arrays["seed"] = (seeds, (n,), None, True)
+        arrays["guidance"] = (guidance, (n,), None, True)
+
+        async def write() -> None:
+            group = await zarr_async.open_group(
+                store=store, mode="w", zarr_format=3,
+                attributes={"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": sd},
+            )
+
+            async def put(name: str, data: np.ndarray, chunks, arcflow_dtype: str | None, compress: bool) -> None:
+                arr = await group.create_array(
+                    name,
+                    shape=data.shape,
+                    dtype=data.dtype,
+                    chunks=chunks,
+                    compressors=comp if compress else None,
+                    fill_value=0,
+                    attributes={DTYPE_ATTR: arcflow_dtype} if arcflow_dtype else {},
+                )
+                await arr.setitem(Ellipsis, data)
+
+            await asyncio.gather(*(put(name, *args) for name, args in arrays.items()))
+
+        sync(write())
 
 
 def build_index_table(shard_id, x, u, sigmas, ids, seeds, prompts, guidance):
@@ -248,21 +297,19 @@ def build_index_table(shard_id, x, u, sigmas, ids, seeds, prompts, guidance):
 
     n, S1 = x.shape[:2]
     S = S1 - 1
-    x_rms = np.empty((n, S), np.float64)
-    u_rms = np.empty((n, S), np.float64)
-    u_cos = np.full((n, S), np.nan, np.float64)
     d = math.prod(x.shape[2:])
-    for i in range(n):  # one sample at a time in float64: bounded memory for large latents
-        xi = x[i, :S].reshape(S, d).astype(np.float64)
-        ui = u[i].reshape(S, d).astype(np.float64)
-        xsq = np.einsum("ij,ij->i", xi, xi)
-        usq = np.einsum("ij,ij->i", ui, ui)
-        x_rms[i] = np.sqrt(xsq / d)
-        u_rms[i] = np.sqrt(usq / d)
-        if S > 1:
-            dots = np.einsum("ij,ij->i", ui[1:], ui[:-1])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                u_cos[i, 1:] = dots / np.sqrt(usq[1:] * usq[:-1])
+    xs = x[:, :S].reshape(n, S, d)
+    us = u.reshape(n, S, d)
+    # float64 accumulation without float64 copies of the shard (einsum casts in buffered blocks)
+    xsq = np.einsum("nsd,nsd->ns", xs, xs, dtype=np.float64)
+    usq = np.einsum("nsd,nsd->ns", us, us, dtype=np.float64)
+    x_rms = np.sqrt(xsq / d)
+    u_rms = np.sqrt(usq / d)
+    u_cos = np.full((n, S), np.nan, np.float64)
+    if S > 1:
+        dots = np.einsum("nsd,nsd->ns", us[:, 1:], us[:, :-1], dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u_cos[:, 1:] = dots / np.sqrt(usq[:, 1:] * usq[:, :-1])
     steps = np.tile(np.arange(S, dtype=np.int32), n)
     rows = np.repeat(np.arange(n, dtype=np.int32), S)
     cols = {

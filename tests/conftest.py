@@ -2,6 +2,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The stand-in teachers (latency_sim, random_teachers) live with the benchmarks; appended, so no
+# benchmark module can shadow an installed one.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import pytest
 import torch

@@ -1,16 +1,16 @@
 """`arcflow generate-trajectories` on real Ray with real files (DESIGN.md sections 5 and 7).
 
-Uses the GPU-latency simulator teacher (``gpu-latency-sim``): no model weights needed, and a
-latency per network call makes shards take long enough to kill things mid-job. One local Ray
-instance (2 CPUs) serves the whole module; the two-node test (last) replaces it with a
-``ray.cluster_utils.Cluster``.
+Uses the GPU-latency simulator teacher (benchmarks/latency_sim.py, through the Python API: it is
+no product teacher id): no model weights needed, and a latency per network call makes shards take
+long enough to kill things mid-job. The CLI is exercised where it decides something (its one-line
+errors) with the embedded teacher. One local Ray instance (2 CPUs) serves the whole module; the
+two-node test (last) replaces it with a ``ray.cluster_utils.Cluster``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,24 +31,25 @@ from arcflow.storage.errors import ArcflowError  # noqa: E402
 from arcflow.storage.reader import open_dataset  # noqa: E402
 from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as run_cli
+from latency_sim import LatencySimTeacher
 
 pytestmark = pytest.mark.timeout(300)
 
 ARCFLOW = [sys.executable, "-m", "arcflow.cli"]
 SUBPROCESS_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
-#: The base job, spelled once for the API and once for the CLI, so a CLI rerun has the same
-#: content configuration (the CLI gives no teacher options: the simulator's default 10 ms latency).
+#: The base job (the simulator's default 10 ms latency), and the same sizes on the CLI (which runs
+#: the embedded digits teacher).
 N, STEPS, SHARD, SEED, BATCH = 20, 4, 7, 3, 4
 BASE_CLI = [
-    "--teacher", "gpu-latency-sim", "--num-samples", str(N), "--steps", str(STEPS), "--shard-size", str(SHARD),
+    "--num-samples", str(N), "--steps", str(STEPS), "--shard-size", str(SHARD),
     "--seed", str(SEED), "--batch-size", str(BATCH), "--dtype", "float32", "--no-progress",
 ]
 
 
 def base_config(out, **overrides) -> GenerationConfig:
     kw = dict(
-        out=str(out), teacher="gpu-latency-sim", num_samples=N, steps=STEPS, shard_size=SHARD, seed=SEED,
+        out=str(out), teacher=LatencySimTeacher, num_samples=N, steps=STEPS, shard_size=SHARD, seed=SEED,
         batch_size=BATCH, dtype="float32", workers=2, cpus_per_worker=1.0,
     )
     kw.update(overrides)
@@ -109,7 +110,6 @@ def direct_recording(n: int, steps: int, seed: int, batch: int = BATCH) -> dict[
     """What an uninterrupted run stores (float32), computed in this process with no Ray and no storage:
     the recording sampler over the same plan (prompts, seeds) and the same micro-batch size."""
     import torch
-    from arcflow.pipeline.latency_sim import LatencySimTeacher
     from arcflow.pipeline.plan import plan_shards
     from arcflow.pipeline.recording import record_trajectories
 
@@ -245,15 +245,27 @@ def _wait_for_other_jobs_actors_to_exit(timeout=30.0) -> None:
     raise AssertionError("the killed driver's actors are still alive")
 
 
-def test_driver_killed_then_resume_gives_same_arrays(local_ray, tmp_path, capfd):
-    steps, n, shard, seed = 20, 24, 4, 11  # 20 steps x 10 ms (the CLI's simulator): ~0.2 s per shard, 6 shards
-    args = [
-        "--teacher", "gpu-latency-sim", "--num-samples", str(n), "--steps", str(steps), "--shard-size", str(shard),
-        "--seed", str(seed), "--batch-size", str(BATCH), "--dtype", "float32", "--no-progress",
-    ]
+#: A driver process running one job through the Python API (argv: the job as JSON).
+DRIVER = """
+import json, sys
+sys.path.append({benchmarks!r})
+from latency_sim import LatencySimTeacher
+from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+generate_trajectories(GenerationConfig(teacher=LatencySimTeacher, **json.loads(sys.argv[1])), progress=False)
+"""
+
+
+def test_driver_killed_then_resume_gives_same_arrays(local_ray, tmp_path):
+    import json
+
+    # 20 steps x 10 ms (the simulator's default): ~0.2 s per shard, 6 shards
+    steps, n, shard, seed = 20, 24, 4, 11
     out = tmp_path / "ds"
+    job = dict(out=str(out), num_samples=n, steps=steps, shard_size=shard, seed=seed, batch_size=BATCH,
+               dtype="float32")
+    driver = DRIVER.format(benchmarks=str(Path(__file__).resolve().parents[1] / "benchmarks"))
     proc = subprocess.Popen(
-        [*ARCFLOW, "generate-trajectories", "--out", str(out), *args, "--workers", "1", "--ray-address", local_ray],
+        [sys.executable, "-c", driver, json.dumps({**job, "workers": 1, "ray_address": local_ray})],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUBPROCESS_ENV,
     )
     try:
@@ -278,19 +290,19 @@ def test_driver_killed_then_resume_gives_same_arrays(local_ray, tmp_path, capfd)
     before = open_dataset(str(out)).committed_shards()
     assert 1 <= len(before) < 6, f"{len(before)} shards committed when the driver died"
 
-    # --workers is a runtime setting: a resume may use more workers than the killed run
-    code, stdout, err = run_cli(capfd, "generate-trajectories", "--out", out, *args, "--workers", "2", "--resume")
-    assert code == 0, err
-    m = re.search(r"\((\d+) written, (\d+) already committed", stdout)
-    assert m, stdout
-    assert int(m.group(1)) + int(m.group(2)) == 6 and int(m.group(2)) >= len(before)
+    # workers is a runtime setting: a resume may use more workers than the killed run
+    summary = generate_trajectories(
+        GenerationConfig(teacher=LatencySimTeacher, **job, workers=2, cpus_per_worker=1.0, resume=True),
+        progress=False,
+    )
+    assert summary.shards_written + summary.shards_skipped == 6 and summary.shards_skipped >= len(before)
     reader = open_dataset(str(out))
     assert reader.committed_shards() == set(range(6)) and not reader.uncommitted_shards()
     assert len(reader.index(columns=["sample_id"])) == n * steps
     assert_same_arrays(arrays_by_id(out), direct_recording(n, steps, seed))
 
 
-def test_shard_without_parquet_part_is_invisible_and_rewritten_on_resume(base_run, tmp_path, capfd):
+def test_shard_without_parquet_part_is_invisible_and_rewritten_on_resume(base_run, tmp_path):
     import pandas as pd
 
     src, _ = base_run
@@ -311,9 +323,8 @@ def test_shard_without_parquet_part_is_invisible_and_rewritten_on_resume(base_ru
     df = pd.read_parquet(out / "index")
     assert len(df) == (N - SHARD) * STEPS and not set(df["sample_id"]) & set(shard1_ids)
 
-    code, stdout, err = run_cli(capfd, "generate-trajectories", "--out", out, *BASE_CLI, "--workers", "2", "--resume")
-    assert code == 0, err
-    assert "(1 written, 2 already committed" in stdout
+    summary = generate_trajectories(base_config(out, resume=True), progress=False)
+    assert (summary.shards_written, summary.shards_skipped) == (1, 2)
     reader = open_dataset(str(out))
     assert reader.committed_shards() == {0, 1, 2} and not reader.uncommitted_shards()
     assert_same_arrays(arrays_by_id(out), original)
@@ -340,9 +351,9 @@ BAD_INPUTS = {
     "negative guidance": (["--guidance", "-1.5"], ["--guidance"]),
     "unknown teacher": (["--teacher", "no-such-teacher"], ["unknown teacher"]),
     "unknown dtype": (["--dtype", "float64"], ["--dtype"]),
-    "different config": (["--steps", str(STEPS + 1)], ["different settings", "steps"]),
-    "different config with resume": (["--seed", str(SEED + 1), "--resume"], ["different settings", "seed"]),
-    "same config without resume": ([], ["already exists", "--resume"]),
+    "bad threads": (["--threads", "0"], ["--threads"]),
+    "different teacher": ([], ["different settings", "teacher: 'gpu-latency-sim' != 'digits'"]),
+    "different config with resume": (["--steps", str(STEPS + 1), "--resume"], ["different settings", "steps"]),
 }
 
 
@@ -360,17 +371,38 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, base_run, prompt
     assert elapsed < 5, f"{case}: {elapsed:.1f}s; should fail before any worker starts"
 
 
+EXISTING = {
+    "different config": (dict(steps=STEPS + 1), ["different settings", "steps"]),
+    "different config with resume": (dict(seed=SEED + 1, resume=True), ["different settings", "seed"]),
+    "same config without resume": ({}, ["already exists", "--resume"]),
+}
+
+
+@pytest.mark.parametrize("case", list(EXISTING))
+def test_existing_dataset_is_refused_before_any_worker_starts(case, base_run):
+    """The simulator job itself (Python API): same rules, same one line, nothing touched."""
+    out, _ = base_run
+    overrides, fragments = EXISTING[case]
+    before = tree_hash(out)
+    started = time.perf_counter()
+    with pytest.raises(ArcflowError) as info:
+        generate_trajectories(base_config(out, **overrides), progress=False)
+    assert time.perf_counter() - started < 5
+    assert "\n" not in str(info.value) and all(f in str(info.value) for f in fragments), info.value
+    assert tree_hash(out) == before
+
+
 def test_unknown_prompt_found_by_a_worker_is_one_line(local_ray, tmp_path):
     """Raised inside a Ray actor (the teacher validates prompts): unwrapped to one line + exit 2."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("class 1\na handwritten digit 7\n")
+    prompts.write_text("a handwritten digit 7\nclass 1\n")
     out = tmp_path / "ds"
     res = subprocess.run(
         [*ARCFLOW, "generate-trajectories", "--out", str(out), *BASE_CLI, "--prompts", str(prompts),
          "--ray-address", local_ray],
         capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV,
     )
-    assert_one_line_error(res.returncode, res.stderr, "unknown prompt", "a handwritten digit 7")
+    assert_one_line_error(res.returncode, res.stderr, "does not understand the prompt", "class 1")
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -1,4 +1,5 @@
-"""`arcflow inspect DATASET` (text, --json, --sample ID --png) on a dataset generated through Ray."""
+"""`arcflow inspect DATASET` (text, --json, --sample ID --png) on a dataset generated through Ray
+with the embedded digits teacher (which also decodes the --png strip)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def dataset(tmp_path_factory):
         out = tmp_path_factory.mktemp("inspect") / "ds"
         generate_trajectories(
             GenerationConfig(
-                out=str(out), teacher="gpu-latency-sim", num_samples=N, steps=STEPS, shard_size=SHARD,
-                batch_size=SHARD, dtype="float16", workers=1, teacher_options={"latency_s": 0.0},
+                out=str(out), teacher="digits", num_samples=N, steps=STEPS, shard_size=SHARD,
+                batch_size=SHARD, dtype="float16", workers=1, threads=1,
             ),
             progress=False,
         )
@@ -47,7 +48,7 @@ def test_inspect_text(dataset, capfd):
     assert code == 0, err
     assert f"samples        {N} of {N} planned" in out
     assert "3 committed / 0 uncommitted / 3 planned" in out
-    assert "gpu-latency-sim" in out and "float16" in out
+    assert "digits" in out and "float16" in out
     table = out.split("mean x_rms", 1)[1].strip().splitlines()
     assert [int(line.split()[0]) for line in table] == list(range(STEPS))
 

@@ -12,19 +12,27 @@ target device and filled in place.
 Prompts are "encoded" into random embeddings of the stored shapes, seeded by the prompt text, so
 every sample is reproducible. ``reduced=True`` swaps in a few narrow blocks (same classes and code
 paths) so the whole measurement runs on a CPU in seconds.
+
+Not part of the product's teacher registry: the builder gets them as ``RandomTeacherFactory(id)``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+import ray.cloudpickle
 import torch
 from torch import nn
 
+from arcflow.pipeline.diffusers_teachers import FluxTeacher, QwenImageTeacher, resolve_torch_dtype
 from arcflow.pipeline.teacher import Conditioning
 
-from .diffusers_teachers import FluxTeacher, QwenImageTeacher, resolve_torch_dtype
+# This module is not installed: Ray ships its classes to the workers by value, so they need no
+# benchmarks/ directory on their import path.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 #: Published transformer configurations (diffusers config fields).
 FLUX_DEV_CONFIG: dict[str, Any] = dict(
@@ -168,3 +176,14 @@ def load_random_teacher(
     return cls(_pipeline(family, transformer), teacher_id=teacher_id,
                revision=f"random-{family}-{size}-seed{seed}-scale{weight_scale:g}", height=height, width=width,
                max_sequence_length=text_tokens)
+
+
+@dataclass(frozen=True)
+class RandomTeacherFactory:
+    """``load_random_teacher`` as a ``TeacherFactory`` (``GenerationConfig(teacher=...)``); the
+    options (size, seed, resolution) come through ``teacher_options``."""
+
+    teacher_id: str
+
+    def __call__(self, *, device: str, **options: Any) -> RandomFluxTeacher | RandomQwenImageTeacher:
+        return load_random_teacher(self.teacher_id, device, **options)

@@ -3,19 +3,27 @@
 It is NOT a model of anything: every network evaluation sleeps a fixed time (as a GPU call would
 keep the worker busy without using its CPU) and returns a cheap deterministic velocity. It lets the
 Ray builder's scaling be measured on a 2-core machine.
+
+Not part of the product's teacher registry: pass the class itself as the teacher (it is a
+``TeacherFactory``), e.g. ``GenerationConfig(teacher=LatencySimTeacher, teacher_options={"latency_s": 0.05})``.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Mapping, Sequence
 
+import ray.cloudpickle
 import torch
 from torch import Tensor, nn
 
+from arcflow.pipeline.teacher import Conditioning, Teacher
 from arcflow.storage.errors import ArcflowError
 
-from .teacher import Conditioning, Teacher
+# This module is not installed: Ray ships its classes to the workers by value, so they need no
+# benchmarks/ directory on their import path.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class LatencySimTeacher(Teacher):
