@@ -59,8 +59,8 @@ def train(dataset: str, out: Path, spec: dict, iters: int, batch: int, stages: l
     from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
 
     fields = {k: v for k, v in spec.items() if k not in ("name", "group")}
-    config = DistillConfig(dataset=dataset, out=str(out), iters=iters, batch_size=batch, checkpoint_every=iters,
-                           progress=False, **fields)
+    config = DistillConfig.from_dict(dict(dataset=dataset, out=str(out), iters=iters, batch_size=batch, checkpoint_every=iters,
+                           progress=False, **fields))
     snapshots = []
     for stage in stages:
         staged = replace(config, iters=stage, resume=stage != stages[0])

@@ -35,6 +35,7 @@ README.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -187,16 +188,13 @@ def distill_steps(teacher: Any, steps: int, batches: list[int], device: torch.de
     from arcflow.distill.loss import segment_loss
     from arcflow.distill.parallel import prepare_student
     from arcflow.distill.schedule import segment_step_indices
-    from arcflow.distill.student import StudentConfig, build_student
+    from arcflow.distill.student import build_student
 
-    recipe = DistillConfig(dataset="", out="", bf16=True, **RECIPE)
-    student = build_student(teacher, StudentConfig(
-        k=recipe.k, weight_groups=recipe.weight_groups, momentum=recipe.momentum, lora_rank=recipe.lora_rank,
-        lora_alpha=float(recipe.lora_rank), trainable=recipe.trainable, nfe=recipe.nfe, init_seed=recipe.seed,
-    ), inplace=True)
+    recipe = DistillConfig.from_dict(dict(dataset="", out="", bf16=True, **RECIPE))
+    student = build_student(teacher, dataclasses.replace(recipe.student, init_seed=recipe.seed), inplace=True)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    bounds = segment_step_indices(steps, recipe.nfe)
+    bounds = segment_step_indices(steps, recipe.student.nfe)
     sigmas = teacher.sigmas(steps).float()
     prompts = teacher.prompt_set()
 
@@ -208,7 +206,7 @@ def distill_steps(teacher: Any, steps: int, batches: list[int], device: torch.de
                 "sigmas": sigmas.to(device), **{k: v.float() for k, v in teacher.encode_prompts(prompts[:size]).items()}}
 
     def step(batch: dict[str, Any]) -> float:
-        segments = torch.arange(batch["x"].shape[0]) % recipe.nfe
+        segments = torch.arange(batch["x"].shape[0]) % recipe.student.nfe
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss, _ = segment_loss(student, batch, bounds, segments)
         optimizer.zero_grad(set_to_none=True)

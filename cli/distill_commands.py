@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from arcflow.distill.config import TRAINABLE_SETS, DistillConfig
+from arcflow.distill.config import DistillConfig
+from arcflow.distill.student.config import TRAINABLE_MODES, StudentConfig
 
 from .app import app
 
@@ -15,16 +16,19 @@ from .app import app
 def distill_command(
     dataset: str = typer.Argument(..., help="Trajectory dataset written by generate-trajectories."),
     out: str = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl and the exported student."),
-    nfe: int = typer.Option(2, "--nfe", help="Network evaluations (segments) of the student; must divide the recorded steps."),
-    k: int = typer.Option(8, "--k", help="Momentum components per token (1 = linear-shortcut baseline)."),
+    nfe: int = typer.Option(StudentConfig.nfe, "--nfe", help="Network evaluations (segments) of the student; must divide the recorded steps."),
+    k: int = typer.Option(StudentConfig.k, "--k", help="Momentum components per token (1 = linear-shortcut baseline)."),
     momentum: bool = typer.Option(
         False, "--momentum/--no-momentum",
         help="Curved ArcFlow momentum steps (--momentum) or K constant velocities (default: the ablation's pick on digits).",
     ),
-    weight_groups: int = typer.Option(1, "--weight-groups", help="Channel groups that share one mixture weight per token."),
-    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank."),
+    weight_groups: int = typer.Option(StudentConfig.weight_groups, "--weight-groups", help="Channel groups that share one mixture weight per token."),
+    lora_rank: int = typer.Option(StudentConfig.lora_rank, "--lora-rank", help="LoRA rank."),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: the rank)."),
-    trainable: str = typer.Option("lora+heads", "--trainable", help=f"What trains: {'|'.join(TRAINABLE_SETS)}."),
+    log_gamma_bound: float = typer.Option(
+        StudentConfig.log_gamma_bound, "--log-gamma-bound", help="Soft bound on |log gamma| of the momentum components (with --momentum)."
+    ),
+    trainable: str = typer.Option(StudentConfig.trainable, "--trainable", help=f"What trains: {'|'.join(TRAINABLE_MODES)}."),
     iters: int = typer.Option(2000, "--iters", help="Optimizer steps."),
     batch_size: int = typer.Option(64, "--batch-size", help="(sample, segment) pairs per step and worker."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (after warm-up)."),
@@ -57,9 +61,12 @@ def distill_command(
     """Distill a few-step ArcFlow student from stored teacher trajectories (the teacher never runs)."""
     from arcflow.distill.trainer import distill
 
+    student = StudentConfig(
+        nfe=nfe, k=k, momentum=momentum, weight_groups=weight_groups, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        trainable=trainable, log_gamma_bound=log_gamma_bound,
+    )
     config = DistillConfig(
-        dataset=dataset, out=out, nfe=nfe, k=k, momentum=momentum, weight_groups=weight_groups,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, trainable=trainable, iters=iters, batch_size=batch_size,
+        dataset=dataset, out=out, student=student, iters=iters, batch_size=batch_size,
         lr=lr, warmup=warmup, ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16,
         gradient_checkpointing=gradient_checkpointing, fsdp=fsdp,
         checkpoint_every=checkpoint_every, seed=seed, loader_workers=loader_workers, num_workers=num_workers,

@@ -81,14 +81,14 @@ def check_run(config: DistillConfig) -> dict[str, Any]:
             f"(each worker streams its own); the dataset has {len(selected)}"
         )
     channels = int(reader.spec.latent_shape[-1])
-    if channels % config.weight_groups:
-        raise ArcflowError(f"--weight-groups {config.weight_groups} does not divide the {channels} latent channels")
+    if channels % config.student.weight_groups:
+        raise ArcflowError(f"--weight-groups {config.student.weight_groups} does not divide the {channels} latent channels")
     check_teacher_id(reader.spec.teacher_id)
     steps = int(reader.spec.steps)
     try:
-        bounds = segment_step_indices(steps, config.nfe)
+        bounds = segment_step_indices(steps, config.student.nfe)
     except ValueError as exc:
-        raise ArcflowError(f"--nfe {config.nfe} is not representable on this dataset: {exc}") from None
+        raise ArcflowError(f"--nfe {config.student.nfe} is not representable on this dataset: {exc}") from None
     fingerprint = reader.fingerprint()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -135,44 +135,6 @@ def _read_saved_config(path: Path) -> tuple[DistillConfig, Optional[str]]:
         raise ArcflowError(f"{path} is damaged ({exc}); resume is impossible, start a new --out") from None
 
 
-def _student_config(config: DistillConfig):
-    from .student import StudentConfig
-
-    return StudentConfig(
-        k=config.k,
-        weight_groups=config.weight_groups,
-        momentum=config.momentum,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank),
-        lora_dropout=config.lora_dropout,
-        lora_targets=config.lora_targets,
-        trainable=config.trainable,
-        nfe=config.nfe,
-        init_seed=config.seed,
-    )
-
-
-@dataclasses.dataclass
-class Training:
-    """One worker's training state: built by :func:`setup`, advanced by :func:`train_step`,
-    checkpointed by :func:`checkpoint_files` and exported by :func:`export`."""
-
-    config: DistillConfig
-    bounds: list[int]
-    device: torch.device
-    rank: int
-    world_size: int
-    student: nn.Module  # the teacher's transformer with LoRA + the momentum head
-    model: nn.Module  # what the loss calls: the student, or its DDP wrapper
-    params: dict[str, nn.Parameter]  # the trainable parameters by name
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    ema: Optional[EMAModel]
-    stream: Any  # arcflow.storage.streaming.TrajectoryStream of this rank
-    batches: Iterator[dict[str, Any]]
-    step: int = 0
-
-
 def train_worker(
     config: DistillConfig,
     facts: dict[str, Any],
@@ -206,6 +168,27 @@ def train_worker(
     return {"step": run.step, "loss": row["loss"] if row is not None else None}
 
 
+@dataclasses.dataclass
+class Training:
+    """One worker's training state: built by :func:`setup`, advanced by :func:`train_step`,
+    checkpointed by :func:`checkpoint_files` and exported by :func:`export`."""
+
+    config: DistillConfig
+    bounds: list[int]
+    device: torch.device
+    rank: int
+    world_size: int
+    student: nn.Module  # the teacher's transformer with LoRA + the momentum head
+    model: nn.Module  # what the loss calls: the student, or its DDP wrapper
+    params: dict[str, nn.Parameter]  # the trainable parameters by name
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[EMAModel]
+    stream: Any  # arcflow.storage.streaming.TrajectoryStream of this rank
+    batches: Iterator[dict[str, Any]]
+    step: int = 0
+
+
 def setup(
     config: DistillConfig,
     facts: dict[str, Any],
@@ -229,7 +212,7 @@ def setup(
     torch.manual_seed(config.seed)
     teacher = load_teacher(facts["teacher"], device=str(device), **facts.get("teacher_options", {}))
     # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
-    student = build_student(teacher, _student_config(config), inplace=True).to(device)
+    student = build_student(teacher, dataclasses.replace(config.student, init_seed=config.seed), inplace=True).to(device)
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMAModel(params.values(), decay=config.ema_decay) if config.ema_decay > 0 else None
@@ -267,7 +250,7 @@ def train_step(run: Training) -> dict[str, Any]:
     batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     # Which segment each pair trains: a pure function of (seed, step, rank), so resume is exact.
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step * run.world_size + run.rank)
-    segments = torch.randint(config.nfe, (batch["x"].shape[0],), generator=gen).to(run.device)
+    segments = torch.randint(config.student.nfe, (batch["x"].shape[0],), generator=gen).to(run.device)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
         loss, per_segment = segment_loss(run.model, batch, run.bounds, segments)
     run.optimizer.zero_grad(set_to_none=True)
@@ -305,7 +288,7 @@ def export(run: Training, facts: dict[str, Any]) -> None:
     from .student import save_student
 
     config = run.config
-    extra = {"dataset_fingerprint": facts["fingerprint"], "nfe": config.nfe, "training": config.to_dict()}
+    extra = {"dataset_fingerprint": facts["fingerprint"], "nfe": config.student.nfe, "training": config.to_dict()}
     # what `arcflow sample` / distill.interop need to rebuild the teacher and the schedule
     extra["teacher_options"] = {k: v for k, v in facts.get("teacher_options", {}).items() if k != "text_encoders"}
     if "segment_sigmas" in facts:

@@ -21,7 +21,7 @@ def config_for(dataset, out, **overrides):
     base = dict(dataset=str(dataset), out=str(out), iters=12, batch_size=8, lr=1e-3, warmup=2,
                 checkpoint_every=6, log_every=1, lora_rank=4, k=4, progress=False)
     base.update(overrides)
-    return DistillConfig(**base)
+    return DistillConfig.from_dict(base)
 
 
 def run_local(config):
@@ -152,8 +152,8 @@ def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     # Moved elsewhere, the run resumes there from Ray Train's own record of its checkpoints.
     moved = tmp_path / "moved"
     run.rename(moved)
-    facts = check_run(DistillConfig(dataset=str(dataset), out=str(moved), num_workers=2, iters=6, batch_size=4,
-                                    checkpoint_every=2, k=2, lora_rank=2, resume=True))
+    facts = check_run(DistillConfig.from_dict(dict(dataset=str(dataset), out=str(moved), num_workers=2, iters=6, batch_size=4,
+                                    checkpoint_every=2, k=2, lora_rank=2, resume=True)))
     assert facts["resume_step"] == 4 and facts["resume_checkpoint"] == str(moved / "checkpoints/step-0000004")
     res = run_subprocess("distill", str(dataset), "--out", str(moved), "--num-workers", "2", "--iters", "6",
                          "--batch-size", "4", "--checkpoint-every", "2", "--k", "2", "--lora-rank", "2", "--no-progress",

@@ -42,7 +42,7 @@ def train_tiny(dataset: Path, out: Path, **overrides) -> Path:
     base = dict(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1,
                 checkpoint_every=4, log_every=1, lora_rank=2, k=2, progress=False)
     base.update(overrides)
-    config = DistillConfig(**base)
+    config = DistillConfig.from_dict(base)
     facts = check_run(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))

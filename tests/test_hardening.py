@@ -46,7 +46,7 @@ def train(dataset: Path, out: Path, **overrides) -> DistillConfig:
     """A tiny real student run, trained in-process (the Ray path is tested elsewhere)."""
     base = dict(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=4,
                 log_every=1, lora_rank=2, k=2, progress=False)
-    config = DistillConfig(**{**base, **overrides})
+    config = DistillConfig.from_dict({**base, **overrides})
     facts = check_run(config)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / CONFIG_FILE).is_file():
@@ -194,8 +194,8 @@ def test_worker_error_is_unwrapped_and_out_is_not_claimed(world, tmp_path):
     from arcflow.distill.trainer import distill
 
     out = tmp_path / "run"
-    config = DistillConfig(dataset=str(world / "ds"), out=str(out), iters=2, batch_size=4, lora_rank=2, k=2,
-                           lora_targets=["no_such_module"], progress=False)
+    config = DistillConfig.from_dict(dict(dataset=str(world / "ds"), out=str(out), iters=2, batch_size=4, lora_rank=2, k=2,
+                           lora_targets=["no_such_module"], progress=False))
     with pytest.raises(Exception) as info:
         distill(config)
     assert "match no module" in describe(info.value)

@@ -27,8 +27,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     dataset = make_dataset(root / "ds", num_samples=32, steps=4, shard_size=16)
     out = root / "run"
-    config = DistillConfig(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1,
-                           checkpoint_every=4, log_every=1, lora_rank=2, k=2, progress=False)
+    config = DistillConfig.from_dict(dict(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1,
+                           checkpoint_every=4, log_every=1, lora_rank=2, k=2, progress=False))
     facts = check_run(config)
     out.mkdir(parents=True)
     (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))

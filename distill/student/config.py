@@ -61,19 +61,16 @@ class StudentConfig:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, tuple):
             self.lora_targets = list(self.lora_targets)
-        if self.k < 1:
-            raise ArcflowError(f"student k must be >= 1, got {self.k}")
-        if self.weight_groups < 1:
-            raise ArcflowError(f"weight_groups must be >= 1, got {self.weight_groups}")
+        check_numbers(self, positive=("k", "weight_groups", "nfe"),
+                      at_most={"k": 1024, "nfe": 1000, "lora_rank": 65_536, "weight_groups": 65_536})
         if self.trainable not in TRAINABLE_MODES:
-            raise ArcflowError(f"trainable must be one of {', '.join(TRAINABLE_MODES)}, got {self.trainable!r}")
+            raise ArcflowError(f"--trainable must be one of {', '.join(TRAINABLE_MODES)}, got {self.trainable!r}")
         if self.trainable == "lora+heads" and self.lora_rank < 1:
-            raise ArcflowError(f"lora_rank must be >= 1, got {self.lora_rank}")
+            raise ArcflowError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if self.trainable == "lora+heads" and not self.lora_alpha > 0:
+            raise ArcflowError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ArcflowError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.nfe < 1:
-            raise ArcflowError(f"NFE must be >= 1, got {self.nfe}")
-        check_numbers(self)
         if not self.log_gamma_bound > 0:
             raise ArcflowError(f"--log-gamma-bound must be > 0, got {self.log_gamma_bound}")
 
