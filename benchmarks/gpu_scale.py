@@ -247,6 +247,8 @@ def measure_family(family: str, args: argparse.Namespace, settings: dict, device
                    report: Report) -> None:
     from arcflow.pipeline.plan import plan_shards
     from arcflow.pipeline.recording import sample_teacher
+    from arcflow.distill.runs import sample_latents
+    from arcflow.distill.scheduler import ArcFlowScheduler
 
     teacher_id, name = FAMILIES[family]
     out: dict[str, Any] = {"name": name, "teacher_id": teacher_id, "resolutions": {}}
@@ -281,7 +283,10 @@ def measure_family(family: str, args: argparse.Namespace, settings: dict, device
     report.save()
     with torch.inference_mode():
         student.eval()
-        student_s = median_seconds(lambda: student.sample(noise, cond), device, repeats=3)
+        config = student.config
+        scheduler = ArcFlowScheduler(k=config.k, weight_groups=config.weight_groups, momentum=config.momentum,
+                                     channels=int(teacher.latent_shape[-1]), segment_sigmas=teacher.sigmas(2).tolist())
+        student_s = median_seconds(lambda: sample_latents(student, scheduler, noise, cond), device, repeats=3)
     out["student_vs_teacher"] = {"resolution": label, "batch": 1, "teacher_steps": args.steps,
                                  "teacher_nfe": args.steps * (2 if teacher.true_cfg else 1), "student_nfe": 2,
                                  "teacher_s": teacher_s, "student_s": student_s, "speedup": teacher_s / student_s}

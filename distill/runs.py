@@ -40,13 +40,20 @@ class LoadedRun:
         if nfe is not None and nfe != self.nfe:
             scheduler = ArcFlowScheduler.from_config(scheduler.config, segment_sigmas=self.teacher.sigmas(nfe).tolist())
         cond = self.teacher.encode_prompts(list(prompts))
-        x = self.teacher.noise(list(seeds))
-        scheduler.set_timesteps(device=x.device)
-        for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
-            out = self.student.transformer(**self.teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond))
-            packed = out[0] if isinstance(out, (tuple, list)) else out.sample
-            x = scheduler.step(packed, t, x, return_dict=False)[0]
-        return x
+        return sample_latents(self.student, scheduler, self.teacher.noise(list(seeds)), cond)
+
+
+@torch.no_grad()
+def sample_latents(student: Student, scheduler: ArcFlowScheduler, noise: Tensor, cond: Any) -> Tensor:
+    """The scheduler's loop over a student: one transformer call per segment, ``scheduler.step``
+    doing the exact momentum integral (what a diffusers pipeline's ``__call__`` does)."""
+    teacher, x = student.teacher, noise
+    scheduler.set_timesteps(device=x.device)
+    for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
+        out = student.transformer(**teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond))
+        packed = out[0] if isinstance(out, (tuple, list)) else out.sample
+        x = scheduler.step(packed, t, x, return_dict=False)[0]
+    return x
 
 
 def load_run_teacher(run_dir: Union[str, os.PathLike], device: str = "cpu") -> tuple[dict[str, Any], Any]:

@@ -29,6 +29,7 @@ from arcflow.pipeline.recording import record_trajectories, sample_teacher
 from arcflow.pipeline.registry import check_teacher_id, load_teacher
 from arcflow.storage.errors import ArcflowError
 from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline, tiny_qwen_image_pipeline
+from reference_sampling import reference_sample
 
 OPTS = dict(height=32, width=32, max_sequence_length=T5_LENGTH)
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -203,7 +204,7 @@ def test_students_build_on_both_transformers(family, flux, qwen):
     wrapped = [n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A")]
     assert wrapped and "proj_out" not in wrapped
     assert type(student.transformer.proj_out).__name__ == "MomentumHead"
-    out = student.sample(teacher.noise([0, 1]), cond, sigmas=teacher.sigmas(2))
+    out = reference_sample(student, teacher.noise([0, 1]), cond, sigmas=teacher.sigmas(2))
     assert out.shape == (2, 64, 16) and torch.isfinite(out).all()
     # K=1 at init is the teacher's Euler step over the scheduler's 1-step schedule (guidance 1 for Qwen).
     k1 = build_student(teacher, StudentConfig(k=1, lora_rank=2))
@@ -211,7 +212,7 @@ def test_students_build_on_both_transformers(family, flux, qwen):
     with torch.no_grad():
         g = teacher.default_guidance if family == "flux" else 1.0
         euler = noise - teacher.velocity(noise, torch.ones(2), cond, g)
-    torch.testing.assert_close(k1.sample(noise, cond, nfe=1), euler, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reference_sample(k1, noise, cond, nfe=1), euler, rtol=0, atol=1e-5)
 
 
 def test_qwen_image_real_config_trains_under_five_percent():
@@ -278,7 +279,7 @@ def test_exported_lora_loads_in_a_stock_flux_pipeline(flux_dir, tmp_path):
     reference = load_student(load_teacher(str(flux_dir), **OPTS), tmp_path / "run")
     generator = arcflow_pipeline(FluxPipeline.from_pretrained(str(flux_dir)), tmp_path / "run")
     cond, noise = teacher.encode_prompts(PROMPTS), teacher.noise([0, 1])
-    expected = reference.sample(noise, cond, sigmas=teacher.sigmas(2))
+    expected = reference_sample(reference, noise, cond, sigmas=teacher.sigmas(2))
     torch.testing.assert_close(generator.latents(PROMPTS, [0, 1]), expected, rtol=0, atol=1e-5)
     images = generator(PROMPTS, output_type="pt").images  # the stock __call__ with the run's defaults
     assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
@@ -317,7 +318,7 @@ def test_qwen_image_run_loads_in_a_stock_pipeline(qwen, tmp_path):
     _trained_run(qwen, tmp_path / "run")
     _, _, cond = qwen_cond(qwen)
     noise = qwen.noise([0, 1])
-    reference = load_student(qwen, tmp_path / "run").sample(noise, cond, sigmas=qwen.sigmas(2))
+    reference = reference_sample(load_student(qwen, tmp_path / "run"), noise, cond, sigmas=qwen.sigmas(2))
     generator = arcflow_pipeline(tiny_qwen_image_pipeline(), tmp_path / "run")
     # The stock QwenImagePipeline.__call__ (no text encoder here: the same embeddings passed in).
     got = generator(prompt_embeds=cond["prompt_embeds"], prompt_embeds_mask=cond["prompt_embeds_mask"],

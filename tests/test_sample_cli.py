@@ -14,6 +14,7 @@ from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as cli
 from dataset_factory import make_dataset
 from PIL import Image
+from reference_sampling import reference_sample
 
 PROMPT = "a handwritten digit 3"
 STEPS = 4  # teacher steps of --compare-teacher (kept small)
@@ -169,7 +170,7 @@ def test_samples_on_the_runs_recorded_segment_sigmas(run, loaded, tmp_path, caps
     noise = loaded.teacher.noise([0, 1])
     cond = loaded.teacher.encode_prompts([PROMPT] * 2)
     with torch.no_grad():
-        custom = loaded.student.sample(noise, cond, nfe=2, sigmas=torch.tensor([1.0, 0.8, 0.0], dtype=torch.float64))
-        default = loaded.student.sample(noise, cond, nfe=2, sigmas=loaded.teacher.sigmas(2))
+        custom = reference_sample(loaded.student, noise, cond, nfe=2, sigmas=torch.tensor([1.0, 0.8, 0.0], dtype=torch.float64))
+        default = reference_sample(loaded.student, noise, cond, nfe=2, sigmas=loaded.teacher.sigmas(2))
     np.testing.assert_allclose(arr, loaded.teacher.decode(custom)[:, 0].numpy(), atol=1e-5)
     assert np.abs(arr - loaded.teacher.decode(default)[:, 0].numpy()).max() > 1e-3

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from arcflow.distill.momentum import MomentumParams
-from arcflow.distill.sampler import sample_few_step
+from reference_sampling import sample_few_step
 from arcflow.distill.schedule import segment_step_indices
 from arcflow.pipeline.schedule import shifted_schedule
 from momentum_reference import reference_velocity

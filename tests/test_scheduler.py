@@ -18,6 +18,7 @@ from arcflow.distill.student import StudentConfig, build_student, load_student, 
 from arcflow.pipeline.registry import load_teacher
 from arcflow.storage.errors import ArcflowError
 from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline
+from reference_sampling import reference_sample
 
 DIGITS = ["a handwritten digit 3", "a handwritten digit 7", "a handwritten digit 0"]
 FLUX_OPTS = dict(height=32, width=32, max_sequence_length=T5_LENGTH)
@@ -66,7 +67,7 @@ def test_a_diffusers_loop_over_step_matches_the_sampler_on_the_digits_teacher(di
     assert scheduler.config.segment_sigmas == SEGMENTS and scheduler.nfe == 2
     cond, noise = teacher.encode_prompts(DIGITS), teacher.noise([0, 1, 2])
     with torch.no_grad():
-        expected = student.sample(noise, cond, sigmas=torch.tensor(SEGMENTS, dtype=torch.float64))
+        expected = reference_sample(student, noise, cond, sigmas=torch.tensor(SEGMENTS, dtype=torch.float64))
         scheduler.set_timesteps(2)
         x = scheduler.scale_model_input(noise * scheduler.init_noise_sigma)
         calls, hook = _count_calls(student.transformer)
@@ -86,7 +87,7 @@ def test_another_nfe_samples_on_the_teachers_schedule(loaded):
     cond, noise = teacher.encode_prompts(DIGITS[:2]), teacher.noise([4, 5])
     for nfe in (1, 4):
         with torch.no_grad():
-            expected = student.sample(noise, cond, sigmas=teacher.sigmas(nfe))
+            expected = reference_sample(student, noise, cond, sigmas=teacher.sigmas(nfe))
         got = loaded.sample_latents(DIGITS[:2], [4, 5], nfe=nfe)
         assert (got - expected).abs().max() <= 1e-6
     assert loaded.scheduler.nfe == 2  # the run's scheduler is untouched
@@ -158,7 +159,7 @@ def test_the_stock_flux_pipeline_samples_the_run_in_nfe_calls(flux_dir, tmp_path
     reference = load_student(load_teacher(str(flux_dir), **FLUX_OPTS), run).eval()
     cond, noise = teacher.encode_prompts(FLUX_PROMPTS), teacher.noise([0, 1])
     with torch.no_grad():
-        expected = reference.sample(noise, cond, sigmas=sigmas)
+        expected = reference_sample(reference, noise, cond, sigmas=sigmas)
 
     pipe = FluxPipeline.from_pretrained(str(flux_dir))
     arcflow_pipeline(pipe, run)

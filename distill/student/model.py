@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from arcflow.storage.errors import ArcflowError
 
 from ..momentum import MomentumParams
-from ..sampler import sample_few_step
 from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig, lora_config_for
 from .head import MomentumHead, head_for
 
@@ -47,29 +46,6 @@ class Student(nn.Module):
     def predict(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
         """Same as calling the module (kept for readability at call sites)."""
         return self(x, sigma, cond)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        noise: Tensor,
-        cond: Mapping[str, Tensor],
-        nfe: Optional[int] = None,
-        sigmas: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Few-step sample ``(B, N, C)`` from ``noise`` ``(B, N, C)``: one network call per segment.
-
-        ``nfe`` defaults to the config's; segments are the teacher's ``sigmas(nfe)`` unless explicit
-        boundaries ``sigmas`` are given. Leaves the train/eval mode alone. (The reference the
-        :class:`~arcflow.distill.scheduler.ArcFlowScheduler` is tested against.)
-        """
-
-        def predict(x_cf: Tensor, sigma: Tensor, c: Mapping[str, Tensor]) -> MomentumParams:
-            return self(x_cf.transpose(1, 2).contiguous(), sigma, c)
-
-        if sigmas is None:
-            sigmas = self.teacher.sigmas(nfe or self.config.nfe)
-        out = sample_few_step(predict, noise.transpose(1, 2), cond, sigmas=sigmas)
-        return out.transpose(1, 2).contiguous()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates."""

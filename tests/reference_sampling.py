@@ -1,13 +1,17 @@
-"""Few-step sampling with the exact momentum integral: one network call per segment."""
+"""The reference few-step sampler the product's ``ArcFlowScheduler`` is tested against.
+
+A direct loop over the exact momentum integral, one network call per segment, written without any
+diffusers machinery (tested itself against RK4 in test_sampler.py).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .momentum import MomentumParams, integrate
+from arcflow.distill.momentum import MomentumParams, integrate
 
 # (x at the segment start, its sigma as a (B,) tensor, conditioning) -> momentum parameters.
 MomentumPredictor = Callable[[Tensor, Tensor, Any], MomentumParams]
@@ -39,3 +43,18 @@ def sample_few_step(
         params = predict(x, s_vec, cond)
         x = integrate(x, params, s_start, s_start, s_end)
     return x
+
+
+@torch.no_grad()
+def reference_sample(
+    student: Any, noise: Tensor, cond: Mapping[str, Tensor], nfe: Optional[int] = None, sigmas: Optional[Tensor] = None
+) -> Tensor:
+    """A student's few-step sample ``(B, N, C)`` from ``noise`` ``(B, N, C)``: the segments are the
+    teacher's ``sigmas(nfe)`` (default: the student's NFE) unless ``sigmas`` are given."""
+
+    def predict(x_cf: Tensor, sigma: Tensor, c: Mapping[str, Tensor]) -> MomentumParams:
+        return student(x_cf.transpose(1, 2).contiguous(), sigma, c)
+
+    if sigmas is None:
+        sigmas = student.teacher.sigmas(nfe or student.config.nfe)
+    return sample_few_step(predict, noise.transpose(1, 2), cond, sigmas=sigmas).transpose(1, 2).contiguous()
