@@ -4,35 +4,30 @@
 ``build_student``), ``saving`` (the run directory: save, read, attach, load, merge). Built from a
 teacher's transformer: frozen, its ``proj_out`` swapped for a :class:`MomentumHead`, LoRA adapters
 added through diffusers' ``add_adapter`` (peft underneath).
+
+Names are imported from their module on first use, so reading a :class:`StudentConfig` (what the
+CLI does before anything starts) does not load torch, peft or diffusers.
 """
 
-from .config import (
-    ADAPTER_NAME,
-    DEFAULT_LORA_TARGETS,
-    HEAD_ATTRIBUTE,
-    TRAINABLE_MODES,
-    StudentConfig,
-    default_lora_targets,
-    lora_config_for,
-)
-from .head import MomentumHead, head_for, soft_clamp
-from .model import Student, build_student, transformer_class_name
-from .saving import (
-    CONFIG_FILE,
-    HEAD_FILE,
-    LORA_FILE,
-    TRAINABLE_FILE,
-    attach_student,
-    load_student,
-    merge_lora,
-    read_student_config,
-    run_file,
-    save_student,
-)
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "ADAPTER_NAME", "CONFIG_FILE", "DEFAULT_LORA_TARGETS", "HEAD_ATTRIBUTE", "HEAD_FILE", "LORA_FILE",
-    "TRAINABLE_FILE", "TRAINABLE_MODES", "MomentumHead", "Student", "StudentConfig", "attach_student",
-    "build_student", "default_lora_targets", "head_for", "load_student", "lora_config_for", "merge_lora",
-    "read_student_config", "run_file", "save_student", "soft_clamp", "transformer_class_name",
-]
+_HOMES = {
+    "config": ("ADAPTER_NAME", "DEFAULT_LORA_TARGETS", "HEAD_ATTRIBUTE", "TRAINABLE_MODES", "StudentConfig",
+               "default_lora_targets", "lora_config_for"),
+    "head": ("MomentumHead", "head_for", "soft_clamp", "packed_width", "unpack_momentum"),
+    "model": ("Student", "build_student", "transformer_class_name"),
+    "saving": ("CONFIG_FILE", "HEAD_FILE", "LORA_FILE", "TRAINABLE_FILE", "attach_student", "load_student",
+               "merge_lora", "read_student_config", "run_file", "save_student"),
+}
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional, Union
-
-from peft import LoraConfig
-from torch import nn
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from arcflow.storage.errors import ArcflowError, check_numbers
+
+if TYPE_CHECKING:  # torch and peft load lazily: the CLI reads this config before any model exists
+    from peft import LoraConfig
+    from torch import nn
 
 TRAINABLE_MODES = ("lora+heads", "heads", "full")
 #: Name of the peft adapter the student trains.
@@ -98,6 +99,8 @@ def default_lora_targets(transformer: nn.Module) -> str:
 
 def lora_config_for(config: StudentConfig, transformer: nn.Module) -> LoraConfig:
     """The peft ``LoraConfig`` a student config implies for ``transformer``."""
+    from peft import LoraConfig
+
     targets = config.lora_targets if config.lora_targets is not None else default_lora_targets(transformer)
     return LoraConfig(
         r=config.lora_rank,
