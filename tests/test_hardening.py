@@ -8,6 +8,7 @@ hashes of every file under the test's directory are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -100,28 +101,30 @@ def test_system_errors_are_one_line(case, world, capfd):
     check_failed_cleanly(code, err, world, before, fragment)
 
 
-def _mount_tmpfs(where: Path, options: str) -> None:
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str):
+    """A tiny tmpfs mounted at ``where`` for the test (skipped where mounting needs root we lack)."""
     where.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.decode().strip()}): needs root")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)])
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     """A 48 KiB filesystem: dataset.json fits, a shard of 16 float32 trajectories (70 KB) does not."""
-    disk = tmp_path / "disk"
-    _mount_tmpfs(disk, "size=48k")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)])
+    with tmpfs(tmp_path / "disk", "size=48k") as disk:
+        yield disk
 
 
 @pytest.fixture
 def read_only_disk(tmp_path):
-    disk = tmp_path / "ro"
-    _mount_tmpfs(disk, "size=64k,ro")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)])
+    with tmpfs(tmp_path / "ro", "size=64k,ro") as disk:
+        yield disk
 
 
 def test_full_disk_during_generation_is_one_line_and_frees_out(small_disk):
