@@ -143,28 +143,55 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def float32_to_float8_bits(a: np.ndarray) -> np.ndarray:
+    """Round float32 (already scaled into +-448) to float8 e4m3fn, nearest even, as uint8 bits."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return t.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+
+
+_FLOAT8_TABLE: np.ndarray | None = None
+
+
+def float8_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint8 float8 e4m3fn bits -> float32 (a 256-entry table lookup)."""
+    global _FLOAT8_TABLE
+    if _FLOAT8_TABLE is None:
+        import torch
+
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        _FLOAT8_TABLE = codes.view(torch.float8_e4m3fn).float().numpy()
+    return _FLOAT8_TABLE[np.asarray(bits, dtype=np.uint8)]
+
+
 def encode_float(a: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """float array -> the array actually written to Zarr for ``storage_dtype``."""
+    """float array -> the array actually written to Zarr for ``storage_dtype`` (float8: pre-scaled)."""
     if storage_dtype == "bfloat16":
         return float32_to_bf16_bits(a)
+    if storage_dtype == "float8_e4m3":
+        return float32_to_float8_bits(a)
     return np.ascontiguousarray(a, dtype=storage_dtype)
 
 
 def decode_float(a: np.ndarray, arcflow_dtype: str | None, out_dtype=np.float32) -> np.ndarray:
     """Stored array -> floating numpy array of ``out_dtype`` (None: keep float16/float32 as stored)."""
-    if arcflow_dtype == "bfloat16":
-        f = bf16_bits_to_float32(a)
+    if arcflow_dtype in ("bfloat16", "float8_e4m3"):
+        f = bf16_bits_to_float32(a) if arcflow_dtype == "bfloat16" else float8_bits_to_float32(a)
         return f if out_dtype is None else f.astype(out_dtype, copy=False)
     return a if out_dtype is None else a.astype(out_dtype, copy=False)
 
 
-def zarr_compressors(compression: str, level: int):
+def zarr_compressors(compression: str, level: int, checksum: bool = False) -> list:
+    """Zarr bytes-to-bytes codecs: the compressor, then (``checksum``) a CRC32C of the compressed bytes."""
     import zarr.codecs
 
     if compression == "none":
-        return None
-    if compression == "zstd":
-        return zarr.codecs.ZstdCodec(level=level)
-    if compression == "blosc-zstd":
-        return zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
-    raise ArcflowError(f"unknown compression {compression!r}")
+        codecs = []
+    elif compression == "zstd":
+        codecs = [zarr.codecs.ZstdCodec(level=level)]
+    elif compression == "blosc-zstd":
+        codecs = [zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")]
+    else:
+        raise ArcflowError(f"unknown compression {compression!r}")
+    return [*codecs, zarr.codecs.Crc32cCodec()] if checksum else codecs

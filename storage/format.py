@@ -1,28 +1,42 @@
-"""Trajectory dataset format, version 1 (DESIGN.md section 5): constants, the dataset spec, names.
+"""Trajectory dataset format (DESIGN.md section 5): constants, the dataset spec, names.
 
 Layout of a dataset (a local directory or any fsspec URL: ``file://``, ``memory://``, ``s3://``,
 ``gs://`` ...)::
 
     DATASET/
-      dataset.json                 # this module's DatasetSpec.to_json()
+      dataset.json                 # this module's DatasetSpec.to_json(); format_version decides
       shards/shard-000123.zarr     # Zarr v3 group, one per shard, written whole by one process
       index/shard-000123.parquet   # per-step rows of that shard; its presence COMMITS the shard
 
-A shard's Zarr group holds, for its ``n`` samples (``S`` = steps):
+Format version 2 (written by this arcflow; ``S`` = steps, ``K`` = ``keyframe_every``), for the
+``n`` samples of a shard:
 
-- ``x``       [n, S+1, *latent]  states x_0..x_S (x_0 is the initial noise at sigma=1)
-- ``u``       [n, S, *latent]    guided velocity of step j: x_{j+1} = x_j - (s_j - s_{j+1}) u_j
-- ``sigmas``  [S+1] float64      the sampler's sigmas, 1 -> 0 (identical in every shard)
-- one array per conditioning field, [n, *shape]
-- ``sample_id`` [n] int64, ``seed`` [n] int64, ``guidance`` [n] float32
+- ``u``        [n, S, *latent]  guided velocity of every step j: x_{j+1} = x_j - (s_j - s_{j+1}) u_j
+- ``x``        [n, len(keyframe_steps), *latent]  the states at the KEYFRAMES only: step 0 (the
+  noise), every K-th step and the final step S. A state between keyframes is rebuilt in float32 by
+  summing Euler steps of the stored ``u`` from the keyframe before it (readers return all S+1 states
+  as before; ``keyframe_every=1`` stores every state).
+- ``u_scale``  [n, S] float32, only for storage dtype ``float8_e4m3``: ``u`` holds float8 e4m3fn
+  bits (uint8) of ``u / u_scale``, one scale per (sample, step) = max|u| / 448.
+- one array per conditioning field, [m, *shape]: the m UNIQUE rows of the shard (samples of the
+  same prompt share one row), and ``cond_row`` [n] int32, each sample's row.
+- ``sigmas`` [S+1] float64, ``sample_id`` [n] int64, ``seed`` [n] int64, ``guidance`` [n] float32.
 
-Floating data (``x``, ``u`` and floating conditioning) is stored in the dataset's storage dtype
-(float16, float32 or bfloat16). Zarr 3.1 has no bfloat16, so bfloat16 arrays hold the raw 16 bits as
-``uint16`` and carry the array attribute ``arcflow_dtype: "bfloat16"``; readers view them back (and
-return float32 by default). Arrays are chunked along the sample axis (``samples_per_chunk`` samples
-per chunk, whole along every other axis), so one trajectory can be read without the whole shard.
+Chunks run along the sample AND step axes: ``u`` in blocks of ``steps_per_chunk`` steps (a multiple
+of K, or all S) of ``samples_per_chunk`` samples, ``x`` in the keyframes of the same blocks, so a
+training segment reads its own blocks and not the rest of the trajectory. Every chunk of every array
+ends with a CRC32C checksum (zarr's ``crc32c`` codec after compression) and is always written, even
+when constant (``write_empty_chunks``), so readers treat a missing chunk as damage, never as zeros.
 
-The Parquet index has one row per (sample, step j in 0..S-1), columns ``INDEX_SCHEMA``. The
+Dtypes: ``storage_dtype`` float32 / float16 / bfloat16 applies to ``u``, ``x`` and floating
+conditioning; ``float8_e4m3`` stores ``u`` in 8 bits (with ``u_scale``) and ``x`` and the
+conditioning in float16. Zarr 3.1 has neither bfloat16 nor float8, so those arrays hold the raw bits
+(uint16 / uint8) and carry the array attribute ``arcflow_dtype``.
+
+Format version 1 (still read, no longer written): ``x`` [n, S+1, *latent] holds every state,
+conditioning is per sample, chunks run along the sample axis only and carry no checksum.
+
+The Parquet index has one row per (sample, step j in 0..S-1), columns ``INDEX_COLUMNS``. The
 statistics ``x_rms``, ``u_rms`` (root mean square of x_j and u_j) and ``u_cos_prev`` (cosine between
 u_j and u_{j-1}, NaN at j=0) are computed from the float32 arrays given to the writer, i.e. BEFORE
 rounding to the storage dtype.
@@ -42,8 +56,12 @@ import numpy as np
 
 from arcflow.storage.errors import ArcflowError
 
-FORMAT_VERSION = 1
-STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+#: The version this arcflow writes; READABLE_VERSIONS are the ones it reads.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+STORAGE_DTYPES = ("float16", "float32", "bfloat16", "float8_e4m3")
+#: Largest finite float8 e4m3fn value: velocities are scaled so each (sample, step) peaks there.
+FLOAT8_MAX = 448.0
 #: "blosc-zstd" (default): zarr's BloscCodec(cname="zstd", byte shuffle), smallest on float data
 #: (see benchmarks/storage_bytes.py); "zstd": plain ZstdCodec; "none": uncompressed.
 COMPRESSIONS = ("zstd", "blosc-zstd", "none")
@@ -56,8 +74,10 @@ DTYPE_ATTR = "arcflow_dtype"
 #: Key of ``DatasetSpec.extra`` where the generator records its job settings (compared before a
 #: resume, when the full spec is not known yet).
 GENERATION_KEY = "generation"
-#: Target size of one chunk of ``x`` when ``samples_per_chunk`` is left to auto (0).
+#: Target size of one chunk of ``u`` when the chunk shape is left to auto (0).
 AUTO_CHUNK_BYTES = 1 << 20
+#: Default keyframe interval: NFE 2, 5 and 10 segment starts of 50 steps are stored exactly.
+DEFAULT_KEYFRAME_EVERY = 5
 
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.(zarr|parquet)$")
 
@@ -154,9 +174,11 @@ class DatasetSpec:
     storage_dtype: str = "float16"
     compression: str = "blosc-zstd"
     compression_level: int = 3
-    samples_per_chunk: int = 0  # 0: auto (about AUTO_CHUNK_BYTES per chunk of x), resolved here
+    samples_per_chunk: int = 0  # 0: auto (about AUTO_CHUNK_BYTES per chunk of u), resolved here
     extra: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY  # v2; a v1 dataset stores every state (read as 1)
+    steps_per_chunk: int = 0  # v2; 0: auto (all S steps, or K-step blocks when a step is large)
 
     def __post_init__(self) -> None:
         self.latent_shape = tuple(int(d) for d in self.latent_shape)
@@ -167,13 +189,16 @@ class DatasetSpec:
         self.shard_size = int(self.shard_size)
         self.seed = int(self.seed)
         self.compression_level = int(self.compression_level)
+        self.keyframe_every = int(self.keyframe_every)
         self.cond_spec = {str(k): _as_cond_field(k, v) for k, v in dict(self.cond_spec).items()}
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise ArcflowError(
-                f"dataset format_version {self.format_version} is not supported (this arcflow reads version {FORMAT_VERSION})"
+                f"dataset format_version {self.format_version} is not supported (this arcflow reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise ArcflowError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {self.storage_dtype!r}")
+        dtypes = STORAGE_DTYPES if self.format_version >= 2 else STORAGE_DTYPES[:3]
+        if self.storage_dtype not in dtypes:
+            raise ArcflowError(f"storage dtype must be one of {', '.join(dtypes)}, got {self.storage_dtype!r}")
         if self.compression not in COMPRESSIONS:
             raise ArcflowError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         if len(self.sigmas) < 2:
@@ -184,13 +209,37 @@ class DatasetSpec:
             raise ArcflowError(f"shard size must be >= 1, got {self.shard_size}")
         if self.num_samples < 0:
             raise ArcflowError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.format_version == 1:
+            self.keyframe_every, self.steps_per_chunk = 1, self.steps
+        elif not 1 <= self.keyframe_every <= self.steps:
+            raise ArcflowError(f"keyframe interval must be in 1..{self.steps} (the steps), got {self.keyframe_every}")
         for name in self.cond_spec:
             if name in RESERVED_ARRAYS:
                 raise ArcflowError(f"cond name {name!r} is reserved (reserved: {', '.join(RESERVED_ARRAYS)})")
+        self._resolve_chunks()
+
+    def _resolve_chunks(self) -> None:
+        """Fill in auto (0) chunk sizes. Zarr v3 stores an edge chunk at full size, so a shard is split
+        into EQUAL chunks (128 samples at a target of 80 -> 2 chunks of 64, not 80 + 48)."""
+        step_bytes = math.prod(self.latent_shape) * self.velocity_itemsize
+        if self.format_version == 1:
+            step_bytes = math.prod(self.latent_shape) * self.itemsize
+            per_sample = (self.steps + 1) * step_bytes
+        else:
+            if self.steps_per_chunk <= 0:
+                block = self.keyframe_every * step_bytes
+                if self.steps * step_bytes <= AUTO_CHUNK_BYTES:
+                    self.steps_per_chunk = self.steps
+                else:  # blocks of whole keyframe intervals, as many as fit the target
+                    self.steps_per_chunk = self.keyframe_every * max(1, AUTO_CHUNK_BYTES // block)
+            self.steps_per_chunk = int(min(self.steps_per_chunk, self.steps))
+            if self.steps_per_chunk != self.steps and self.steps_per_chunk % self.keyframe_every:
+                raise ArcflowError(
+                    f"steps per chunk ({self.steps_per_chunk}) must be a multiple of the keyframe interval "
+                    f"({self.keyframe_every}) or all {self.steps} steps"
+                )
+            per_sample = self.steps_per_chunk * step_bytes
         if self.samples_per_chunk <= 0:
-            # Zarr v3 stores an edge chunk at full size, so split the shard into EQUAL chunks of
-            # about AUTO_CHUNK_BYTES (128 samples at a target of 80 -> 2 chunks of 64, not 80 + 48).
-            per_sample = (self.steps + 1) * math.prod(self.latent_shape) * self.itemsize
             target = max(1, min(self.shard_size, AUTO_CHUNK_BYTES // per_sample))
             n_chunks = -(-self.shard_size // target)
             self.samples_per_chunk = -(-self.shard_size // n_chunks)
@@ -202,8 +251,30 @@ class DatasetSpec:
         return len(self.sigmas) - 1
 
     @property
+    def state_dtype(self) -> str:
+        """Dtype of the stored states (keyframes) and floating conditioning."""
+        return "float16" if self.storage_dtype == "float8_e4m3" else self.storage_dtype
+
+    @property
     def itemsize(self) -> int:
-        return 4 if self.storage_dtype == "float32" else 2
+        """Bytes per stored state value."""
+        return 4 if self.state_dtype == "float32" else 2
+
+    @property
+    def velocity_itemsize(self) -> int:
+        return 1 if self.storage_dtype == "float8_e4m3" else self.itemsize
+
+    @property
+    def keyframe_steps(self) -> tuple[int, ...]:
+        """Steps whose state is stored: 0, K, 2K, ... and S (every step in format v1)."""
+        return tuple(sorted({*range(0, self.steps + 1, self.keyframe_every), self.steps}))
+
+    @property
+    def keyframes_per_chunk(self) -> int:
+        """Keyframes per chunk of ``x``: those of one ``u`` block, or all of them for whole trajectories."""
+        if self.steps_per_chunk >= self.steps:
+            return len(self.keyframe_steps)
+        return self.steps_per_chunk // self.keyframe_every
 
     @property
     def num_shards(self) -> int:
@@ -232,9 +303,10 @@ class DatasetSpec:
     def from_dict(cls, d: Mapping) -> "DatasetSpec":
         d = dict(d)
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArcflowError(
-                f"dataset format_version {version!r} is not supported (this arcflow reads version {FORMAT_VERSION})"
+                f"dataset format_version {version!r} is not supported (this arcflow reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
@@ -271,4 +343,4 @@ class DatasetSpec:
 
 
 #: Array names of a shard group that conditioning fields may not use.
-RESERVED_ARRAYS = ("x", "u", "sigmas", "sample_id", "seed", "guidance")
+RESERVED_ARRAYS = ("x", "u", "u_scale", "cond_row", "sigmas", "sample_id", "seed", "guidance")

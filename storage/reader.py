@@ -1,4 +1,4 @@
-"""Reading a trajectory dataset (format v1, see ``arcflow.storage.format``).
+"""Reading a trajectory dataset (format v1 or v2, see ``arcflow.storage.format``).
 
 Only COMMITTED shards (those with a Parquet part in ``index/``) exist for a reader; a shard group
 without its part is a write in progress or a crashed one (``uncommitted_shards()`` lists them).
@@ -16,9 +16,9 @@ import numpy as np
 
 from arcflow.storage import _io
 from arcflow.storage.errors import ArcflowError
+from arcflow.storage.shards import ShardArrays, damaged_array
 from arcflow.storage.format import (
     DATASET_JSON,
-    DTYPE_ATTR,
     INDEX_COLUMNS,
     INDEX_DIR,
     SHARDS_DIR,
@@ -151,63 +151,77 @@ class TrajectoryReader:
         if not self.loc.exists(INDEX_DIR, index_part_name(shard_id)):
             raise ArcflowError(f"dataset {self.url}: shard {shard_id} is not committed")
 
-    def _group(self, shard_id: int):
+    def shard(self, shard_id: int) -> ShardArrays:
+        """Decoded, windowed access to a committed shard (``arcflow.storage.shards.ShardArrays``).
+        Format v2 shards are opened on a strict store: a missing chunk is an error, not zeros."""
         import zarr
 
+        self._check_committed(shard_id)
         store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=True)
+        if self.spec.format_version >= 2:
+            from arcflow.storage.chunk_store import StrictStore
+
+            store = StrictStore(store)
         try:
-            return zarr.open_group(store, mode="r", zarr_format=3)
+            group = zarr.open_group(store, mode="r", zarr_format=3)
         except FileNotFoundError:
             raise ArcflowError(f"dataset {self.url}: shard {shard_id} is committed but its Zarr group is missing") from None
-
-    def read_shard_raw(self, shard_id: int, rows: Sequence[int] | None = None, names: Sequence[str] | None = None):
-        """Arrays of a committed shard as STORED (float16/float32, or uint16 bits for bfloat16):
-        returns ``(arrays, arcflow_dtypes)`` where ``arcflow_dtypes[name]`` is "bfloat16" for bit arrays.
-        ``rows`` selects samples (sorted or not); ``names`` selects arrays (default: all)."""
-        self._check_committed(shard_id)
-        group = self._group(shard_id)
-        names = list(names) if names is not None else sorted(group.array_keys())
-        arrays, kinds = {}, {}
-        sel = None if rows is None else np.asarray(rows, dtype=np.int64)
-        for name in names:
-            arr = group[name]
-            if name == "sigmas" or sel is None:
-                arrays[name] = arr[...]
-            else:
-                arrays[name] = arr.oindex[(sel,)]
-            kinds[name] = arr.attrs.get(DTYPE_ATTR)
-        return arrays, kinds
+        except Exception as exc:  # a garbled group zarr.json
+            raise damaged_array(self.url, shard_id, "zarr.json", exc) from None
+        return ShardArrays.open(self.url, self.spec, shard_id, group)
 
     def read_shard(self, shard_id: int, rows: Sequence[int] | None = None, dtype=np.float32) -> dict[str, np.ndarray]:
-        """All arrays of a committed shard: ``x`` [n, S+1, *latent], ``u`` [n, S, *latent],
-        ``sigmas`` [S+1] float64, each cond field, ``sample_id``, ``seed``, ``guidance`` [n].
-        Floating arrays (except sigmas) are converted to ``dtype`` (None: as stored, bfloat16 -> float32)."""
-        arrays, kinds = self.read_shard_raw(shard_id, rows)
-        out = {}
-        for name, a in arrays.items():
-            if kinds[name] is not None and name != "sigmas":
-                out[name] = _io.decode_float(a, kinds[name], dtype)
-            else:
-                out[name] = a
+        """All data of a committed shard, as format v1 laid it out: ``x`` [n, S+1, *latent] (every
+        state; v2 rebuilds those between keyframes), ``u`` [n, S, *latent], ``sigmas`` [S+1] float64,
+        each cond field [n, ...], ``sample_id``, ``seed``, ``guidance`` [n]. Floating arrays (except
+        sigmas) come back as ``dtype``. ``rows`` selects samples (any order)."""
+        shard = self.shard(shard_id)
+        order = np.arange(shard.num_samples) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        sel, back = np.unique(order, return_inverse=True)  # zarr wants sorted, unique selections
+        x, u = shard.trajectories(sel)
+        out = {"x": x, "u": u, **shard.conditioning(sel, list(self.spec.cond_spec)), **shard.metadata(sel)}
+        out = {k: v[back] for k, v in out.items()}
+        for k, v in out.items():
+            if v.dtype.kind == "f":
+                out[k] = v.astype(dtype, copy=False)
+        out["sigmas"] = shard.read("sigmas")
         return out
 
     def read_sample(self, sample_id: int, dtype=np.float32) -> dict:
         """One trajectory by sample id (reads only its chunks): like ``read_shard`` without the
         leading axis, plus ``prompt``, ``shard`` and ``row``."""
-        if self._locator is None:
-            df = self.index(columns=["sample_id", "shard", "row", "step"])
-            df = df[df["step"] == 0]
-            self._locator = dict(zip(df["sample_id"].tolist(), zip(df["shard"].tolist(), df["row"].tolist())))
-        try:
-            shard, row = self._locator[int(sample_id)]
-        except KeyError:
-            raise ArcflowError(f"dataset {self.url}: no committed sample with id {sample_id}") from None
+        shard, row = self.locate(sample_id)
         arrays = self.read_shard(shard, rows=[row], dtype=dtype)
         out = {k: (v if k == "sigmas" else v[0]) for k, v in arrays.items()}
         part = self._read_part(shard, columns=["row", "prompt"])
         out["prompt"] = _prompt_of(part, row)
         out["shard"], out["row"] = shard, row
         return out
+
+    def locate(self, sample_id: int) -> tuple[int, int]:
+        """(shard, row) of a committed sample id."""
+        if self._locator is None:
+            df = self.index(columns=["sample_id", "shard", "row", "step"])
+            df = df[df["step"] == 0]
+            self._locator = dict(zip(df["sample_id"].tolist(), zip(df["shard"].tolist(), df["row"].tolist())))
+        try:
+            return self._locator[int(sample_id)]
+        except KeyError:
+            raise ArcflowError(f"dataset {self.url}: no committed sample with id {sample_id}") from None
+
+    def verify_shard(self, shard_id: int) -> str | None:
+        """Read every chunk of every array of a committed shard (checksums and presence are checked by
+        the reads); returns None when it is whole, else the one-line problem."""
+        try:
+            part_metadata(self.loc, shard_id, self.spec.steps)
+            shard = self.shard(shard_id)
+            for name, arr in shard.arrays.items():
+                step = max(1, int(arr.chunks[0])) if arr.ndim else 1
+                for start in range(0, max(1, arr.shape[0] if arr.ndim else 1), step):  # chunk rows at a time
+                    shard.read(name, slice(start, start + step) if arr.ndim else Ellipsis)
+        except ArcflowError as exc:
+            return str(exc)
+        return None
 
     # -- index ------------------------------------------------------------------------------
     def _read_part(self, shard_id: int, columns=None):

@@ -1,4 +1,4 @@
-"""Writing a trajectory dataset (format v1, see ``arcflow.storage.format``) with its commit protocol.
+"""Writing a trajectory dataset (format v2, see ``arcflow.storage.format``) with its commit protocol.
 
 Commit protocol, per shard (DESIGN.md section 5):
 
@@ -9,7 +9,7 @@ Commit protocol, per shard (DESIGN.md section 5):
    shards, never samples, as units of work);
 3. write the Parquet part LAST and atomically: temp file + rename on local disks (the temp name starts
    with ``.`` so neither pyarrow's directory discovery nor our readers ever see it), one object write
-   on object stores (``s3://``, ``gs://``: a PUT is atomic).
+   on object stores (``s3://``, ``gs://``: a PUT is atomic; nothing is renamed there).
 
 A shard without its Parquet part does not exist for readers and is simply rewritten on resume.
 Nothing here knows about models: arrays in (numpy or CPU torch), files out.
@@ -26,7 +26,9 @@ import numpy as np
 from arcflow.storage import _io
 from arcflow.storage.errors import ArcflowError
 from arcflow.storage.format import (
+    AUTO_CHUNK_BYTES,
     DATASET_JSON,
+    FLOAT8_MAX,
     DTYPE_ATTR,
     FORMAT_VERSION,
     GENERATION_KEY,
@@ -72,6 +74,11 @@ def check_dataset_target(
                 )
         return None
     existing = read_spec(loc)
+    if existing.format_version != FORMAT_VERSION:
+        raise ArcflowError(
+            f"dataset {url} is format v{existing.format_version}; this arcflow writes v{FORMAT_VERSION} only "
+            "(it still reads it): write to a new path"
+        )
     diffs = existing.diff(spec) if spec is not None else []
     recorded = existing.extra.get(GENERATION_KEY)
     if generation is not None and isinstance(recorded, dict):
@@ -103,6 +110,8 @@ def create_or_open_dataset(
     A resumed dataset keeps its committed shards (``DatasetWriter.pending_shards()`` lists what is
     left). ``storage_options`` go to fsspec (e.g. ``{"anon": False, "endpoint_url": ...}`` for s3fs).
     """
+    if spec.format_version != FORMAT_VERSION:
+        raise ArcflowError(f"this arcflow writes dataset format v{FORMAT_VERSION} only, not v{spec.format_version}")
     existing = check_dataset_target(url, resume, spec=spec, storage_options=storage_options)
     loc = _io.Location(url, storage_options)
     if existing is not None:
@@ -210,12 +219,15 @@ class DatasetWriter:
         for name, (lo, hi) in bounds.items():
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ArcflowError(f"shard {shard_id}: {name} holds NaN or infinite values (the teacher diverged?)")
-        if spec.storage_dtype == "float16":
-            peak = max(max(-lo, hi) for lo, hi in bounds.values())
+        if spec.state_dtype == "float16":
+            checked = bounds if spec.storage_dtype == "float16" else {"x": bounds["x"]}  # float8 u is scaled
+            peak = max(max(-lo, hi) for lo, hi in checked.values())
             if peak > _F16_MAX:
                 raise ArcflowError(
                     f"shard {shard_id}: values up to {peak:.3g} overflow float16; use storage dtype bfloat16 or float32"
                 )
+        if spec.keyframe_every > 1:
+            check_euler_states(shard_id, x, u, ref)
         if set(cond) != set(spec.cond_spec):
             raise ArcflowError(
                 f"shard {shard_id}: conditioning fields {sorted(cond)} differ from the dataset's {sorted(spec.cond_spec)}"
@@ -231,7 +243,7 @@ class DatasetWriter:
         self.loc.rm_file(INDEX_DIR, index_part_name(shard_id))
         self.loc.rm_tree(SHARDS_DIR, shard_zarr_name(shard_id))
         # 2. the Zarr group, whole
-        self._write_zarr(shard_id, x, u, ref, cond_np, ids, sds, g)
+        self._write_zarr(shard_id, self._shard_arrays(x, u, ref, cond_np, prompts, ids, sds, g))
         # 3. the Parquet part, last and atomically: this commits the shard
         table = build_index_table(shard_id, x, u, ref, ids, sds, prompts, g)
         import pyarrow.parquet as pq
@@ -241,47 +253,68 @@ class DatasetWriter:
         self.loc.write_atomic(buf.getvalue(), INDEX_DIR, index_part_name(shard_id))
         return n
 
-    def _write_zarr(self, shard_id, x, u, sigmas, cond_np, ids, seeds, guidance) -> None:
+    def _shard_arrays(self, x, u, sigmas, cond_np, prompts, ids, seeds, guidance) -> dict[str, tuple]:
+        """The shard's arrays as stored: name -> (data, chunk shape, arcflow dtype attribute or None)."""
+        spec = self.spec
+        n, S = u.shape[:2]
+        lat = spec.latent_shape
+        cs = min(spec.samples_per_chunk, n)  # a short last shard gets no padded edge chunk
+        sd, xd = spec.storage_dtype, spec.state_dtype
+        keyframes = np.ascontiguousarray(x[:, list(spec.keyframe_steps)])
+        arrays: dict[str, tuple] = {
+            "x": (_io.encode_float(keyframes, xd), (cs, spec.keyframes_per_chunk, *lat), _bits_dtype(xd)),
+        }
+        if sd == "float8_e4m3":
+            scale, bits = encode_float8_velocities(u)
+            arrays["u"] = (bits, (cs, spec.steps_per_chunk, *lat), sd)
+            arrays["u_scale"] = (scale, (cs, S), None)
+        else:
+            arrays["u"] = (_io.encode_float(u, sd), (cs, spec.steps_per_chunk, *lat), _bits_dtype(sd))
+        rows, firsts = unique_condition_rows(cond_np, prompts)
+        for name, a in cond_np.items():
+            f = spec.cond_spec[name]
+            a = a[firsts]
+            row_bytes = max(1, a[0].nbytes)
+            per_chunk = _equal_chunk(len(firsts), max(1, AUTO_CHUNK_BYTES // row_bytes))
+            if f.is_floating:
+                arrays[name] = (_io.encode_float(a.astype(np.float32, copy=False), xd), (per_chunk, *f.shape), _bits_dtype(xd))
+            else:
+                arrays[name] = (np.ascontiguousarray(a, dtype=f.dtype), (per_chunk, *f.shape), None)
+        arrays["cond_row"] = (rows, (n,), None)
+        arrays["sigmas"] = (np.asarray(sigmas, dtype=np.float64), (S + 1,), None)
+        arrays["sample_id"] = (ids, (n,), None)
+        arrays["seed"] = (seeds, (n,), None)
+        arrays["guidance"] = (guidance, (n,), None)
+        return arrays
+
+    def _write_zarr(self, shard_id: int, arrays: dict[str, tuple]) -> None:
         """The shard's group, all arrays created and written in ONE trip to zarr's event loop: each
         synchronous zarr call is a thread hand-off, and in a generation worker every one of them
-        takes the GIL from the teacher computing the next shard."""
+        takes the GIL from the teacher computing the next shard. Every chunk is written (even a
+        constant one) and checksummed, so readers can tell damage from data."""
         import asyncio
 
         import zarr.api.asynchronous as zarr_async
         from zarr.core.sync import sync
 
         spec = self.spec
-        n = x.shape[0]
-        cs = min(spec.samples_per_chunk, n)  # a short last shard gets no padded edge chunk
-        comp = _io.zarr_compressors(spec.compression, spec.compression_level)
+        codecs = _io.zarr_compressors(spec.compression, spec.compression_level, checksum=True)
         store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=False)
-        sd = spec.storage_dtype
-        arrays = {name: (_io.encode_float(a, sd), (cs, *a.shape[1:]), sd, True) for name, a in (("x", x), ("u", u))}
-        arrays["sigmas"] = (np.asarray(sigmas, dtype=np.float64), sigmas.shape, None, False)
-        for name, a in cond_np.items():
-            f = spec.cond_spec[name]
-            if f.is_floating:
-                arrays[name] = (_io.encode_float(a.astype(np.float32, copy=False), sd), (cs, *a.shape[1:]), sd, True)
-            else:
-                arrays[name] = (np.ascontiguousarray(a, dtype=f.dtype), (cs, *a.shape[1:]), None, True)
-        arrays["sample_id"] = (ids, (n,), None, True)
-        arrays["seed"] = (seeds, (n,), None, True)
-        arrays["guidance"] = (guidance, (n,), None, True)
+        n = len(arrays["sample_id"][0])
+        attributes = {"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": spec.storage_dtype}
 
         async def write() -> None:
-            group = await zarr_async.open_group(
-                store=store, mode="w", zarr_format=3,
-                attributes={"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": sd},
-            )
+            group = await zarr_async.open_group(store=store, mode="w", zarr_format=3, attributes=attributes)
 
-            async def put(name: str, data: np.ndarray, chunks, arcflow_dtype: str | None, compress: bool) -> None:
+            async def put(name: str, data: np.ndarray, chunks, arcflow_dtype: str | None) -> None:
                 arr = await group.create_array(
                     name,
                     shape=data.shape,
                     dtype=data.dtype,
                     chunks=chunks,
-                    compressors=comp if compress else None,
+                    compressors=codecs,
                     fill_value=0,
+                    config={"write_empty_chunks": True},
                     attributes={DTYPE_ATTR: arcflow_dtype} if arcflow_dtype else {},
                 )
                 await arr.setitem(Ellipsis, data)
@@ -289,6 +322,70 @@ class DatasetWriter:
             await asyncio.gather(*(put(name, *args) for name, args in arrays.items()))
 
         sync(write())
+
+
+def _bits_dtype(storage_dtype: str) -> str | None:
+    """The ``arcflow_dtype`` attribute of an array stored as raw bits (zarr lacks the dtype)."""
+    return storage_dtype if storage_dtype in ("bfloat16", "float8_e4m3") else None
+
+
+def _equal_chunk(total: int, target: int) -> int:
+    """Chunk length splitting ``total`` into equal chunks of at most ``target`` (zarr pads edges)."""
+    target = max(1, min(total, target))
+    n_chunks = -(-total // target)
+    return -(-total // n_chunks)
+
+
+def encode_float8_velocities(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale [n, S] float32, float8 e4m3fn bits of u / scale) with one scale per (sample, step):
+    the step's largest magnitude maps to the largest finite float8 value (an all-zero step gets 1)."""
+    n, S = u.shape[:2]
+    peak = np.abs(u.reshape(n, S, -1)).max(axis=2)
+    scale = np.where(peak > 0, peak / FLOAT8_MAX, 1.0).astype(np.float32)
+    bits = np.empty(u.shape, np.uint8)
+    for i in range(n):  # one sample at a time: no float32 temporary of the shard's size
+        scaled = u[i] / scale[i].reshape(S, *([1] * (u.ndim - 2)))
+        bits[i] = _io.encode_float(np.clip(scaled, -FLOAT8_MAX, FLOAT8_MAX), "float8_e4m3")
+    return scale, bits
+
+
+def unique_condition_rows(cond: Mapping[str, np.ndarray], prompts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    """(row of each sample [n] int32, first sample of each unique row): samples with the same prompt
+    and identical conditioning share one stored row (several seeds per prompt is the usual set)."""
+    rows = np.empty(len(prompts), np.int32)
+    firsts: list[int] = []
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        for r in by_prompt.setdefault(p, []):
+            if all(np.array_equal(a[firsts[r]], a[i]) for a in cond.values()):
+                rows[i] = r
+                break
+        else:
+            rows[i] = len(firsts)
+            by_prompt[p].append(len(firsts))
+            firsts.append(i)
+    return rows, firsts
+
+
+def check_euler_states(shard_id: int, x: np.ndarray, u: np.ndarray, sigmas: np.ndarray) -> None:
+    """Refuse states that are not Euler steps of the velocities (x_{j+1} = x_j - (s_j - s_{j+1}) u_j):
+    format v2 rebuilds the states between keyframes that way, so it must hold to float32 rounding."""
+    sig = np.asarray(sigmas, dtype=np.float32)
+    steps = sig[:-1] - sig[1:]  # float32, as the recording sampler steps
+    worst = 0.0
+    for j in range(u.shape[1]):  # one step at a time: no temporary of the shard's size
+        err = np.abs(x[:, j + 1] - (x[:, j] - steps[j] * u[:, j])).max()
+        scale = 1.0 + max(float(np.abs(x[:, j + 1]).max()), float(steps[j] * np.abs(u[:, j]).max()))
+        worst = max(worst, float(err) / scale)
+    if worst > EULER_TOLERANCE:
+        raise ArcflowError(
+            f"shard {shard_id}: the states are not Euler steps of the velocities (relative deviation {worst:.2g}); "
+            "store every state with keyframe_every=1"
+        )
+
+
+#: Largest relative deviation of a recorded state from the Euler step that check_euler_states accepts.
+EULER_TOLERANCE = 1e-4
 
 
 def build_index_table(shard_id, x, u, sigmas, ids, seeds, prompts, guidance):

@@ -1,4 +1,5 @@
-"""Trajectory dataset format v1: writer, reader, commit protocol (real Zarr + Parquet files)."""
+"""Trajectory dataset writer, reader, commit protocol (real Zarr + Parquet files); format v2 specifics
+are in test_format_v2.py."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def make_shard(spec: DatasetSpec, shard: int, rng_seed: int = 0):
     ids = np.array(list(spec.shard_samples(shard)), dtype=np.int64)
     n = len(ids)
     rng = np.random.default_rng(rng_seed + shard)
-    x = rng.standard_normal((n, S + 1, *LAT)).astype(np.float32)
     u = rng.standard_normal((n, S, *LAT)).astype(np.float32)
+    x = euler_states(rng.standard_normal((n, *LAT)).astype(np.float32), u, spec.sigmas)
     cond = {
         "prompt_embeds": rng.standard_normal((n, 3, 8)).astype(np.float32),
         "pooled_prompt_embeds": rng.standard_normal((n, 5)).astype(np.float32),
@@ -54,6 +55,16 @@ def make_shard(spec: DatasetSpec, shard: int, rng_seed: int = 0):
         shard_id=shard, x=x, u=u, sigmas=np.asarray(spec.sigmas), cond=cond, sample_ids=ids,
         seeds=ids * 1000 + 1, prompts=[f"a handwritten digit {i % 10}" for i in ids], guidance=spec.guidance,
     )
+
+
+def euler_states(noise: np.ndarray, u: np.ndarray, sigmas) -> np.ndarray:
+    """States x_0..x_S of Euler steps through ``u`` from ``noise``, in float32 as the teacher steps."""
+    sig = np.asarray(sigmas, dtype=np.float32)
+    x = np.empty((u.shape[0], u.shape[1] + 1, *u.shape[2:]), np.float32)
+    x[:, 0] = noise
+    for j in range(u.shape[1]):
+        x[:, j + 1] = x[:, j] - (sig[j] - sig[j + 1]) * u[:, j]
+    return x
 
 
 def write_all(url, spec, shards=None):
@@ -77,7 +88,7 @@ def tree_bytes(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 def test_round_trip_each_dtype(tmp_path, dtype):
-    spec = make_spec(storage_dtype=dtype)
+    spec = make_spec(storage_dtype=dtype, keyframe_every=1)  # every state stored: exact rounding
     _, data = write_all(str(tmp_path / "ds"), spec)
     r = open_dataset(str(tmp_path / "ds"))
     assert r.spec == spec and r.committed_shards() == {0, 1, 2}
@@ -110,13 +121,14 @@ def test_bf16_storage_is_uint16_with_attribute_and_torch_input(tmp_path):
     spec = make_spec(storage_dtype="bfloat16")
     w = create_or_open_dataset(str(tmp_path / "ds"), spec)
     d = make_shard(spec, 0)
-    d["x"], d["u"] = torch.from_numpy(d["x"]), torch.from_numpy(d["u"]).to(torch.bfloat16)  # torch inputs
+    ub = torch.from_numpy(d["u"]).to(torch.bfloat16)  # torch inputs, states stepped with the bf16 u
+    d["x"], d["u"] = torch.from_numpy(euler_states(d["x"][:, 0], ub.float().numpy(), spec.sigmas)), ub
     w.write_shard(**d)
     g = zarr.open_group(str(tmp_path / "ds" / "shards" / shard_zarr_name(0)), mode="r")
     assert g["x"].dtype == np.uint16 and g["x"].attrs["arcflow_dtype"] == "bfloat16"
     bits = torch.from_numpy(g["u"][...].view(np.int16)).view(torch.bfloat16)
     assert torch.equal(bits, d["u"])
-    assert g["x"].chunks[0] == spec.samples_per_chunk and g["x"].chunks[1:] == (S + 1, *LAT)
+    assert g["x"].chunks[0] == spec.samples_per_chunk and g["x"].chunks[1:] == (len(spec.keyframe_steps), *LAT)
 
 
 def test_index_columns_stats_and_row_counts(tmp_path):
