@@ -218,8 +218,8 @@ def setup(
     ema = EMAModel(params.values(), decay=config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None:
         ema.to(dtype=torch.float32)  # bf16 weights: average in float32 so small updates are not lost
-    stream = TrajectoryStream(config.dataset, rank=rank, world_size=world_size, seed=config.seed,
-                              shuffle_buffer=config.shuffle_buffer, shards=config.shards)
+    stream = TrajectoryStream(config.dataset, segment_bounds=facts["bounds"], rank=rank, world_size=world_size,
+                              seed=config.seed, shuffle_buffer=config.shuffle_buffer, shards=config.shards)
     step = 0
     if saved is not None:
         step = int(saved["state"]["step"])
@@ -235,7 +235,8 @@ def setup(
     # The LR is a function of the step alone (so --resume may extend --iters): rebuilt at ``step``.
     scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup, last_epoch=step - 1)
     model = prepare_student(student, config, world_size)
-    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers,
+                                         pin_memory=device.type == "cuda")
     return Training(config, facts["bounds"], device, rank, world_size, student, model, params, optimizer,
                     scheduler, ema, stream, iter(loader), step)
 
@@ -247,12 +248,10 @@ def train_step(run: Training) -> dict[str, Any]:
     config = run.config
     batch = next(run.batches)
     run.stream.mark_consumed(batch)  # the data position a checkpoint records
-    batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    # Which segment each pair trains: a pure function of (seed, step, rank), so resume is exact.
-    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step * run.world_size + run.rank)
-    segments = torch.randint(config.student.nfe, (batch["x"].shape[0],), generator=gen).to(run.device)
+    # the stream's items are (sample, segment) pairs: one copy to the device, none back in the loss
+    batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        loss, per_segment = segment_loss(run.model, batch, run.bounds, segments)
+        loss, per_segment = segment_loss(run.model, batch, len(run.bounds) - 1)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)

@@ -211,8 +211,10 @@ class DatasetSpec:
             raise ArcflowError(f"num_samples must be >= 0, got {self.num_samples}")
         if self.format_version == 1:
             self.keyframe_every, self.steps_per_chunk = 1, self.steps
-        elif not 1 <= self.keyframe_every <= self.steps:
-            raise ArcflowError(f"keyframe interval must be in 1..{self.steps} (the steps), got {self.keyframe_every}")
+        elif self.keyframe_every < 1:
+            raise ArcflowError(f"keyframe interval must be >= 1, got {self.keyframe_every}")
+        else:  # an interval past the last step keeps just the noise and the final state
+            self.keyframe_every = min(self.keyframe_every, self.steps)
         for name in self.cond_spec:
             if name in RESERVED_ARRAYS:
                 raise ArcflowError(f"cond name {name!r} is reserved (reserved: {', '.join(RESERVED_ARRAYS)})")

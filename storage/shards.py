@@ -57,9 +57,9 @@ class ShardArrays:
     def num_samples(self) -> int:
         return int(self.arrays["sample_id"].shape[0])
 
-    def nbytes_decoded(self) -> int:
-        """Bytes of the stored arrays held in memory by :meth:`load`."""
-        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.arrays.values())
+    def nbytes_stored(self, names: Sequence[str]) -> int:
+        """Bytes of arrays ``names`` as stored, uncompressed (what :meth:`load` would hold)."""
+        return sum(int(np.prod(self.arrays[n].shape)) * np.dtype(self.arrays[n].dtype).itemsize for n in names)
 
     def read(self, name: str, selection=Ellipsis) -> np.ndarray:
         """``arrays[name][selection]`` as stored, with damage turned into one line."""
@@ -73,10 +73,11 @@ class ShardArrays:
             raise damaged_array(self.url, self.shard_id, name, exc) from None
 
     def load(self, names: Sequence[str] | None = None) -> "ShardArrays":
-        """A copy of this shard with ``names`` (default: all) read whole into memory."""
+        """A copy of this shard with ``names`` (default: all) read whole into memory; the other
+        arrays stay windowed."""
         names = list(self.arrays) if names is None else [n for n in names if n in self.arrays]
-        return ShardArrays(self.url, self.spec, self.shard_id, {n: self.read(n) for n in names},
-                           {n: self.kinds.get(n) for n in names})
+        arrays = {n: (self.read(n) if n in names else a) for n, a in self.arrays.items()}
+        return ShardArrays(self.url, self.spec, self.shard_id, arrays, dict(self.kinds))
 
     # -- decoded pieces --------------------------------------------------------------------------
     def velocities(self, rows, start: int, stop: int) -> np.ndarray:
@@ -104,6 +105,8 @@ class ShardArrays:
         sample, reading only the chunks that hold them: the keyframe at or before ``start`` and the
         velocity blocks from there to ``stop``."""
         k, x = self._keyframe(row, start)
+        if stop <= k:  # a keyframe on its own
+            return x, np.zeros((0, *x.shape), np.float32)
         u = self.velocities(row, k, stop)
         self._advance(x, u[: start - k], k, axis=0)
         return x, u[start - k:]

@@ -1,35 +1,47 @@
 """Streaming the committed shards of a trajectory dataset into torch: ``TrajectoryStream``.
 
+Items. The stream yields what the offline loss uses: one item per (sample, segment), where the
+segments are the step ranges ``segment_bounds`` (``[0, 25, 50]`` for NFE 2 over 50 steps; default
+one segment over the whole trajectory). An item is a dict of CPU tensors:
+
+- ``x`` [*latent] float32: the state at the segment start; ``sigma``: its sigma (float32 scalar);
+- ``u`` [W, *latent] float32: the recorded velocities of the segment's sub-steps, ``sigmas``
+  [W+1]: the sub-step sigmas, ``weights`` [W]: sub-step length / segment length. ``W`` is the
+  longest segment, shorter ones are padded with zero-weight steps (and repeated end sigmas), so
+  items of different segments batch together;
+- ``segment`` (int64), each conditioning field (floating ones float32), ``sample_id``, ``seed``
+  (int64), ``guidance`` (float32) and ``stream_pos`` (int64 [4]: worker id, worker count, epoch,
+  position in the epoch: bookkeeping for resuming);
+- with ``endpoints=True`` also ``noise`` (x at sigma=1) and ``final`` (x at sigma=0), for
+  evaluation-style consumers.
+
+Reads. An item reads only its own chunks (format v2: the keyframe at or before the segment start
+and the velocity blocks of the segment) unless its shard is small: a shard whose stored arrays fit
+``cache_bytes`` is read whole once and its items are cut from memory (digits-sized data: one read
+instead of hundreds). So a worker holds at most ``cache_bytes`` of shard data, plus one item, plus
+the shuffle buffer, whatever the shard size.
+
 Splitting. The stream of one process (``rank`` of ``world_size``, e.g. Ray Train / DDP ranks) is
 split further across its DataLoader workers: the dataset's shards are the units, and in epoch ``e``
 the shard list (shuffled with ``(seed, e)``) is dealt round-robin to the ``world_size * W``
-consumers (``W`` = DataLoader workers, 1 without workers). So in every epoch each committed sample is
-seen exactly once across all ranks and workers. Ranks can get different sample counts (shards differ
-in size, and the counts need not divide): with DDP prefer an infinite stream (``epochs=None``) and a
-fixed number of optimizer steps.
+consumers (``W`` = DataLoader workers, 1 without workers). So in every epoch each committed
+(sample, segment) is seen exactly once across all ranks and workers. Ranks can get different item
+counts (shards differ in size, and the counts need not divide): with DDP prefer an infinite stream
+(``epochs=None``) and a fixed number of optimizer steps.
 
-Shuffling (``shuffle=True``). Per epoch: shard order as above; each shard's rows in a random
-permutation; then a bounded shuffle buffer of ``shuffle_buffer`` samples mixes consecutive shards of
-a consumer. Everything is a pure function of ``(seed, epoch, consumer)``: deterministic per seed,
-different between epochs.
-
-Memory. A worker holds one shard (as stored: float16/bfloat16 halves it) plus at most
-``shuffle_buffer`` samples; never the dataset. One sample of FLUX.1-dev at 1024px (4096 tokens x 64,
-51 states + 50 velocities) is ~53 MB in float16, so size ``shard_size`` and ``shuffle_buffer`` with
-that in mind.
-
-Yielded samples: dicts of CPU tensors, ``x`` [S+1, *latent] float32, ``u`` [S, *latent] float32,
-``sigmas`` [S+1] float32, each conditioning field (floating ones as float32), ``sample_id``,
-``seed`` (int64 scalars), ``guidance`` (float32 scalar) and ``stream_pos`` (int64 [4]: worker id,
-worker count, epoch, position in the epoch: bookkeeping for resuming).
+Shuffling (``shuffle=True``). Per epoch: shard order as above; each shard's items in a random
+permutation; then a bounded shuffle buffer of ``shuffle_buffer`` items mixes consecutive shards of
+a consumer. The buffer holds references; an item buffered past its shard is cut out when the shard
+is left (small shards) or read from its chunks when it is emitted (large ones). Everything is a pure
+function of ``(seed, epoch, consumer)``: deterministic per seed, different between epochs.
 
 Resuming. ``state_dict()`` is small (epoch and position per worker) and goes into checkpoints;
-``load_state_dict()`` before iterating makes the stream continue exactly where the consumed samples
-stopped, i.e. a resumed run sees the same sequence as an uninterrupted one, at SAMPLE granularity:
+``load_state_dict()`` before iterating makes the stream continue exactly where the consumed items
+stopped, i.e. a resumed run sees the same sequence as an uninterrupted one, at ITEM granularity:
 
 - ``num_workers=0``: the stream tracks what it yielded by itself; nothing else to do.
 - ``num_workers>0``: the worker copies cannot report back, so call ``stream.mark_consumed(batch)``
-  for each batch the training loop has taken (it reads ``batch["stream_pos"]``). Samples prefetched
+  for each batch the training loop has taken (it reads ``batch["stream_pos"]``). Items prefetched
   by workers but not consumed are produced again after a resume, as they should be. The resumed
   DataLoader must use the same ``num_workers`` (it changes the split; iterating with another count
   raises ``ArcflowError``) and the same ``batch_size``; then the batch sequence is the same as
@@ -53,24 +65,31 @@ from torch.utils.data import IterableDataset, get_worker_info
 from arcflow.storage import _io
 from arcflow.storage.errors import ArcflowError
 from arcflow.storage.reader import TrajectoryReader, open_dataset
+from arcflow.storage.shards import ShardArrays
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Shards whose stored arrays fit this many bytes are read whole (see the module docstring).
+DEFAULT_CACHE_BYTES = 64 << 20
+#: Small per-sample arrays read whole even when a shard's data is read item by item.
+_SMALL_ARRAYS = ("sample_id", "seed", "guidance", "cond_row", "u_scale")
 
 
 class TrajectoryStream(IterableDataset):
-    """An ``IterableDataset`` of per-sample trajectory dicts over a dataset's COMMITTED shards.
+    """An ``IterableDataset`` of (sample, segment) items over a dataset's COMMITTED shards.
 
-    ``rank``/``world_size`` default to ``torch.distributed``'s when it is initialized, else 0/1.
-    ``epochs=None`` iterates forever; an int stops after that many epochs (per consumer).
-    ``shards`` restricts the stream to some committed shards (default: all committed at construction;
-    shards committed later are not picked up by this object). ``cond`` selects the conditioning
-    fields to yield (default: all of the dataset's).
+    ``segment_bounds``: increasing step indices from 0 to the dataset's steps (default ``[0, S]``:
+    one segment per sample). ``rank``/``world_size`` default to ``torch.distributed``'s when it is
+    initialized, else 0/1. ``epochs=None`` iterates forever; an int stops after that many epochs
+    (per consumer). ``shards`` restricts the stream to some committed shards (default: all committed
+    at construction). ``cond`` selects the conditioning fields to yield (default: all).
     """
 
     def __init__(
         self,
         url: str,
         *,
+        segment_bounds: Sequence[int] | None = None,
+        endpoints: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
         seed: int = 0,
@@ -79,6 +98,7 @@ class TrajectoryStream(IterableDataset):
         epochs: int | None = None,
         shards: Sequence[int] | None = None,
         cond: Sequence[str] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         storage_options: dict | None = None,
     ):
         super().__init__()
@@ -114,6 +134,12 @@ class TrajectoryStream(IterableDataset):
         if unknown:
             raise ArcflowError(f"dataset {self.url} has no conditioning field(s) {unknown}")
         self.cond_names = names
+        bounds = [0, self.spec.steps] if segment_bounds is None else [int(b) for b in segment_bounds]
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != self.spec.steps or any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ArcflowError(f"segment bounds must increase from 0 to the dataset's {self.spec.steps} steps, got {bounds}")
+        self.segment_bounds = bounds
+        self.endpoints = bool(endpoints)
+        self.cache_bytes = int(cache_bytes)
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed, self.shuffle = int(seed), bool(shuffle)
         self.shuffle_buffer = max(0, int(shuffle_buffer))
@@ -126,9 +152,18 @@ class TrajectoryStream(IterableDataset):
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
-    def samples_per_epoch(self) -> int:
-        """Samples in one epoch over ALL ranks and workers (this stream's shards)."""
-        return sum(self.sizes.values())
+    def num_segments(self) -> int:
+        return len(self.segment_bounds) - 1
+
+    @property
+    def width(self) -> int:
+        """Sub-steps per item (the longest segment; shorter ones are zero-weight padded)."""
+        return max(b - a for a, b in zip(self.segment_bounds, self.segment_bounds[1:]))
+
+    @property
+    def items_per_epoch(self) -> int:
+        """(sample, segment) items in one epoch over ALL ranks and workers (this stream's shards)."""
+        return sum(self.sizes.values()) * self.num_segments
 
     # -- planning (pure functions of seed, epoch, consumer; no I/O) -------------------------------
     def _consumer_shards(self, epoch: int, consumer: int, consumers: int) -> list[int]:
@@ -138,24 +173,25 @@ class TrajectoryStream(IterableDataset):
         return order[consumer::consumers]
 
     def _events(self, epoch: int, consumer: int, consumers: int) -> Iterator[tuple]:
-        """("load", s) | ("emit", s, row) | ("retain", s, rows still buffered when leaving shard s)."""
+        """("load", s) | ("emit", s, item) | ("retain", s, items still buffered when leaving shard s);
+        item ``i`` of a shard is sample row ``i // num_segments``, segment ``i % num_segments``."""
         rng = np.random.default_rng([self.seed, epoch, consumers, consumer, 1])
         cap = self.shuffle_buffer if self.shuffle else 0
         buf: list[tuple[int, int]] = []
         for s in self._consumer_shards(epoch, consumer, consumers):
-            n = self.sizes[s]
-            rows = rng.permutation(n) if self.shuffle else np.arange(n)
+            n = self.sizes[s] * self.num_segments
+            items = rng.permutation(n) if self.shuffle else np.arange(n)
             yield ("load", s)
-            for r in rows.tolist():
+            for i in items.tolist():
                 if cap == 0:
-                    yield ("emit", s, r)
+                    yield ("emit", s, i)
                 elif len(buf) < cap:
-                    buf.append((s, r))
+                    buf.append((s, i))
                 else:
                     j = int(rng.integers(cap))
-                    out, buf[j] = buf[j], (s, r)
+                    out, buf[j] = buf[j], (s, i)
                     yield ("emit", *out)
-            yield ("retain", s, [r for (t, r) in buf if t == s])
+            yield ("retain", s, [i for (t, i) in buf if t == s])
         for j in rng.permutation(len(buf)).tolist():
             yield ("emit", *buf[j])
 
@@ -185,39 +221,34 @@ class TrajectoryStream(IterableDataset):
         self._num_workers = nw
         epoch0, pos0 = self._start.get(wid, (0, 0))
         epochs = itertools.count(epoch0) if self.epochs is None else range(epoch0, self.epochs)
-        sigmas = torch.tensor(self.spec.sigmas, dtype=torch.float32)
         in_worker = get_worker_info() is not None
         for epoch in epochs:
             events = self._events(epoch, consumer, consumers)
-            current: tuple[int, dict, dict] | None = None  # (shard, raw arrays, dtype kinds)
-            cache: dict[tuple[int, int], tuple[dict, dict]] = {}
+            current: tuple[ShardArrays, bool] | None = None  # (the shard being read, read whole?)
+            held: dict[tuple[int, int], dict | ShardArrays] = {}  # buffered items of shards left behind
             pos = 0
             if epoch == epoch0 and pos0 > 0:
-                current, cache, pos = self._fast_forward(events, pos0)
+                current, held, pos = self._fast_forward(events, pos0)
             for ev in events:
                 if ev[0] == "load":
-                    arrays, kinds = self._reader.read_shard_raw(ev[1], names=self._array_names())
-                    current = (ev[1], arrays, kinds)
+                    current = self._open(ev[1])
                 elif ev[0] == "retain":
-                    s, rows = ev[1], ev[2]
-                    for r in rows:
-                        cache[(s, r)] = ({k: np.array(v[r]) for k, v in current[1].items() if k != "sigmas"}, current[2])
+                    shard, whole = current
+                    for i in ev[2]:  # cut out of memory now, or read from the chunks later
+                        held[(ev[1], i)] = self._item(shard, i) if whole else shard
                     current = None
                 else:
-                    s, r = ev[1], ev[2]
-                    if (s, r) in cache:
-                        row, kinds = cache.pop((s, r))
-                    else:
-                        row, kinds = {k: v[r] for k, v in current[1].items() if k != "sigmas"}, current[2]
-                    sample = self._to_torch(row, kinds, sigmas)
-                    sample["stream_pos"] = torch.tensor([wid, nw, epoch, pos], dtype=torch.int64)
+                    source = held.pop((ev[1], ev[2]), None)
+                    item = source if isinstance(source, dict) else self._item(source or current[0], ev[2])
+                    item["stream_pos"] = torch.tensor([wid, nw, epoch, pos], dtype=torch.int64)
                     pos += 1
                     if not in_worker:
                         self._consumed[wid] = _next_pos(epoch, pos)
-                    yield sample
+                    yield item
 
     def _fast_forward(self, events: Iterator[tuple], target: int):
-        """Advance ``events`` past ``target`` emissions without data, then load what is buffered."""
+        """Advance ``events`` past ``target`` emissions without reading data; returns the shard being
+        read then, the buffered items of earlier shards and the position reached."""
         pos, current, kept = 0, None, set()
         while pos < target:
             ev = next(events, None)
@@ -226,40 +257,55 @@ class TrajectoryStream(IterableDataset):
             if ev[0] == "load":
                 current = ev[1]
             elif ev[0] == "retain":
-                kept.update((ev[1], r) for r in ev[2])
+                kept.update((ev[1], i) for i in ev[2])
                 current = None
             else:
                 kept.discard((ev[1], ev[2]))
                 pos += 1
-        cache: dict[tuple[int, int], tuple[dict, dict]] = {}
-        by_shard: dict[int, list[int]] = {}
-        for s, r in kept:
-            by_shard.setdefault(s, []).append(r)
-        names = self._array_names()
-        for s, rows in by_shard.items():
-            rows = sorted(rows)
-            arrays, kinds = self._reader.read_shard_raw(s, rows=rows, names=names)
-            for k, r in enumerate(rows):
-                cache[(s, r)] = ({n: a[k] for n, a in arrays.items() if n != "sigmas"}, kinds)
-        cur = None
-        if current is not None:
-            arrays, kinds = self._reader.read_shard_raw(current, names=names)
-            cur = (current, arrays, kinds)
-        return cur, cache, pos
+        held: dict[tuple[int, int], dict | ShardArrays] = {}
+        for s in sorted({s for s, _ in kept}):
+            shard, whole = self._open(s)
+            for t, i in kept:
+                if t == s:
+                    held[(s, i)] = self._item(shard, i) if whole else shard
+        return (self._open(current) if current is not None else None), held, pos
 
     def _array_names(self) -> list[str]:
-        return ["x", "u", *self.cond_names, "sample_id", "seed", "guidance"]
+        return ["x", "u", "u_scale", "cond_row", *self.cond_names, "sample_id", "seed", "guidance"]
 
-    def _to_torch(self, row: dict, kinds: dict, sigmas: torch.Tensor) -> dict:
-        out = {}
-        for name, a in row.items():
-            if kinds.get(name) is not None or a.dtype.kind == "f":
-                a = _io.decode_float(a, kinds.get(name), None).astype(np.float32, copy=True)
-            else:
-                a = np.array(a)
-            out[name] = torch.from_numpy(a) if a.ndim else torch.tensor(a.item(), dtype=_torch_dtype(a.dtype))
-        out["sigmas"] = sigmas
-        return out
+    def _open(self, shard_id: int) -> tuple[ShardArrays, bool]:
+        """(the shard, True when it was read whole into memory); small arrays are always read whole."""
+        shard = self._reader.shard(shard_id)
+        names = [n for n in self._array_names() if n in shard.arrays]
+        whole = shard.nbytes_stored(names) <= self.cache_bytes
+        return shard.load(names if whole else [n for n in _SMALL_ARRAYS if n in shard.arrays]), whole
+
+    def _item(self, shard: ShardArrays, index: int) -> dict:
+        """The training item ``index`` (sample row, segment) of a shard, as CPU tensors."""
+        row, segment = divmod(index, self.num_segments)
+        a, b = self.segment_bounds[segment], self.segment_bounds[segment + 1]
+        x, u = shard.segment(row, a, b)
+        width = self.width
+        padded = np.zeros((width, *u.shape[1:]), np.float32)
+        padded[: b - a] = u
+        sig = np.asarray(self.spec.sigmas, dtype=np.float32)
+        window = sig[np.minimum(np.arange(a, a + width + 1), b)]
+        rows = slice(row, row + 1)
+        item = {
+            "x": torch.from_numpy(x),
+            "sigma": torch.tensor(window[0]),
+            "sigmas": torch.from_numpy(window),
+            "u": torch.from_numpy(padded),
+            "weights": torch.from_numpy((window[:-1] - window[1:]) / (sig[a] - sig[b])),
+            "segment": torch.tensor(segment, dtype=torch.int64),
+        }
+        if self.endpoints:
+            item["noise"] = torch.from_numpy(shard.state(row, 0))
+            item["final"] = torch.from_numpy(shard.state(row, self.spec.steps))
+        for name, value in {**shard.conditioning(rows, self.cond_names), **shard.metadata(rows)}.items():
+            value = np.array(value[0])
+            item[name] = torch.from_numpy(value) if value.ndim else torch.tensor(value.item(), dtype=_torch_dtype(value.dtype))
+        return item
 
     # -- resume ---------------------------------------------------------------------------------
     def mark_consumed(self, batch_or_sample) -> None:
