@@ -57,3 +57,24 @@ def segment_loss(student: StudentModule, batch: Mapping[str, Tensor], num_segmen
         counts = torch.zeros(num_segments, device=per_item.device).index_add_(0, segment, torch.ones_like(sums[segment]))
         per_segment = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
     return loss, per_segment
+
+
+def segment_batch(
+    x: Tensor, u: Tensor, sigmas: Tensor, segment_bounds: list[int], segment: Tensor, cond: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Cut a batch of (sample, segment) items out of whole trajectories held in memory (``x``
+    ``(B, S+1, ...)``, ``u`` ``(B, S, ...)``, ``sigmas`` ``(S+1,)``), in the layout the stream
+    yields from storage: for a teacher run in memory (tests, benchmarks) instead of a dataset."""
+    bounds = torch.as_tensor(segment_bounds, dtype=torch.long)
+    seg = torch.as_tensor(segment, dtype=torch.long).expand(x.shape[0])
+    start, end = bounds[seg], bounds[seg + 1]
+    width = int((bounds[1:] - bounds[:-1]).max())
+    offsets = torch.arange(width + 1)
+    rows = torch.arange(x.shape[0])[:, None]
+    window = sigmas.float()[torch.minimum(start[:, None] + offsets, end[:, None])]  # (B, W+1)
+    steps = torch.minimum(start[:, None] + offsets[:-1], end[:, None] - 1)
+    valid = (start[:, None] + offsets[:-1]) < end[:, None]
+    target = u[rows, steps] * valid.reshape(*valid.shape, *([1] * (u.dim() - 2)))
+    weights = (window[:, :-1] - window[:, 1:]) / (window[:, :1] - window[:, -1:])
+    return {"x": x[torch.arange(x.shape[0]), start], "sigma": window[:, 0], "sigmas": window, "u": target,
+            "weights": weights, "segment": seg, **cond}

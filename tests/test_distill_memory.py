@@ -36,7 +36,11 @@ def _batch(rows: slice) -> dict:
         "u": torch.randn(4, 4, 16, 4, generator=gen),
         **load_teacher("digits").encode_prompts(PROMPTS),
     }
-    return {**{k: v[rows] for k, v in batch.items()}, "sigmas": torch.linspace(1, 0, 5)}
+    from arcflow.distill.loss import segment_batch
+
+    batch = {k: v[rows] for k, v in batch.items()}
+    cond = {k: v for k, v in batch.items() if k not in ("x", "u")}
+    return segment_batch(batch["x"], batch["u"], torch.linspace(1, 0, 5), BOUNDS, SEGMENTS[rows], cond)
 
 
 def _loss_and_grads(checkpointing: bool, fsdp: bool = False, rank: int = 0, world_size: int = 1):
@@ -51,7 +55,7 @@ def _loss_and_grads(checkpointing: bool, fsdp: bool = False, rank: int = 0, worl
     model = prepare_student(student, options, world_size)
     per_rank = 4 // world_size
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    loss, _ = segment_loss(model, _batch(rows), BOUNDS, SEGMENTS[rows])
+    loss, _ = segment_loss(model, _batch(rows), len(BOUNDS) - 1)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     return student, loss.detach(), grads
@@ -84,7 +88,7 @@ def test_gradient_checkpointing_recomputes_blocks(one_thread):
             return forward(*args, **kwargs)
 
         block.forward = counting
-        segment_loss(model, _batch(slice(0, 4)), BOUNDS, SEGMENTS)[0].backward()
+        segment_loss(model, _batch(slice(0, 4)), len(BOUNDS) - 1)[0].backward()
         calls[checkpointing] = count[0]
     assert calls == {False: 1, True: 2}
 

@@ -1,4 +1,5 @@
-"""TrajectoryStream: splitting across ranks x workers, per-epoch shuffle, exact resume."""
+"""TrajectoryStream: (sample, segment) items, splitting across ranks x workers, per-epoch shuffle,
+exact resume, whole-shard and windowed reads."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from arcflow.storage import DatasetSpec, TrajectoryStream, create_or_open_dataset
+from arcflow.distill.loss import segment_batch
+from arcflow.storage import DatasetSpec, TrajectoryStream, create_or_open_dataset, open_dataset
 from arcflow.storage.errors import ArcflowError
 from torch.utils.data import DataLoader
+
+from test_storage import euler_states
 
 S = 4
 LAT = (4, 2)
@@ -29,8 +33,9 @@ def dataset(tmp_path_factory):
     for s in range(spec.num_shards):
         ids = np.array(list(spec.shard_samples(s)))
         n = len(ids)
-        x = np.broadcast_to(ids[:, None, None, None].astype(np.float32), (n, S + 1, *LAT)).copy()
-        w.write_shard(s, x, rng.standard_normal((n, S, *LAT)), spec.sigmas, {"emb": rng.standard_normal((n, 3))},
+        u = rng.standard_normal((n, S, *LAT)).astype(np.float32)
+        noise = np.broadcast_to(ids[:, None, None].astype(np.float32), (n, *LAT))  # x_0 encodes the sample id
+        w.write_shard(s, euler_states(noise, u, spec.sigmas), u, spec.sigmas, {"emb": rng.standard_normal((n, 3))},
                       ids, ids + 100, [f"p{i}" for i in ids], 2.0)
     # an uncommitted shard group (shard 9 of 10 written, its parquet part removed) must never be streamed
     (root / "index" / "shard-000009.parquet").unlink()
@@ -45,13 +50,58 @@ COMMITTED = set(range(45))  # shards 0..8 of 5 samples; shard 9 (45, 46) is unco
 
 
 def test_sample_contents(dataset):
-    s = next(iter(TrajectoryStream(dataset, seed=1)))
-    assert s["x"].shape == (S + 1, *LAT) and s["x"].dtype == torch.float32
+    s = next(iter(TrajectoryStream(dataset, seed=1)))  # default: one segment, the whole trajectory
+    assert s["x"].shape == LAT and s["x"].dtype == torch.float32
     assert s["u"].shape == (S, *LAT) and s["u"].dtype == torch.float32
     assert s["sigmas"].shape == (S + 1,) and s["emb"].shape == (3,) and s["emb"].dtype == torch.float32
+    assert float(s["sigma"]) == 1.0 and int(s["segment"]) == 0
+    torch.testing.assert_close(s["weights"].sum(), torch.tensor(1.0))
     assert s["sample_id"].dtype == torch.int64 and s["seed"] == s["sample_id"] + 100
     assert float(s["guidance"]) == 2.0
-    assert torch.all(s["x"] == s["sample_id"].float())  # x encodes its sample id: data matches the id
+    assert torch.all(s["x"] == s["sample_id"].float())  # x_0 encodes its sample id: data matches the id
+
+
+BOUNDS = [0, 1, 4]  # unequal segments: the first is padded to 3 sub-steps
+
+
+@pytest.mark.parametrize("cache_bytes", [64 << 20, 0])  # whole-shard reads, and item-by-item windowed reads
+def test_segment_items_match_the_trajectories_they_come_from(dataset, cache_bytes):
+    reader = open_dataset(dataset)
+    by_id = {}
+    for shard in reader.committed_shards():
+        d = reader.read_shard(shard)
+        for row, sid in enumerate(d["sample_id"].tolist()):
+            by_id[sid] = (torch.from_numpy(d["x"][row]), torch.from_numpy(d["u"][row]), d["emb"][row])
+    sigmas = torch.tensor(reader.spec.sigmas, dtype=torch.float32)
+    stream = TrajectoryStream(dataset, segment_bounds=BOUNDS, seed=4, epochs=1, shuffle_buffer=7, cache_bytes=cache_bytes,
+                              endpoints=True)
+    seen = Counter()
+    for item in stream:
+        sid, seg = int(item["sample_id"]), int(item["segment"])
+        seen[(sid, seg)] += 1
+        x, u, emb = by_id[sid]
+        ref = segment_batch(x[None], u[None], sigmas, BOUNDS, torch.tensor([seg]), {})
+        for key in ("x", "sigma", "sigmas", "u", "weights"):
+            torch.testing.assert_close(item[key], ref[key][0], rtol=0, atol=2e-6, msg=key)
+        np.testing.assert_array_equal(item["emb"].numpy(), emb)
+        torch.testing.assert_close(item["noise"], x[0])
+        torch.testing.assert_close(item["final"], x[-1])
+    assert set(seen) == {(i, g) for i in COMMITTED for g in range(2)} and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("cache_bytes", [64 << 20, 0])
+def test_segment_stream_resumes_exactly(dataset, cache_bytes):
+    kw = dict(segment_bounds=BOUNDS, seed=9, epochs=2, shuffle_buffer=5, cache_bytes=cache_bytes)
+
+    def keys(items):
+        return [(int(i["sample_id"]), int(i["segment"])) for i in items]
+
+    full = keys(TrajectoryStream(dataset, **kw))
+    first = TrajectoryStream(dataset, **kw)
+    head = keys(itertools.islice(iter(first), 33))
+    resumed = TrajectoryStream(dataset, **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert head + keys(resumed) == full and len(full) == 2 * 2 * 45
 
 
 def test_every_sample_once_per_epoch_across_ranks_and_workers(dataset):
@@ -62,7 +112,7 @@ def test_every_sample_once_per_epoch_across_ranks_and_workers(dataset):
         for batch in loader:
             for sid, epoch in zip(batch["sample_id"].tolist(), batch["stream_pos"][:, 2].tolist()):
                 per_epoch[epoch][sid] += 1
-            assert torch.all(batch["x"][:, 0, 0, 0] == batch["sample_id"].float())
+            assert torch.all(batch["x"][:, 0, 0] == batch["sample_id"].float())
     for c in per_epoch:
         assert set(c) == COMMITTED and set(c.values()) == {1}
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import safetensors
 import torch
-from arcflow.distill.loss import segment_loss
+from arcflow.distill.loss import segment_batch, segment_loss
 from arcflow.distill.momentum import displacement, velocity_at
 from arcflow.distill.student import (
     CONFIG_FILE,
@@ -176,6 +176,11 @@ def _trajectory_batch(teacher, n=6, steps=8, seed=10):
     return {"x": x, "u": u, "sigmas": sigmas, **cond, **extras}
 
 
+def _items(batch, bounds, segments):
+    cond = {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    return segment_batch(batch["x"], batch["u"], batch["sigmas"], bounds, segments, cond)
+
+
 def test_segment_loss_matches_a_direct_per_sample_computation(teacher):
     batch = _trajectory_batch(teacher, n=4)
     student = build_student(teacher, StudentConfig(k=3))
@@ -183,7 +188,7 @@ def test_segment_loss_matches_a_direct_per_sample_computation(teacher):
     bounds = [0, 2, 8]  # unequal segments exercise the padding
     segments = torch.tensor([1, 0, 1, 0])
     with torch.no_grad():
-        loss, per_segment = segment_loss(student, batch, bounds, segments)
+        loss, per_segment = segment_loss(student, _items(batch, bounds, segments), 2)
         sig = batch["sigmas"]
         expected = []
         for b, seg in enumerate(segments.tolist()):
@@ -202,11 +207,8 @@ def test_segment_loss_matches_a_direct_per_sample_computation(teacher):
     torch.testing.assert_close(
         per_segment, torch.stack([expected[segments == 0].mean(), expected[segments == 1].mean()]), rtol=1e-4, atol=1e-7
     )
-    # Per-sample sigmas (as a DataLoader collates them) give the same loss.
     with torch.no_grad():
-        collated, _ = segment_loss(student, {**batch, "sigmas": sig.expand(4, -1)}, bounds, segments)
-    torch.testing.assert_close(collated, loss)
-    single, per_single = segment_loss(student, batch, bounds, 0)
+        single, per_single = segment_loss(student, _items(batch, bounds, torch.zeros(4, dtype=torch.long)), 2)
     assert per_single[1].isnan() and torch.isclose(single, per_single[0])
 
 
@@ -218,7 +220,7 @@ def test_loss_decreases_with_adamw(teacher):
     segments = torch.arange(8) % 2
     losses = []
     for _ in range(30):
-        loss, per_segment = segment_loss(student, batch, [0, 4, 8], segments)
+        loss, per_segment = segment_loss(student, _items(batch, [0, 4, 8], segments), 2)
         opt.zero_grad()
         loss.backward()
         opt.step()
