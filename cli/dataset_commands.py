@@ -1,4 +1,4 @@
-"""`arcflow generate-trajectories` and `arcflow inspect`."""
+"""`arcflow generate-trajectories`, `arcflow inspect` and `arcflow verify`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from arcflow.pipeline.generate import STORAGE_DTYPES, GenerationConfig, generate_trajectories
+from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY
 from arcflow.storage.errors import ArcflowError
 
 from .app import app
@@ -30,7 +31,8 @@ def generate_trajectories_command(
     workers: int = typer.Option(1, "--workers", help="Ray actors, each holding one teacher (one GPU each on a cluster)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads per worker (default: the worker's CPUs but one, left to shard writes)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
-    dtype: str = typer.Option("float16", "--dtype", help=f"Storage dtype: {'|'.join(STORAGE_DTYPES)}."),
+    dtype: str = typer.Option("float16", "--dtype", help=f"Storage dtype: {'|'.join(STORAGE_DTYPES)} (float8_e4m3: 8-bit velocities with a scale per step, 16-bit states)."),
+    keyframe_every: int = typer.Option(DEFAULT_KEYFRAME_EVERY, "--keyframe-every", help="Store the state every K steps (and the last); the others are rebuilt from the velocities. 1 stores every state."),
     batch_size: int = typer.Option(256, "--batch-size", help="Trajectories per teacher forward batch."),
     no_compress: bool = typer.Option(False, "--no-compress", help="Store chunks uncompressed (default: zstd through blosc with byte shuffle)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job with the same configuration."),
@@ -53,6 +55,7 @@ def generate_trajectories_command(
         seed=seed,
         batch_size=batch_size,
         dtype=dtype,
+        keyframe_every=keyframe_every,
         compress=not no_compress,
         workers=workers,
         threads=threads,
@@ -132,3 +135,21 @@ def _render_strip(reader, sample_id: int, png: Path, teacher_id: str) -> None:
     pick = torch.linspace(0, states.shape[0] - 1, min(11, states.shape[0])).round().long()
     images = teacher.decode(states[pick])
     save_grid(images, png, nrow=len(pick))
+
+
+@app.command("verify")
+def verify_command(
+    dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
+    repair: bool = typer.Option(False, "--repair", help="Uncommit the damaged shards (remove their index part) so that generate-trajectories --resume regenerates exactly those."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Read every chunk of every committed shard (checksums, missing chunks, index parts); report the
+    damaged shards, one line each. Exit 1 when damage is found and not repaired."""
+    from arcflow.storage.verify import verify_dataset
+
+    report = verify_dataset(dataset, repair=repair, progress=progress)
+    for problem in report.problems.values():
+        typer.echo(problem)
+    typer.echo(report.summary_line())
+    if report.problems and not repair:
+        raise typer.Exit(1)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from arcflow.storage.errors import ArcflowError, check_local_workers, check_numbers
-from arcflow.storage.format import GENERATION_KEY, STORAGE_DTYPES, DatasetSpec
+from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, GENERATION_KEY, STORAGE_DTYPES, DatasetSpec
 
 from .driver_watch import driver_identity, restore_ctrl_c
 from .plan import ShardPlan, num_shards, plan_shard, shard_length
@@ -68,6 +68,8 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 256
     dtype: str = "float16"
+    #: format v2 stores the state at every ``keyframe_every``-th step (and the last); 1 keeps them all
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY
     compress: bool = True
     workers: int = 1
     cpus_per_worker: Optional[float] = None
@@ -85,8 +87,8 @@ class GenerationConfig:
         """Raise ``ArcflowError`` with one line for a value no run could use (before anything starts)."""
         check_numbers(
             self,
-            positive=("num_samples", "steps", "shard_size", "batch_size", "workers"),
-            at_most={"num_samples": MAX_SAMPLES, "steps": MAX_STEPS, "workers": MAX_WORKERS,
+            positive=("num_samples", "steps", "shard_size", "batch_size", "workers", "keyframe_every"),
+            at_most={"num_samples": MAX_SAMPLES, "steps": MAX_STEPS, "workers": MAX_WORKERS, "keyframe_every": MAX_STEPS,
                      "shard_size": MAX_SHARD_SIZE, "batch_size": MAX_SHARD_SIZE},
         )
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -420,6 +422,7 @@ def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float
         cond_spec={k: (tuple(v["shape"]), "float32") for k, v in info["cond_spec"].items()},
         prompts_source=config.prompts_file or f"teacher:{info['teacher_id']}",
         storage_dtype=config.dtype,
+        keyframe_every=config.keyframe_every,
         compression="blosc-zstd" if config.compress else "none",
         extra={
             "prompts_sha256": hashlib.sha256(prompts_blob).hexdigest(),

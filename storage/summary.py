@@ -30,6 +30,7 @@ def dataset_summary(reader: TrajectoryReader) -> dict[str, Any]:
         "shift": spec.shift,
         "latent_shape": list(spec.latent_shape),
         "dtype": spec.storage_dtype,
+        "keyframe_every": spec.keyframe_every,
         "compression": spec.compression,
         "samples_planned": spec.num_samples,
         "samples": samples,
@@ -51,7 +52,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"dataset        {summary['url']}  (format v{summary['format_version']})",
         f"teacher        {summary['teacher']} @ {summary['teacher_revision']}",
         f"sampler        {summary['steps']} Euler steps, guidance {summary['guidance']:g}, shift {summary['shift']:g}",
-        f"latent         {tuple(summary['latent_shape'])}, stored as {summary['dtype']} ({summary['compression']})",
+        f"latent         {tuple(summary['latent_shape'])}, stored as {summary['dtype']} ({summary['compression']}), "
+        f"a state every {summary['keyframe_every']} step(s)",
         f"samples        {summary['samples']} of {summary['samples_planned']} planned",
         f"shards         {summary['shards_committed']} committed / {summary['shards_uncommitted']} uncommitted "
         f"/ {summary['shards_planned']} planned",
