@@ -185,7 +185,7 @@ def distill_steps(teacher: Any, steps: int, batches: list[int], device: torch.de
     import types
 
     from arcflow.distill.config import DistillConfig
-    from arcflow.distill.loss import segment_loss
+    from arcflow.distill.loss import segment_batch, segment_loss
     from arcflow.distill.parallel import prepare_student
     from arcflow.distill.schedule import segment_step_indices
     from arcflow.distill.student import build_student
@@ -206,9 +206,11 @@ def distill_steps(teacher: Any, steps: int, batches: list[int], device: torch.de
                 "sigmas": sigmas.to(device), **{k: v.float() for k, v in teacher.encode_prompts(prompts[:size]).items()}}
 
     def step(batch: dict[str, Any]) -> float:
-        segments = torch.arange(batch["x"].shape[0]) % recipe.student.nfe
+        segments = torch.arange(batch["x"].shape[0], device=batch["x"].device) % recipe.student.nfe
+        cond = {k: v for k, v in batch.items() if k not in ("x", "u", "sigmas")}
+        items = segment_batch(batch["x"], batch["u"], batch["sigmas"], bounds, segments, cond)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = segment_loss(student, batch, bounds, segments)
+            loss, _ = segment_loss(student, items, recipe.student.nfe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)

@@ -78,7 +78,7 @@ def stream_epoch(url: str, workers: int, batch: int) -> dict:
 
 def trainer_consumption(batch: int, steps: int = 20) -> float:
     """Samples/s of the default student's training step on the digits teacher (synthetic batch)."""
-    from arcflow.distill.loss import segment_loss
+    from arcflow.distill.loss import segment_batch, segment_loss
     from arcflow.distill.student import StudentConfig, build_student
     from arcflow.pipeline.registry import load_teacher
 
@@ -91,11 +91,12 @@ def trainer_consumption(batch: int, steps: int = 20) -> float:
         "x": torch.randn(batch, STEPS + 1, *LATENT), "u": torch.randn(batch, STEPS, *LATENT), "sigmas": sigmas,
         **{k: v[:batch] for k, v in cond.items()},
     }
-    segments = torch.arange(batch) % 2
+    items = segment_batch(batch_data.pop("x"), batch_data.pop("u"), batch_data.pop("sigmas"), [0, STEPS // 2, STEPS],
+                          torch.arange(batch) % 2, batch_data)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        loss, _ = segment_loss(student, batch_data, [0, STEPS // 2, STEPS], segments)
+        loss, _ = segment_loss(student, items, 2)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
