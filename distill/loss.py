@@ -9,7 +9,7 @@ the sub-step length (weights sum to 1 over the segment). The stream
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -60,21 +60,22 @@ def segment_loss(student: StudentModule, batch: Mapping[str, Tensor], num_segmen
 
 
 def segment_batch(
-    x: Tensor, u: Tensor, sigmas: Tensor, segment_bounds: list[int], segment: Tensor, cond: Mapping[str, Tensor]
+    x: Tensor, u: Tensor, sigmas: Tensor, segment_bounds: Sequence[int], segment: Tensor, cond: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
     """Cut a batch of (sample, segment) items out of whole trajectories held in memory (``x``
     ``(B, S+1, ...)``, ``u`` ``(B, S, ...)``, ``sigmas`` ``(S+1,)``), in the layout the stream
     yields from storage: for a teacher run in memory (tests, benchmarks) instead of a dataset."""
-    bounds = torch.as_tensor(segment_bounds, dtype=torch.long)
-    seg = torch.as_tensor(segment, dtype=torch.long).expand(x.shape[0])
+    device = x.device
+    bounds = torch.as_tensor(segment_bounds, dtype=torch.long, device=device)
+    seg = torch.as_tensor(segment, dtype=torch.long, device=device).expand(x.shape[0])
     start, end = bounds[seg], bounds[seg + 1]
-    width = int((bounds[1:] - bounds[:-1]).max())
-    offsets = torch.arange(width + 1)
-    rows = torch.arange(x.shape[0])[:, None]
-    window = sigmas.float()[torch.minimum(start[:, None] + offsets, end[:, None])]  # (B, W+1)
+    width = max(b - a for a, b in zip(segment_bounds, segment_bounds[1:]))
+    offsets = torch.arange(width + 1, device=device)
+    rows = torch.arange(x.shape[0], device=device)[:, None]
+    window = sigmas.float().to(device)[torch.minimum(start[:, None] + offsets, end[:, None])]  # (B, W+1)
     steps = torch.minimum(start[:, None] + offsets[:-1], end[:, None] - 1)
     valid = (start[:, None] + offsets[:-1]) < end[:, None]
     target = u[rows, steps] * valid.reshape(*valid.shape, *([1] * (u.dim() - 2)))
     weights = (window[:, :-1] - window[:, 1:]) / (window[:, :1] - window[:, -1:])
-    return {"x": x[torch.arange(x.shape[0]), start], "sigma": window[:, 0], "sigmas": window, "u": target,
+    return {"x": x[rows[:, 0], start], "sigma": window[:, 0], "sigmas": window, "u": target,
             "weights": weights, "segment": seg, **cond}
