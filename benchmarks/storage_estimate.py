@@ -1,20 +1,28 @@
 """Storage, GPU memory and (estimated) time for trajectory datasets of FLUX.1-dev and Qwen-Image.
 
     .venv/bin/python benchmarks/storage_estimate.py                       # 1024x1024, 50 steps
-    .venv/bin/python benchmarks/storage_estimate.py --size 512 --steps 28
+    .venv/bin/python benchmarks/storage_estimate.py --size 512 --steps 28 --keyframe-every 4
     .venv/bin/python benchmarks/storage_estimate.py --flux-s-per-nfe 0.3 --qwen-s-per-nfe 0.5
 
 Bytes come from the packed latent shape (tokens x channels: 1024x1024 -> 64x64 tokens of 64
-channels for both families), S+1 states ``x`` and S velocities ``u`` per trajectory, plus the stored
-conditioning (FLUX: T5 512x4096 + pooled 768; Qwen-Image: 512x3584 embeddings + 512 mask at the
-teacher's default ``max_sequence_length``), all in the storage dtype, uncompressed. Parameter counts
-of the transformers (and T5-XXL) come from instantiating the real configs on the meta device.
+channels for both families) and the dataset format, uncompressed:
+
+- format v1: S+1 states ``x`` and S velocities ``u`` per trajectory in the storage dtype, and the
+  conditioning once per SAMPLE;
+- format v2: S velocities ``u`` in the storage dtype (``float8_e4m3``: 1 byte plus a float32 scale
+  per step), the states at the keyframes only (step 0, every K-th, the last; 16-bit, or float32 for
+  float32 storage), and the conditioning once per PROMPT, i.e. divided by the seeds per prompt.
+
+Conditioning: FLUX T5 512x4096 + pooled 768; Qwen-Image 512x3584 embeddings + 512 mask at the
+teacher's default ``max_sequence_length``. Parameter counts of the transformers (and T5-XXL) come
+from instantiating the real configs on the meta device.
 
 Compression is measured on a small random example (Gaussian states, as noisy latents are): zstd
 through blosc with byte shuffle, as the dataset writer uses.
 
 Time per trajectory is an ESTIMATE: network evaluations (FLUX.1-dev: S x 1, embedded guidance;
 Qwen-Image: S x 2, true CFG) times an ASSUMED seconds-per-NFE (flags above). Nothing here is timed.
+Prints the tables and writes benchmarks/results/storage_estimate.md and .json.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import argparse
 import numpy as np
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: v2 storage dtypes: (bytes per velocity value, bytes per stored state value, extra bytes per step)
+V2_DTYPES = {"float32": (4, 4, 0), "float16": (2, 2, 0), "bfloat16": (2, 2, 0), "float8_e4m3": (1, 2, 4)}
 GB = 1e9
 
 FAMILIES = {
@@ -75,34 +85,47 @@ def compression_ratio(dtype: str, seed: int = 0) -> float:
     return len(codec.encode(a)) / a.nbytes
 
 
-def report() -> None:
+def report(json_rows: list) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1024, help="image height = width in pixels")
     ap.add_argument("--steps", type=int, default=50, help="teacher Euler steps S")
     ap.add_argument("--flux-s-per-nfe", type=float, default=ASSUMED_S_PER_NFE["FLUX.1-dev"])
     ap.add_argument("--qwen-s-per-nfe", type=float, default=ASSUMED_S_PER_NFE["Qwen-Image"])
     ap.add_argument("--shard-gb", type=float, default=1.5, help="target shard size for the recommendation")
+    ap.add_argument("--keyframe-every", type=int, default=5, help="format v2 keyframe interval K")
+    ap.add_argument("--seeds-per-prompt", type=int, default=4, help="trajectories per prompt (v2 stores the conditioning once)")
     ap.add_argument("--no-params", action="store_true", help="skip the meta-device parameter counts")
     args = ap.parse_args()
     s_per_nfe = {"FLUX.1-dev": args.flux_s_per_nfe, "Qwen-Image": args.qwen_s_per_nfe}
     S = args.steps
 
-    print(f"# Trajectory storage at {args.size}x{args.size}, {S} steps ({S + 1} states x, {S} velocities u)\n")
-    print("| teacher | latent (tokens x ch) | dtype | x+u per traj | cond per traj | total per traj | 10k prompts | 100k prompts | trajs per ~%.1f GB shard |" % args.shard_gb)
-    print("|---|---|---|---|---|---|---|---|---|")
+    K, seeds = args.keyframe_every, args.seeds_per_prompt
+    keyframes = len({*range(0, S + 1, K), S})
+    rows = []
+    print(f"# Trajectory storage at {args.size}x{args.size}, {S} steps, {seeds} seeds per prompt\n")
+    print(f"v1: {S + 1} states + {S} velocities, conditioning per sample. v2: {S} velocities, {keyframes} keyframe "
+          f"states (every {K} steps), conditioning per prompt.\n")
+    print("| teacher | format | dtype | u per traj | x per traj | cond per traj | total per traj | vs v1 float16 "
+          "| 100k trajectories | trajs per ~%.1f GB shard |" % args.shard_gb)
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, f in FAMILIES.items():
         tokens = (args.size // f["vae_scale"] // 2) ** 2
         latent = tokens * f["channels"]
-        for dtype, nbytes in DTYPE_BYTES.items():
-            xu = (2 * S + 1) * latent * nbytes
-            cond = f["cond"] * nbytes
-            total = xu + cond
+        v1_f16 = (2 * S + 1) * latent * 2 + f["cond"] * 2
+        layouts = [("v1", d, S * latent * b, (S + 1) * latent * b, f["cond"] * b) for d, b in DTYPE_BYTES.items()]
+        layouts += [("v2", d, S * (latent * ub + extra), keyframes * latent * xb, f["cond"] * xb / seeds)
+                    for d, (ub, xb, extra) in V2_DTYPES.items()]
+        for fmt, dtype, u, x, cond in layouts:
+            total = u + x + cond
             per_shard = max(1, int(args.shard_gb * GB // total))
+            rows.append({"teacher": name, "format": fmt, "dtype": dtype, "u_bytes": u, "x_bytes": x, "cond_bytes": cond,
+                         "total_bytes": total, "ratio_vs_v1_float16": total / v1_f16})
             print(
-                f"| {name} | {tokens} x {f['channels']} | {dtype} | {xu / 1e6:.1f} MB | {cond / 1e6:.1f} MB "
-                f"| {total / 1e6:.1f} MB | {10_000 * total / GB:.0f} GB | {100_000 * total / 1e12:.2f} TB | {per_shard} |"
+                f"| {name} | {fmt} | {dtype} | {u / 1e6:.1f} MB | {x / 1e6:.1f} MB | {cond / 1e6:.2f} MB | {total / 1e6:.1f} MB "
+                f"| {total / v1_f16:.2f}x | {100_000 * total / 1e12:.2f} TB | {per_shard} |"
             )
-    print("\nconditioning stored per sample: " + "; ".join(f"{n}: {f['cond_text']}" for n, f in FAMILIES.items()))
+    print("\nconditioning: " + "; ".join(f"{n}: {f['cond_text']}" for n, f in FAMILIES.items()))
+    json_rows.extend(rows)
 
     print("\n# Compression (blosc zstd, byte shuffle) on Gaussian latents (measured, tiny random example)\n")
     for dtype in DTYPE_BYTES:
@@ -134,13 +157,16 @@ def main() -> None:
     import io
     from pathlib import Path
 
-    buffer = io.StringIO()
+    import json
+
+    buffer, rows = io.StringIO(), []
     with contextlib.redirect_stdout(buffer):
-        report()
+        report(rows)
     text = buffer.getvalue().replace("\n# ", "\n#### ").replace("# Trajectory", "#### Trajectory", 1)
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / "storage_estimate.md").write_text(text)
+    (results / "storage_estimate.json").write_text(json.dumps(rows, indent=2))
     print(buffer.getvalue(), end="")
 
 
