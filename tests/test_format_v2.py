@@ -210,6 +210,8 @@ def test_verify_repair_and_resume_equal_an_undamaged_run(tmp_path):
 
     res = run_subprocess("verify", ds, "--no-progress")
     assert res.returncode == 1 and "shard 1 array 'u'" in res.stdout and "1 damaged" in res.stdout, res.stdout
+    res = run_subprocess("inspect", ds, "--sample", "3", "--png", tmp_path / "strip.png")  # sample 3 is in shard 1
+    assert_process_failed_one_line(res, "shard 1 array 'u'")
     res = run_subprocess("distill", ds, "--out", tmp_path / "run", "--iters", "4", "--batch-size", "4",
                          "--no-progress")
     assert_process_failed_one_line(res, "shard 1 array 'u'")
