@@ -70,6 +70,8 @@ class GenerationConfig:
     dtype: str = "float16"
     #: format v2 stores the state at every ``keyframe_every``-th step (and the last); 1 keeps them all
     keyframe_every: int = DEFAULT_KEYFRAME_EVERY
+    #: consecutive samples per prompt (several seeds of one prompt in one shard share its stored conditioning)
+    seeds_per_prompt: int = 1
     compress: bool = True
     workers: int = 1
     cpus_per_worker: Optional[float] = None
@@ -87,8 +89,9 @@ class GenerationConfig:
         """Raise ``ArcflowError`` with one line for a value no run could use (before anything starts)."""
         check_numbers(
             self,
-            positive=("num_samples", "steps", "shard_size", "batch_size", "workers", "keyframe_every"),
+            positive=("num_samples", "steps", "shard_size", "batch_size", "workers", "keyframe_every", "seeds_per_prompt"),
             at_most={"num_samples": MAX_SAMPLES, "steps": MAX_STEPS, "workers": MAX_WORKERS, "keyframe_every": MAX_STEPS,
+                     "seeds_per_prompt": MAX_SAMPLES,
                      "shard_size": MAX_SHARD_SIZE, "batch_size": MAX_SHARD_SIZE},
         )
         if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
@@ -391,7 +394,8 @@ def generate_trajectories(
                  total, total - len(todo), len(todo), len(actors))
 
         def make_plan(shard_id: int) -> ShardPlan:
-            return plan_shard(shard_id, config.num_samples, config.shard_size, info["prompts"], config.seed)
+            return plan_shard(shard_id, config.num_samples, config.shard_size, info["prompts"], config.seed,
+                              config.seeds_per_prompt)
 
         return _run_pool(config, spec, actors, todo, total, make_plan, progress, on_shard_committed)
     except BaseException:

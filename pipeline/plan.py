@@ -41,23 +41,30 @@ def shard_length(shard_id: int, num_samples: int, shard_size: int) -> int:
     return max(0, min(shard_size, num_samples - shard_id * shard_size))
 
 
-def plan_shard(shard_id: int, num_samples: int, shard_size: int, prompts: Sequence[str], job_seed: int) -> ShardPlan:
-    """The plan of one shard; prompts are cycled over sample indices. Plans are made one at a time,
-    when a shard is handed out, so a job of a billion samples costs nothing to plan."""
-    if num_samples < 1 or shard_size < 1 or not prompts or not 0 <= shard_id < num_shards(num_samples, shard_size):
-        raise ValueError("num_samples and shard_size must be >= 1, prompts non-empty and shard_id in range")
+def plan_shard(
+    shard_id: int, num_samples: int, shard_size: int, prompts: Sequence[str], job_seed: int, seeds_per_prompt: int = 1
+) -> ShardPlan:
+    """The plan of one shard; prompts are cycled over sample indices, each used by
+    ``seeds_per_prompt`` consecutive samples (so a shard holds whole groups of seeds of one prompt,
+    and format v2 stores their conditioning once). Plans are made one at a time, when a shard is
+    handed out, so a job of a billion samples costs nothing to plan."""
+    if num_samples < 1 or shard_size < 1 or seeds_per_prompt < 1 or not prompts or not 0 <= shard_id < num_shards(num_samples, shard_size):
+        raise ValueError("num_samples, shard_size and seeds_per_prompt must be >= 1, prompts non-empty and shard_id in range")
     start = shard_id * shard_size
     ids = tuple(range(start, min(start + shard_size, num_samples)))
     return ShardPlan(
         shard_id=shard_id,
         sample_ids=ids,
-        prompts=tuple(prompts[i % len(prompts)] for i in ids),
+        prompts=tuple(prompts[(i // seeds_per_prompt) % len(prompts)] for i in ids),
         seeds=tuple(sample_seed(job_seed, i) for i in ids),
     )
 
 
-def plan_shards(num_samples: int, shard_size: int, prompts: Sequence[str], job_seed: int) -> list[ShardPlan]:
+def plan_shards(
+    num_samples: int, shard_size: int, prompts: Sequence[str], job_seed: int, seeds_per_prompt: int = 1
+) -> list[ShardPlan]:
     """Every shard's plan (see :func:`plan_shard`)."""
     if num_samples < 1 or shard_size < 1:
         raise ValueError("num_samples and shard_size must be >= 1 and prompts non-empty")
-    return [plan_shard(i, num_samples, shard_size, prompts, job_seed) for i in range(num_shards(num_samples, shard_size))]
+    return [plan_shard(i, num_samples, shard_size, prompts, job_seed, seeds_per_prompt)
+            for i in range(num_shards(num_samples, shard_size))]

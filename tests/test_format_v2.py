@@ -226,3 +226,14 @@ def test_verify_repair_and_resume_equal_an_undamaged_run(tmp_path):
             np.testing.assert_array_equal(b.read_shard(shard)[name], value, err_msg=name)
     assert a.fingerprint() == b.fingerprint()
     assert run_subprocess("verify", ds, "--no-progress").returncode == 0
+
+
+def test_seeds_per_prompt_groups_a_prompts_seeds_into_one_shard():
+    from arcflow.pipeline.plan import plan_shard
+
+    prompts = ["a", "b", "c"]
+    plain = plan_shard(1, 20, 8, prompts, 0)
+    grouped = plan_shard(1, 20, 8, prompts, 0, seeds_per_prompt=4)
+    assert plain.prompts == ("c", "a", "b", "c", "a", "b", "c", "a")  # cycled: every prompt spread over shards
+    assert grouped.prompts == ("c",) * 4 + ("a",) * 4  # samples 8..15: 4 seeds each of prompts 2 and 0
+    assert grouped.seeds == plain.seeds and grouped.sample_ids == plain.sample_ids  # noise does not move
