@@ -223,11 +223,10 @@ class DatasetSpec:
     def _resolve_chunks(self) -> None:
         """Fill in auto (0) chunk sizes. Zarr v3 stores an edge chunk at full size, so a shard is split
         into EQUAL chunks (128 samples at a target of 80 -> 2 chunks of 64, not 80 + 48)."""
-        step_bytes = math.prod(self.latent_shape) * self.velocity_itemsize
-        if self.format_version == 1:
-            step_bytes = math.prod(self.latent_shape) * self.itemsize
-            per_sample = (self.steps + 1) * step_bytes
+        if self.format_version == 1:  # every state, per-sample chunks
+            per_sample = (self.steps + 1) * math.prod(self.latent_shape) * self.itemsize
         else:
+            step_bytes = math.prod(self.latent_shape) * self.velocity_itemsize
             if self.steps_per_chunk <= 0:
                 block = self.keyframe_every * step_bytes
                 if self.steps * step_bytes <= AUTO_CHUNK_BYTES:
