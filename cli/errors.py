@@ -3,14 +3,17 @@
 Errors reach the CLI boundary wrapped in other errors: a Ray task error around a worker's exception,
 Ray Train's ``WorkerGroupError`` around each rank's, ``raise ... from`` chains. :func:`describe`
 walks all of them, prefers our own :class:`ArcflowError` (whose message is written for the user),
-then a system error (disk full, read-only, a path under a file, undecodable text), and words it as
-one line that names the path and what to do. Anything else is reported by type and first line.
+then an object store's (no credentials, endpoint unreachable, request refused: botocore's errors
+under s3fs), then a system error (disk full, read-only, a path under a file, undecodable text),
+and words it as one line that names the path and what to do. Anything else is reported by type
+and first line.
 """
 
 from __future__ import annotations
 
 import errno
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from arcflow.storage.errors import ArcflowError
 
@@ -63,12 +66,59 @@ def _is_wrapper(exc: BaseException) -> bool:
     return any(getattr(exc, name, None) for name in ("cause", "worker_failures", "controller_failure"))
 
 
+#: Object-store (botocore) failures by class name, matched without importing botocore.
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+_NO_CONNECTION = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ProxyConnectionError")
+_CREDENTIALS_ADVICE = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or FSSPEC_S3_KEY and FSSPEC_S3_SECRET"
+)
+_REFUSED_CODES = {
+    "InvalidAccessKeyId": "the access key is not known there",
+    "SignatureDoesNotMatch": "the secret key does not match the access key",
+    "ExpiredToken": "the session token has expired",
+    "AccessDenied": "access denied",
+}
+
+
+def _describe_object_store(exc: BaseException) -> str | None:
+    """One line for a botocore error (raised by s3fs), or None for anything else."""
+    if not type(exc).__module__.startswith("botocore"):
+        return None
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names.intersection(_NO_CREDENTIALS):
+        return f"no credentials for the object store ({exc}); {_CREDENTIALS_ADVICE}"
+    if names.intersection(_NO_CONNECTION):
+        endpoint = getattr(exc, "kwargs", {}).get("endpoint_url") or ""
+        parts = urlsplit(endpoint)
+        endpoint = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else str(exc)
+        return (
+            f"cannot reach the object store at {endpoint}; check the endpoint (FSSPEC_S3_ENDPOINT_URL or "
+            "AWS_ENDPOINT_URL) and that the server is up"
+        )
+    error = (getattr(exc, "response", None) or {}).get("Error") or {}
+    code = error.get("Code")
+    if code is None:
+        return None
+    message = error.get("Message") or code
+    if code == "NoSuchBucket":
+        bucket = error.get("BucketName")
+        return f"bucket {bucket!r} does not exist; create it first or fix the URL" if bucket else message
+    if code in _REFUSED_CODES:
+        return f"the object store refused the request: {_REFUSED_CODES[code]} ({code}: {message}); {_CREDENTIALS_ADVICE}"
+    return f"the object store answered {code}: {message}"
+
+
 def describe(exc: BaseException) -> str:
     """The one-line message for ``exc`` (see the module docstring)."""
     chain = list(causes(exc))
     for item in chain:
         if isinstance(item, ArcflowError):
             return str(item)
+    for item in chain:  # before OSError: s3fs raises OSErrors caused by botocore's errors
+        if not _is_wrapper(item):
+            message = _describe_object_store(item)
+            if message is not None:
+                return message
     for item in chain:
         if isinstance(item, OSError) and item.errno is not None:
             return _describe_os_error(item)

@@ -70,6 +70,11 @@ class DistillConfig:
         )
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise ArcflowError(f"--threads must be from 1 to 1024, got {self.threads}")
+        if "://" in str(self.out):  # pathlib would make "s3://b/run" a local "s3:/b/run"
+            raise ArcflowError(
+                f"--out {self.out}: the run directory (checkpoints, metrics, the exported student) must be a "
+                "local path; only the dataset may be a URL such as s3://"
+            )
         if not self.use_gpu:
             check_local_workers("--num-workers", self.num_workers, self.ray_address)
         if self.lr <= 0:

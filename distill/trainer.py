@@ -374,6 +374,7 @@ def distill(config: DistillConfig) -> Path:
     """
     from .student import CONFIG_FILE as STUDENT_CONFIG_FILE
 
+    config.validate()  # before _absolute_paths turns a URL --out into a local path
     config = _absolute_paths(config)
     facts = check_run(config)
     out = Path(config.out)

@@ -18,6 +18,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from arcflow.storage.errors import ArcflowError
 
+#: fsspec protocols of object stores: the first path component is a bucket (container), and there
+#: are no directories, only keys (a "directory" exists while some object lies under it).
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+
 
 class Location:
     """A dataset root: an fsspec filesystem plus the root path inside it (picklable)."""
@@ -28,6 +32,8 @@ class Location:
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.root = self.root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.is_object_store = not self.is_local and bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -41,7 +47,9 @@ class Location:
     def listdir_names(self, *parts: str) -> list[str]:
         p = self.path(*parts)
         try:
-            entries = self.fs.ls(p, detail=False)
+            # refresh: another process may have committed since this filesystem (fsspec caches the
+            # instances) last listed here; s3fs would otherwise answer from its listings cache.
+            entries = self.fs.ls(p, detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -81,11 +89,28 @@ class Location:
             self.fs.rm_file(p)
 
     def makedirs(self, *parts: str) -> None:
+        """Create a directory. Nothing on object stores: they have no directories (and s3fs would
+        create a missing BUCKET here, where a typo should be an error)."""
+        if self.is_object_store:
+            return
         self.fs.makedirs(self.path(*parts), exist_ok=True)
 
     def check_writable(self, flag: str = "--out") -> None:
         """Refuse, before any work, a local root that cannot be created or written: a path under a
-        regular file, or on a read-only / unwritable filesystem. (Object stores report on write.)"""
+        regular file, or on a read-only / unwritable filesystem. On an object store, one request
+        reaches the endpoint with the credentials (their errors surface here, see cli/errors.py),
+        and a root in a bucket that does not exist is refused. (Permissions show on the first write.)"""
+        if self.is_object_store:
+            bucket = self.root.strip("/").split("/", 1)[0]
+            try:
+                self.fs.ls(self.root, detail=False, refresh=True)  # raises for no endpoint / credentials
+            except FileNotFoundError:  # nothing under the root yet, or no bucket
+                if bucket and not self.fs.exists(bucket):
+                    raise ArcflowError(
+                        f"{flag} {self.url}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                        "create it first or fix the URL"
+                    ) from None
+            return
         if not self.is_local:
             return
         path = os.path.abspath(self.root)

@@ -8,7 +8,16 @@ import sys
 
 import pytest
 
-CLI_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+#: Settings every CLI subprocess gets on top of the environment.
+CLI_SETTINGS = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+#: The environment at import, with ``CLI_SETTINGS``.
+CLI_ENV = {**os.environ, **CLI_SETTINGS}
+
+
+def cli_env() -> dict[str, str]:
+    """The environment NOW, with ``CLI_SETTINGS``: what a fixture set after import (e.g. the S3
+    endpoint of tests/object_store.py) reaches the subprocess too."""
+    return {**os.environ, **CLI_SETTINGS}
 
 
 def run_in_process(capture, *args):
@@ -39,7 +48,7 @@ def assert_one_line_error(code, err, *fragments) -> str:
 def run_subprocess(*args, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m arcflow.cli ARGS`` in a fresh process (what a user's shell runs)."""
     return subprocess.run([sys.executable, "-m", "arcflow.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=CLI_ENV)
+                          timeout=timeout, env=cli_env())
 
 
 def assert_process_failed_one_line(res: subprocess.CompletedProcess, *fragments) -> str:
