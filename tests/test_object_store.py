@@ -122,7 +122,7 @@ def test_killed_generation_resumes_on_s3_to_the_same_arrays(s3_dataset, tmp_path
     local = open_dataset(str(make_dataset(tmp_path / "local", num_samples=N, steps=STEPS, shard_size=SHARD, seed=SEED)))
     assert local.spec == reader.spec
     for shard in range(total):
-        a, b = reader.read_shard(shard, dtype=None), local.read_shard(shard, dtype=None)
+        a, b = reader.read_shard(shard), local.read_shard(shard)
         assert a.keys() == b.keys()
         for name in a:
             assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), f"shard {shard}: {name} differs"
@@ -256,3 +256,31 @@ def test_a_worker_s_object_store_error_is_one_line(s3_server):  # noqa: F811
     with pytest.raises(FileNotFoundError) as info:
         s3_server.fs().pipe_file("arcflow-gone-bucket/ds/index/shard-000000.parquet", b"part")
     assert describe(RayTaskError(info.value)).startswith("bucket 'arcflow-gone-bucket' does not exist; create it")
+
+
+def test_verify_finds_and_repairs_a_damaged_chunk_on_s3(s3_server, tmp_path):  # noqa: F811
+    from arcflow.storage import open_dataset
+    from dataset_factory import make_dataset
+
+    url, bucket = s3_server.url("v"), s3_server.bucket
+    make_dataset(url, num_samples=4, steps=2, shard_size=2)  # through s3fs, in this process
+    clean = {s: open_dataset(url).read_shard(s) for s in (0, 1)}
+    fs = s3_server.fs()
+    chunk = sorted(k for k in fs.find(f"{bucket}/v/shards/shard-000001.zarr/u") if not k.endswith("zarr.json"))[0]
+    raw = fs.cat_file(chunk)
+    fs.pipe_file(chunk, raw[:5] + bytes([raw[5] ^ 0x01]) + raw[6:])  # one flipped bit
+
+    res = run_subprocess("verify", url, "--no-progress")
+    assert res.returncode == 1 and "shard 1 array 'u'" in res.stdout, res.stdout + res.stderr
+    since = len(s3_server.requests)
+    res = run_subprocess("verify", url, "--repair", "--no-progress")
+    assert res.returncode == 0 and "uncommitted 1 (1)" in res.stdout, res.stdout + res.stderr
+    assert not {"CopyObject", "PutObject"} & set(s3_server.ops("v/", since=since))  # a repair only deletes
+    res = run_subprocess("generate-trajectories", "--out", url, "--num-samples", "4", "--steps", "2", "--shard-size", "2",
+                         "--dtype", "float32", "--batch-size", "16", "--resume", "--no-progress")
+    assert res.returncode == 0 and "1 written, 1 already committed" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert run_subprocess("verify", url, "--no-progress").returncode == 0
+    for shard, arrays in clean.items():
+        again = open_dataset(url).read_shard(shard)
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(again[name], value, err_msg=f"shard {shard}: {name}")
