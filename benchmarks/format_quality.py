@@ -124,10 +124,10 @@ def main() -> None:
         lines.append(f"| {name} | {v['xu_bytes_per_trajectory']:,.0f} | {v['psnr']:.3f} | {v['psnr_minus_v1']:+.3f} | "
                      f"{v['fd_teacher']:.2f} |")
     text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"format_quality{suffix}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"format_quality{suffix}.md").write_text(text)
+    results = work if args.quick else RESULTS  # a smoke run never overwrites the committed figures
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "format_quality.json").write_text(json.dumps(result, indent=2))
+    (results / "format_quality.md").write_text(text)
     print(text)
 
 
