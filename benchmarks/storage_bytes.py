@@ -6,6 +6,14 @@
     .venv/bin/python benchmarks/storage_bytes.py --dataset PATH         # re-encode a real dataset's samples
       [--format v1 v2] [--dtypes float16 bfloat16 ...] [--compressions blosc-zstd ...] [--keyframe-every K]
 
+Issue 12's figure (v1 vs v2, every dtype, blosc-zstd, both real sources; one command)::
+
+    .venv/bin/python benchmarks/storage_bytes.py --source digits flux-shaped --format v1 v2 \
+        --compressions blosc-zstd --keyframe-every 5
+
+With several sources, each writes its own files (``storage_bytes_digits``, ``storage_bytes_flux_shaped``)
+and ``benchmarks/results/storage_bytes_formats.json/.md`` puts them side by side (what the README shows).
+
 Synthetic data (default): 8x8 scikit-learn digits packed into 2x2 patches (latent 16x4, as the
 embedded teacher), a 50-step shifted schedule, and a curved teacher-like path: the predicted clean
 image drifts from the mean digit to the sample's digit as sigma falls, the velocity is
@@ -62,10 +70,13 @@ FORMATS = ("v1", "v2")
 class Source:
     """Float32 trajectories to re-encode, handed out one shard at a time (``shards()``)."""
 
-    def __init__(self, name, latent_shape, sigmas, cond_spec, guidance, shard_sizes, shards_fn, stored_dtype="float32"):
+    def __init__(self, name, latent_shape, sigmas, cond_spec, guidance, shard_sizes, shards_fn, stored_dtype="float32",
+                 prompts_per_shard=None):
         self.name, self.latent_shape, self.sigmas = name, tuple(latent_shape), np.asarray(sigmas, np.float64)
         self.cond_spec, self.guidance, self.shard_sizes = cond_spec, float(guidance), list(shard_sizes)
         self._shards_fn, self.stored_dtype = shards_fn, stored_dtype
+        #: distinct prompts in each shard (format v2 stores the conditioning once per prompt and shard)
+        self.prompts_per_shard = list(prompts_per_shard or [])
 
     @property
     def num_samples(self) -> int:
@@ -117,13 +128,14 @@ def synthetic(n: int, steps: int = 50, shift: float = 3.0, seed: int = 0, shard_
             yield dict(shard_id=i, x=x[sl], u=u[sl], sigmas=sig, cond={"class_id": labels[sl].astype(np.int64)},
                        sample_ids=ids, seeds=ids, prompts=prompts[sl], guidance=3.0)
 
+    per_shard = [len(set(prompts[s:s + shard_size])) for s in range(0, n, shard_size)]
     return Source("synthetic digits (see benchmarks/storage_bytes.py)", (16, 4), sig, {"class_id": ((), "int64")},
-                  3.0, sizes, shards)
+                  3.0, sizes, shards, prompts_per_shard=per_shard)
 
 
 def display_path(path) -> str:
     """``path`` relative to the repository when it lies inside it (results carry no machine paths)."""
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path))  # not resolve(): a symlinked cache keeps its in-repository name
     root = BENCH.parent
     return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
 
@@ -139,6 +151,10 @@ def from_dataset(url: str, max_samples: int | None = None) -> Source:
             break
         plan.append((s, take))
         got += take
+    first_steps = r.index(columns=["shard", "row", "step", "prompt"], shards=[s for s, _ in plan])
+    first_steps = first_steps[first_steps["step"] == 0]
+    per_shard = [first_steps[(first_steps["shard"] == s) & (first_steps["row"] < take)]["prompt"].nunique()
+                 for s, take in plan]
 
     def shards():
         for i, (s, take) in enumerate(plan):
@@ -150,7 +166,8 @@ def from_dataset(url: str, max_samples: int | None = None) -> Source:
                        prompts=prompts, guidance=d["guidance"])
 
     return Source(display_path(url) if "://" not in url else url, spec.latent_shape, spec.sigmas, {k: (f.shape, f.dtype) for k, f in spec.cond_spec.items()},
-                  spec.guidance, [t for _, t in plan], shards, stored_dtype=spec.storage_dtype)
+                  spec.guidance, [t for _, t in plan], shards, stored_dtype=spec.storage_dtype,
+                  prompts_per_shard=per_shard)
 
 
 def digits_dataset(num_samples: int = 512, shard_size: int = 128, out: Path = CACHE / "digits_f32") -> Path:
@@ -168,13 +185,13 @@ def digits_dataset(num_samples: int = 512, shard_size: int = 128, out: Path = CA
     return out
 
 
-def resolve_source(args) -> tuple[Source, str]:
+def resolve_source(args, source: str) -> tuple[Source, str]:
     """(source, label); the label names the result files (empty: the default synthetic run)."""
     if args.dataset:
         return from_dataset(args.dataset, args.samples), args.label or Path(args.dataset).name
-    if args.source == "digits":
+    if source == "digits":
         return from_dataset(str(digits_dataset()), args.samples), args.label or "digits"
-    if args.source == "flux-shaped":
+    if source == "flux-shaped":
         import flux_shaped_data
 
         return from_dataset(str(flux_shaped_data.ensure_dataset(progress=False)), args.samples), args.label or "flux_shaped"
@@ -310,22 +327,60 @@ def table(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", choices=("synthetic", "digits", "flux-shaped"), default="synthetic")
-    ap.add_argument("--dataset", help="re-encode samples of this dataset instead (overrides --source)")
-    ap.add_argument("--samples", type=int, default=None, help="at most this many samples (synthetic: 512)")
-    ap.add_argument("--shard-size", type=int, default=None, help="synthetic only (128); datasets keep their shards")
-    ap.add_argument("--format", nargs="+", choices=FORMATS, default=["v1"], dest="formats")
-    ap.add_argument("--dtypes", nargs="+", default=None, help="storage dtypes (default: all of each format)")
-    ap.add_argument("--compressions", nargs="+", default=["zstd", "blosc-zstd", "none"])
-    ap.add_argument("--keyframe-every", type=int, default=None, help="v2 only (default: the format's, 5)")
-    ap.add_argument("--label", default=None, help="names the result files (default: the source's name)")
-    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/storage_bytes[_LABEL].json)")
-    ap.add_argument("--workdir", default=None, help="scratch directory for the re-encoded datasets (default: a temp dir)")
-    args = ap.parse_args(argv)
-    src, label = resolve_source(args)
+#: How the side-by-side table names a source (by its result label).
+DISPLAY = {"": "synthetic", "digits": "digits", "flux_shaped": "FLUX-shaped"}
+
+
+def _size(b: float) -> str:
+    """Bytes with a unit, 3 significant digits (``11.2 kB``, ``27.9 MB``)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= scale:
+            return f"{b / scale:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def formats_table(runs: list[tuple[dict, list[dict]]]) -> str:
+    """Sources side by side: x + u bytes and their ratio to raw float32, conditioning bytes, per trajectory."""
+    names = [DISPLAY.get(meta["label"], meta["label"]) for meta, _ in runs]
+    comps = sorted({r["compression"] for _, rows in runs for r in rows})
+    kf = next((r["keyframe_every"] for _, rows in runs for r in rows if r["format"] == "v2"), None)
+    lines = [
+        "Bytes per trajectory (`benchmarks/storage_bytes.py`, compression " + ", ".join(comps)
+        + (f", v2 keyframes every {kf} steps" if kf else "") + "): " + "; ".join(
+            f"**{name}** = {meta['samples']} trajectories, latent {tuple(meta['latent_shape'])}, {meta['steps']} steps, "
+            f"shards of {meta['shard_size']} with {meta['prompts_per_shard']:g} prompts each, raw float32 x + u "
+            f"{_size(rows[0]['raw_f32_xu_bytes_per_traj'])}, raw float32 cond {_size(rows[0]['raw_f32_cond_bytes_per_traj'])}"
+            for name, (meta, rows) in zip(names, runs))
+        + ". x + u includes float8's per-step scales; cond is every conditioning array (v1: per sample, v2: once per "
+        "prompt and shard).",
+        "",
+        "| format | storage dtype | " + " | ".join(f"{n}: x + u | {n}: vs raw f32 | {n}: cond" for n in names) + " |",
+        "|---|---|" + "---:|---:|---:|" * len(runs),
+    ]
+    keys = []
+    for _, rows in runs:
+        keys += [k for r in rows if (k := (r["format"], r["storage_dtype"], r["compression"])) not in keys]
+    for key in keys:
+        cells = []
+        for _, rows in runs:
+            r = next((r for r in rows if (r["format"], r["storage_dtype"], r["compression"]) == key), None)
+            cells += ["-"] * 3 if r is None else [
+                _size(r["xu_bytes_per_traj"]), f"{r['xu_ratio_vs_raw_f32']:.3f}", _size(r["cond_bytes_per_traj"])]
+        label = key[1] if len(comps) == 1 else f"{key[1]} {key[2]}"
+        lines.append(f"| {key[0]} | {label} | " + " | ".join(cells) + " |")
+    v2 = [(name, r) for name, (_, rows) in zip(names, runs) for r in rows
+          if (r["format"], r["storage_dtype"]) == ("v2", "float16")]
+    if v2:
+        lines += ["", "v2 default (float16) x + u vs raw float32: " + ", ".join(
+            f"{name} {r['xu_ratio_vs_raw_f32']:.3f}" for name, r in v2) + " (bar: <= 0.30)."]
+    return "\n".join(lines) + "\n"
+
+
+def run_source(args, source: str) -> tuple[dict, list[dict]]:
+    """Measure every format x dtype x compression on one source; writes its JSON (and .md)."""
+    src, label = resolve_source(args, source)
     rows = []
+    print(f"{src.name}: {src.num_samples} samples", flush=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for fmt in args.formats:
             valid = format_dtypes(fmt)
@@ -342,7 +397,8 @@ def main(argv=None) -> int:
         "source": src.name, "label": label, "samples": src.num_samples, "shard_size": src.shard_size,
         "latent_shape": list(src.latent_shape), "steps": src.steps, "source_storage_dtype": src.stored_dtype,
         "cond_spec": {k: [list(s), str(t)] for k, (s, t) in src.cond_spec.items()},
-        "python": sys.version.split()[0], "machine": platform.machine(),
+        "prompts_per_shard": float(np.mean(src.prompts_per_shard)),
+        "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
     }
     text = table(meta, rows)
     print(text)
@@ -352,6 +408,37 @@ def main(argv=None) -> int:
     if label:  # the default synthetic table is rendered by benchmarks/tables.py
         out.with_suffix(".md").write_text(text)
     print(f"wrote {out}")
+    return meta, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", nargs="+", choices=("synthetic", "digits", "flux-shaped"), default=["synthetic"],
+                    dest="sources", help="one or more sources; several also write storage_bytes_formats.json/.md")
+    ap.add_argument("--dataset", help="re-encode samples of this dataset instead (overrides --source)")
+    ap.add_argument("--samples", type=int, default=None, help="at most this many samples (synthetic: 512)")
+    ap.add_argument("--shard-size", type=int, default=None, help="synthetic only (128); datasets keep their shards")
+    ap.add_argument("--format", nargs="+", choices=FORMATS, default=["v1"], dest="formats")
+    ap.add_argument("--dtypes", nargs="+", default=None, help="storage dtypes (default: all of each format)")
+    ap.add_argument("--compressions", nargs="+", default=["zstd", "blosc-zstd", "none"])
+    ap.add_argument("--keyframe-every", type=int, default=None, help="v2 only (default: the format's, 5)")
+    ap.add_argument("--label", default=None, help="names the result files (default: the source's name)")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/storage_bytes[_LABEL].json)")
+    ap.add_argument("--summary-out", default=None,
+                    help="JSON path of the side-by-side summary (default: benchmarks/results/storage_bytes_formats.json)")
+    ap.add_argument("--workdir", default=None, help="scratch directory for the re-encoded datasets (default: a temp dir)")
+    args = ap.parse_args(argv)
+    sources = [None] if args.dataset else list(dict.fromkeys(args.sources))
+    if len(sources) > 1 and (args.label or args.out):
+        ap.error("--label/--out name one source's files; leave them out with several sources")
+    runs = [run_source(args, source) for source in sources]
+    if len(runs) > 1:
+        text = formats_table(runs)
+        out = Path(args.summary_out) if args.summary_out else RESULTS.with_name("storage_bytes_formats.json")
+        out.write_text(json.dumps({"sources": [{**meta, "results": rows} for meta, rows in runs]}, indent=2) + "\n")
+        out.with_suffix(".md").write_text(text)
+        print(text)
+        print(f"wrote {out} and {out.with_suffix('.md').name}")
     return 0
 
 

@@ -19,9 +19,10 @@ SOURCES = {
     "ablation": ROOT / "benchmarks/results/ablation.md",
     "teacher-quality": ROOT / "benchmarks/results/teacher_quality.md",
     "builder": ROOT / "benchmarks/results/builder.md",
-    "storage-bytes": ROOT / "benchmarks/results/storage_bytes.md",
+    "storage-bytes-formats": ROOT / "benchmarks/results/storage_bytes_formats.md",
     "storage-estimate": ROOT / "benchmarks/results/storage_estimate.md",
     "loader": ROOT / "benchmarks/results/loader.md",
+    "loader-flux-shaped": ROOT / "benchmarks/results/loader_flux_shaped.md",
     "gpu-scale": ROOT / "benchmarks/results/gpu_scale.md",
 }
 
