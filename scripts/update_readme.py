@@ -21,6 +21,7 @@ SOURCES = {
     "builder": ROOT / "benchmarks/results/builder.md",
     "storage-bytes-formats": ROOT / "benchmarks/results/storage_bytes_formats.md",
     "storage-estimate": ROOT / "benchmarks/results/storage_estimate.md",
+    "format-quality": ROOT / "benchmarks/results/format_quality.md",
     "loader": ROOT / "benchmarks/results/loader.md",
     "loader-flux-shaped": ROOT / "benchmarks/results/loader_flux_shaped.md",
     "gpu-scale": ROOT / "benchmarks/results/gpu_scale.md",
