@@ -1,4 +1,5 @@
-"""arcflow.storage: the trajectory dataset format (v1), its writer, reader and streaming dataset.
+"""arcflow.storage: the trajectory dataset format (writes v2, reads v1 and v2), its writer, reader,
+verifier and streaming dataset.
 
 Knows nothing about models: arrays in, arrays out. Public names are imported lazily so that
 ``from arcflow.storage.errors import ArcflowError`` stays cheap (no zarr / pyarrow / torch import).
@@ -6,7 +7,8 @@ Knows nothing about models: arrays in, arrays out. Public names are imported laz
 - ``create_or_open_dataset(url, spec, resume=False) -> DatasetWriter``  (``arcflow.storage.writer``)
 - ``check_dataset_target(url, resume, spec=, generation=)``: may a job write there? (``.writer``)
 - ``open_dataset(url) -> TrajectoryReader``                              (``arcflow.storage.reader``)
-- ``TrajectoryStream``: torch IterableDataset over committed shards      (``arcflow.storage.streaming``)
+- ``TrajectoryStream``: (sample, segment) items of committed shards      (``arcflow.storage.streaming``)
+- ``verify_dataset(url, repair=False)``: find (and uncommit) damaged shards (``arcflow.storage.verify``)
 - ``DatasetSpec``, ``CondField``, ``FORMAT_VERSION``, ``STORAGE_DTYPES`` (``arcflow.storage.format``)
 """
 
@@ -24,6 +26,7 @@ _EXPORTS = {
     "open_dataset": "arcflow.storage.reader",
     "TrajectoryReader": "arcflow.storage.reader",
     "TrajectoryStream": "arcflow.storage.streaming",
+    "verify_dataset": "arcflow.storage.verify",
 }
 
 __all__ = sorted(_EXPORTS)

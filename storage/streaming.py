@@ -138,6 +138,7 @@ class TrajectoryStream(IterableDataset):
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != self.spec.steps or any(b >= c for b, c in zip(bounds, bounds[1:])):
             raise ArcflowError(f"segment bounds must increase from 0 to the dataset's {self.spec.steps} steps, got {bounds}")
         self.segment_bounds = bounds
+        self._sigmas = np.asarray(self.spec.sigmas, dtype=np.float32)  # the sampler's own float32 sigmas
         self.endpoints = bool(endpoints)
         self.cache_bytes = int(cache_bytes)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -288,7 +289,7 @@ class TrajectoryStream(IterableDataset):
         width = self.width
         padded = np.zeros((width, *u.shape[1:]), np.float32)
         padded[: b - a] = u
-        sig = np.asarray(self.spec.sigmas, dtype=np.float32)
+        sig = self._sigmas
         window = sig[np.minimum(np.arange(a, a + width + 1), b)]
         rows = slice(row, row + 1)
         item = {
