@@ -352,6 +352,8 @@ BAD_INPUTS = {
     "unknown teacher": (["--teacher", "no-such-teacher"], ["unknown teacher"]),
     "unknown dtype": (["--dtype", "float64"], ["--dtype"]),
     "bad threads": (["--threads", "0"], ["--threads"]),
+    "zero keyframe interval": (["--keyframe-every", "0"], ["--keyframe-every"]),
+    "zero seeds per prompt": (["--seeds-per-prompt", "0"], ["--seeds-per-prompt"]),
     "different teacher": ([], ["different settings", "teacher: 'gpu-latency-sim' != 'digits'"]),
     "different config with resume": (["--steps", str(STEPS + 1), "--resume"], ["different settings", "steps"]),
 }
