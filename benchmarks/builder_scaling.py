@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shutil
@@ -24,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from arcflow.core.ray_runtime import start_ray
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -48,7 +48,7 @@ def main() -> None:
     from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    start_ray()
     ray_start = time.perf_counter() - t0
     scratch = Path(tempfile.mkdtemp(prefix="builder_scaling_"))
     rows = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
 import shutil
@@ -35,6 +34,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
+from arcflow.core.ray_runtime import start_ray
 
 RESULTS = Path(__file__).parent / "results" / "builder_throughput.json"
 
@@ -80,7 +80,7 @@ def builder_throughput(options: dict, n: int, steps: int, batch: int, seed: int,
     from arcflow.pipeline.generate import GenerationConfig, default_threads, generate_trajectories
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    start_ray()
     ray_start = time.perf_counter() - t0
     try:
         config = GenerationConfig(

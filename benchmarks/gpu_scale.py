@@ -57,6 +57,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from random_teachers import RandomTeacherFactory, load_random_teacher, random_transformer  # noqa: E402
 from tables import gpu_scale as render_markdown  # noqa: E402
+from arcflow.core.ray_runtime import start_ray
 
 log = logging.getLogger("gpu_scale")
 
@@ -344,7 +345,7 @@ def main() -> None:
     import ray
 
     started = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    start_ray()
     try:
         for family in args.families:
             measure_family(family, args, settings, device, report)

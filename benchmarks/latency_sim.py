@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from arcflow.pipeline.teacher import Conditioning, Teacher
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 # This module is not installed: Ray ships its classes to the workers by value, so they need no
 # benchmarks/ directory on their import path.

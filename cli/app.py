@@ -13,6 +13,7 @@ import typer
 from typer.exceptions import TyperException
 
 
+from . import dataset_commands, distill_commands, evaluate_commands, teacher_commands
 from .errors import TRACEBACK_ENV, describe
 
 #: Loggers whose warnings are noise on a user's terminal: Ray's token-auth notice on every local
@@ -64,13 +65,21 @@ def root(
     )
 
 
+# Explicit registration: `typer.main.get_command(app)` lists every subcommand once this module is imported.
+app.command("generate-trajectories")(dataset_commands.generate_trajectories_command)
+app.command("inspect")(dataset_commands.inspect_command)
+app.command("verify")(dataset_commands.verify_command)
+app.command("distill")(distill_commands.distill_command)
+app.command("evaluate")(evaluate_commands.evaluate_command)
+app.command("sample")(teacher_commands.sample)
+app.command("train-teacher")(teacher_commands.train_teacher)
+
+
 INTERRUPTED = "interrupted; rerun the same command with --resume to continue"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 2."""
-    from . import commands  # noqa: F401  (registers the subcommands on ``app``)
-
     command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -11,14 +11,11 @@ import typer
 
 from arcflow.pipeline.generate import STORAGE_DTYPES, GenerationConfig, generate_trajectories
 from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY
-from arcflow.storage.errors import ArcflowError
-
-from .app import app
+from arcflow.core.errors import ArcflowError
 
 log = logging.getLogger(__name__)
 
 
-@app.command("generate-trajectories")
 def generate_trajectories_command(
     out: str = typer.Option(..., "--out", help="Dataset directory or fsspec URL (file://, s3://, memory://)."),
     teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded), a diffusers hub id (black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) or a local pipeline directory."),
@@ -93,7 +90,6 @@ def _teacher_options(teacher: str, **given: object) -> dict:
     return options
 
 
-@app.command("inspect")
 def inspect_command(
     dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -139,7 +135,6 @@ def _render_strip(reader, sample_id: int, png: Path, teacher_id: str) -> None:
     save_grid(images, png, nrow=len(pick))
 
 
-@app.command("verify")
 def verify_command(
     dataset: str = typer.Argument(..., help="Dataset directory or fsspec URL."),
     repair: bool = typer.Option(False, "--repair", help="Uncommit the damaged shards (remove their index part) so that generate-trajectories --resume regenerates exactly those."),

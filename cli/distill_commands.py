@@ -9,10 +9,7 @@ import typer
 from arcflow.distill.config import DistillConfig
 from arcflow.distill.student.config import TRAINABLE_MODES, StudentConfig
 
-from .app import app
 
-
-@app.command("distill")
 def distill_command(
     dataset: str = typer.Argument(..., help="Trajectory dataset written by generate-trajectories."),
     out: str = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl and the exported student."),

@@ -15,7 +15,7 @@ import errno
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 
 #: Set by ``--verbose``; the environment variable does the same for scripts.
 TRACEBACK_ENV = "ARCFLOW_TRACEBACK"
@@ -128,5 +128,5 @@ def describe(exc: BaseException) -> str:
             return "out of memory; lower --batch-size / --shard-size or use a larger machine"
     # the nearest exception that is not a wrapper around another one (Ray's, Ray Train's)
     root = next((c for c in chain if not _is_wrapper(c)), exc)
-    first = (str(root).strip().splitlines() or [""])[0]
+    first = first_line(root)
     return f"unexpected {type(root).__name__}: {first} (rerun with --verbose for the traceback)"

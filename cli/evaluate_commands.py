@@ -7,10 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import app
 
-
-@app.command("evaluate")
 def evaluate_command(
     adapter: list[Path] = typer.Option(..., "--adapter", help="A student run directory (repeat for several)."),
     out: Path = typer.Option(..., "--out", help="Report directory: report.json, report.md, grid.png."),

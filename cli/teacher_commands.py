@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from arcflow.cli.app import app
-from arcflow.storage.errors import ArcflowError, check_finite, check_seed, refuse_overwrite
+from arcflow.core.errors import ArcflowError, check_finite, check_seed, refuse_overwrite
 
 if TYPE_CHECKING:  # torch loads lazily so that `arcflow --help` stays fast
     from torch import Tensor
@@ -43,7 +42,6 @@ def _teacher_images(
     return teacher.decode(latents), (num if len(prompts) > 1 else None)
 
 
-@app.command("sample")
 def sample(
     out: Path = typer.Option(..., "--out", help="Output file: .png writes a grid, .npy writes [N, H, W] floats in [0, 1]."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A distill run directory: sample the few-step student."),
@@ -103,7 +101,6 @@ def _student_images(
     return torch.cat([images, reference]), len(batch)
 
 
-@app.command("train-teacher")
 def train_teacher(
     out: Path = typer.Option(..., "--out", help="Directory for the teacher and classifier weights."),
     seed: int = typer.Option(0, "--seed", help="Seed of every random draw in training."),

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Protocol
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
         try:
             checkpoint = Result.from_path(str(root)).checkpoint
         except Exception as exc:  # Ray's record names a deleted checkpoint, or is damaged
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+            reason = first_line(exc).split(". ")[0]
             raise ArcflowError(f"{root} is damaged ({reason}); resume is impossible, start a new --out") from None
         finally:
             ray_log.setLevel(level)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
-from arcflow.storage.errors import ArcflowError, check_local_workers, check_numbers
+from arcflow.core.errors import ArcflowError, check_numbers
+from arcflow.core.ray_runtime import check_local_workers
 
 from .student.config import StudentConfig
 

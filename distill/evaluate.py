@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from arcflow.storage.errors import ArcflowError, check_finite, check_numbers, refuse_overwrite
+from arcflow.core.errors import ArcflowError, check_finite, check_numbers, refuse_overwrite
 
 from .metrics import frechet_distance
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 from .scheduler import load_scheduler
 from .student import (

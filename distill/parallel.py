@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 log = logging.getLogger(__name__)
 

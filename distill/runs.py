@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 from .scheduler import ArcFlowScheduler, load_scheduler
 from .student import Student, load_student, read_student_config

@@ -29,7 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from torch import Tensor
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 
 from .student.head import packed_width, unpack_momentum
 from .momentum import integrate
@@ -216,7 +216,7 @@ def load_scheduler(run_dir: Union[str, os.PathLike], record: Mapping[str, Any], 
     except ArcflowError as exc:
         raise ArcflowError(f"{run_dir}/{SCHEDULER_FILE}: {exc}") from None
     except (ValueError, TypeError, OSError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        reason = first_line(exc)
         raise ArcflowError(f"{run_dir}/{SCHEDULER_FILE} is damaged: {reason}") from None
     expected = scheduler_for_run(record, teacher).config
     differ = [key for key in ("k", "weight_groups", "channels", "momentum") if scheduler.config[key] != expected[key]]

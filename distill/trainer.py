@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 from torch import nn
 
-from arcflow.pipeline.driver_watch import driver_identity, restore_ctrl_c
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.driver_watch import driver_identity
+from arcflow.core.ray_runtime import start_ray
+from arcflow.core.errors import ArcflowError
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -342,7 +343,7 @@ def _ray_train_loop(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from arcflow.pipeline.driver_watch import watch_driver
+    from arcflow.core.driver_watch import watch_driver
 
     watch_driver(payload["facts"].get("driver"))
     context = ray.train.get_context()
@@ -412,16 +413,8 @@ def _fit(config: DistillConfig, facts: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
 
     out = Path(config.out)
-    started = False
     cpus_per_worker = max(1, (os.cpu_count() or 1) // config.num_workers)
-    if not ray.is_initialized():
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-        if config.ray_address:
-            ray.init(address=config.ray_address, **quiet)
-        else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers), include_dashboard=False, **quiet)
-            started = True
-        restore_ctrl_c()
+    started = start_ray(config.ray_address, max(os.cpu_count() or 1, config.num_workers))
     try:
         trainer = TorchTrainer(
             _ray_train_loop,

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from arcflow.pipeline.teacher import Conditioning, Teacher
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 
 #: Pipeline classes (``model_index.json`` ``_class_name``) a diffusers teacher can wrap.
 SUPPORTED_PIPELINES = ("FluxPipeline", "QwenImagePipeline")
@@ -474,7 +474,7 @@ def _resolve_directory(teacher_id: str, revision: Optional[str], local_files_onl
     try:
         return str(DiffusionPipeline.download(teacher_id, revision=revision, local_files_only=local_files_only))
     except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ArcflowError(f"could not fetch teacher {teacher_id!r} from the hub: {first}") from None
 
 
@@ -509,7 +509,7 @@ def load_diffusers_teacher(
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = getattr(diffusers, class_name).from_pretrained(directory, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ArcflowError(f"could not load {class_name} from {directory}: {first}") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -29,7 +29,7 @@ from arcflow.pipeline.digits_model import (
     tokenize,
 )
 from arcflow.pipeline.teacher import Conditioning, Teacher
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TEACHER_FILE = "digits_teacher.safetensors"

@@ -26,10 +26,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from arcflow.storage.errors import ArcflowError, check_local_workers, check_numbers
+from arcflow.core.errors import ArcflowError, check_numbers
+from arcflow.core.ray_runtime import check_local_workers, start_ray
 from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, GENERATION_KEY, STORAGE_DTYPES, DatasetSpec
 
-from .driver_watch import driver_identity, restore_ctrl_c
+from arcflow.core.driver_watch import driver_identity
 from .plan import ShardPlan, num_shards, plan_shard, shard_length
 from .registry import TeacherSource, teacher_name
 
@@ -214,7 +215,7 @@ class ShardWorker:
         self, teacher: TeacherSource, teacher_options: dict[str, Any], threads: int, gpus: float,
         driver: Optional[dict[str, Any]] = None,
     ) -> None:
-        from .driver_watch import watch_driver
+        from arcflow.core.driver_watch import watch_driver
         from .registry import load_teacher
 
         watch_driver(driver)  # a killed driver's actors stop instead of finishing shards unseen
@@ -288,25 +289,6 @@ class GenerationSummary:
         return asdict(self)
 
 
-def _init_ray(config: GenerationConfig) -> bool:
-    """Join ``--ray-address`` or start an embedded local cluster; returns whether we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Ray's own INFO lines ("Started a local Ray instance.") would precede a user error on stderr;
-    # keep stderr to our log and the one-line error.
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if config.ray_address:
-        ray.init(address=config.ray_address, **quiet)
-        restore_ctrl_c()
-        return False
-    cpus = max(os.cpu_count() or 1, int(config.workers * (config.cpus_per_worker or 1)))
-    ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
-    restore_ctrl_c()
-    return True
-
-
 def _default_cpus_per_worker(workers: int) -> float:
     """CPU workers share the cluster's cores evenly (a single local worker gets them all, and sets
     torch's thread count from them), but never ask for more than the largest node has: an actor
@@ -362,7 +344,8 @@ def generate_trajectories(
     check_dataset_target(config.out, config.resume, generation=config.content_config())
     # claimed: the writer of a dataset this very job creates (removed again if no shard commits)
     claimed, actors = None, []
-    started_ray = _init_ray(config)
+    # a local cluster has at least the cores the workers ask for
+    started_ray = start_ray(config.ray_address, max(os.cpu_count() or 1, int(config.workers * (config.cpus_per_worker or 1))))
     try:
         total_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = config.gpus_per_worker if config.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 IMAGE_SUFFIXES = (".png", ".npy")
 

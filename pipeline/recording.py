@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from arcflow.pipeline.teacher import Conditioning, Teacher
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 #: Samples per network call; the CPU batch-invariance unit (see module docstring).
 MICRO_BATCH = 16

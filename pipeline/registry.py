@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Union
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from arcflow.storage.format import GENERATION_KEY
 
 from .teacher import Teacher

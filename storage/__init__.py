@@ -2,7 +2,7 @@
 verifier and streaming dataset.
 
 Knows nothing about models: arrays in, arrays out. Public names are imported lazily so that
-``from arcflow.storage.errors import ArcflowError`` stays cheap (no zarr / pyarrow / torch import).
+importing one module of the package stays cheap (no zarr / pyarrow / torch import).
 
 - ``create_or_open_dataset(url, spec, resume=False) -> DatasetWriter``  (``arcflow.storage.writer``)
 - ``check_dataset_target(url, resume, spec=, generation=)``: may a job write there? (``.writer``)
@@ -13,7 +13,6 @@ Knows nothing about models: arrays in, arrays out. Public names are imported laz
 """
 
 _EXPORTS = {
-    "ArcflowError": "arcflow.storage.errors",
     "FORMAT_VERSION": "arcflow.storage.format",
     "STORAGE_DTYPES": "arcflow.storage.format",
     "COMPRESSIONS": "arcflow.storage.format",

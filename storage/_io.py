@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 #: fsspec protocols of object stores: the first path component is a bucket (container), and there
 #: are no directories, only keys (a "directory" exists while some object lies under it).

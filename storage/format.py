@@ -54,7 +54,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 #: The version this arcflow writes; READABLE_VERSIONS are the ones it reads.
 FORMAT_VERSION = 2

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from arcflow.storage import _io
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 from arcflow.storage.shards import ShardArrays, damaged_array
 from arcflow.storage.format import (
     DATASET_JSON,
@@ -82,7 +82,7 @@ def part_metadata(loc: _io.Location, shard_id: int, steps: int):
 
 def damaged_part(loc: _io.Location, shard_id: int, reason: object) -> ArcflowError:
     """The one-line error for an index part that does not read back."""
-    text = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+    text = first_line(reason) if isinstance(reason, BaseException) else str(reason)
     return ArcflowError(
         f"dataset {loc.url}: index part {INDEX_DIR}/{index_part_name(shard_id)} is damaged ({text}); "
         "rerun generate-trajectories with --resume to regenerate that shard"

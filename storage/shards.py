@@ -14,15 +14,15 @@ from typing import Sequence
 import numpy as np
 
 from arcflow.storage import _io
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 from arcflow.storage.format import DTYPE_ATTR, DatasetSpec
 
 
 def damaged_array(url: str, shard_id: int, name: str, reason: object) -> ArcflowError:
     """The one-line error for a chunk or array of a committed shard that does not read back."""
-    text = (str(reason).strip().splitlines() or [type(reason).__name__])[0]
+    text = first_line(reason, 160) if isinstance(reason, BaseException) else str(reason)[:160]
     return ArcflowError(
-        f"dataset {url}: shard {shard_id} array {name!r} is damaged ({text[:160]}); "
+        f"dataset {url}: shard {shard_id} array {name!r} is damaged ({text}); "
         f"run `arcflow verify {url} --repair`, then generate-trajectories --resume"
     )
 

@@ -63,7 +63,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from arcflow.storage import _io
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from arcflow.storage.reader import TrajectoryReader, open_dataset
 from arcflow.storage.shards import ShardArrays
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from arcflow.storage import _io
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from arcflow.storage.format import (
     AUTO_CHUNK_BYTES,
     DATASET_JSON,

@@ -27,7 +27,7 @@ from arcflow.distill.student import (
 )
 from arcflow.pipeline.recording import record_trajectories, sample_teacher
 from arcflow.pipeline.registry import check_teacher_id, load_teacher
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline, tiny_qwen_image_pipeline
 from reference_sampling import reference_sample
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from arcflow.storage import DatasetSpec, TrajectoryStream, create_or_open_dataset, open_dataset
 from arcflow.storage.chunk_store import StrictStore
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from arcflow.storage.verify import verify_dataset
 from cli_helpers import assert_process_failed_one_line, run_subprocess
 from test_storage import euler_states

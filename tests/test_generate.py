@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
 from arcflow.pipeline.generate import GenerationConfig, generate_trajectories  # noqa: E402
-from arcflow.storage.errors import ArcflowError  # noqa: E402
+from arcflow.core.errors import ArcflowError  # noqa: E402
 from arcflow.storage.reader import open_dataset  # noqa: E402
 from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as run_cli

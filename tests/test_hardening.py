@@ -207,7 +207,7 @@ def test_worker_error_is_unwrapped_and_out_is_not_claimed(world, tmp_path):
 
 def test_describe_unwraps_nested_causes():
     from arcflow.cli.errors import describe
-    from arcflow.storage.errors import ArcflowError
+    from arcflow.core.errors import ArcflowError
 
     class Wrapper(Exception):
         def __init__(self, cause):
@@ -301,7 +301,7 @@ def test_workers_stop_when_the_driver_dies(tmp_path):
     """The watchdog every Ray worker runs: its process ends soon after the driver's is gone."""
     driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     code = ("import sys, time, socket\n"
-            "from arcflow.pipeline.driver_watch import watch_driver\n"
+            "from arcflow.core.driver_watch import watch_driver\n"
             f"watch_driver({{'host': socket.gethostname(), 'pid': {driver.pid}}}, interval_s=0.1)\n"
             "time.sleep(60)\n")
     worker = subprocess.Popen([sys.executable, "-c", code])

@@ -16,7 +16,7 @@ from arcflow.distill.runs import load_run
 from arcflow.distill.scheduler import SCHEDULER_FILE, ArcFlowScheduler, load_scheduler
 from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
 from arcflow.pipeline.registry import load_teacher
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline
 from reference_sampling import reference_sample
 

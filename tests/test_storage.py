@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from arcflow.storage import DatasetSpec, create_or_open_dataset, open_dataset
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from arcflow.storage.format import FORMAT_VERSION, index_part_name, shard_zarr_name
 
 S = 6

@@ -11,7 +11,7 @@ import pytest
 import torch
 from arcflow.distill.loss import segment_batch
 from arcflow.storage import DatasetSpec, TrajectoryStream, create_or_open_dataset, open_dataset
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from torch.utils.data import DataLoader
 
 from test_storage import euler_states

@@ -20,7 +20,7 @@ from arcflow.distill.student import (
     save_student,
     soft_clamp,
 )
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from tiny_flux import FLUX_DEV_CONFIG, TinyFluxTeacher
 from torch import nn
 from reference_sampling import reference_sample

@@ -16,7 +16,7 @@ from arcflow.pipeline.digits_data import (
 )
 from arcflow.pipeline.digits_training import train_digits
 from arcflow.pipeline.recording import record_trajectories, sample_teacher
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 from cli_helpers import assert_process_failed_one_line
 from cli_helpers import run_subprocess as run_cli
 

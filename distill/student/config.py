@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
-from arcflow.storage.errors import ArcflowError, check_numbers
+from arcflow.core.errors import ArcflowError, check_numbers
 
 if TYPE_CHECKING:  # torch and peft load lazily: the CLI reads this config before any model exists
     from peft import LoraConfig

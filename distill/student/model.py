@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError
 
 from ..momentum import MomentumParams
 from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig, lora_config_for

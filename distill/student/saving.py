@@ -26,7 +26,7 @@ from typing import Any, Mapping, Union
 import safetensors.torch
 from torch import Tensor, nn
 
-from arcflow.storage.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 
 from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig
 from .head import MomentumHead, head_for
@@ -161,7 +161,7 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
     except ArcflowError:
         raise
     except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        reason = first_line(exc)
         raise ArcflowError(f"student run {run} is damaged or inconsistent with its {CONFIG_FILE}: {reason}") from None
     # The head stays float32 (its forward casts the hidden state), as in training.
     setattr(transformer, HEAD_ATTRIBUTE, head.to(next(transformer.parameters()).device).requires_grad_(False))

@@ -1,8 +1,8 @@
-"""The one exception type that means "the user's input is wrong", shared by every stage.
+"""The one exception type that means "the user's input is wrong", shared by every layer.
 
 The CLI prints its message as a single line and exits with status 2; library callers can catch it.
-It lives in ``storage`` because every other package already depends on ``storage``; so do the
-checks below, which every stage's configuration uses to refuse bad numbers before anything starts.
+The checks below are what every stage's configuration uses to refuse bad numbers before anything
+starts, and :func:`first_line` is the one rule for quoting another library's exception in a line.
 """
 
 from __future__ import annotations
@@ -82,9 +82,8 @@ def refuse_overwrite(out: "os.PathLike[str] | str", names: Iterable[str], overwr
         )
 
 
-def check_local_workers(flag: str, workers: int, ray_address: str | None) -> None:
-    """A local Ray cluster (no ``--ray-address``) gets at most one worker per core: more would
-    load one model copy each on a machine that cannot run them."""
-    cores = os.cpu_count() or 1
-    if ray_address is None and workers > cores:
-        raise ArcflowError(f"{flag} {workers} exceeds this machine's {cores} cores; join a cluster with --ray-address")
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of ``exc``'s message (its type name when it has none), cut to
+    ``limit`` characters: how another library's exception is quoted inside one of our lines."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
