@@ -1,6 +1,6 @@
 """`generate-trajectories`: a pool of Ray actors runs the teacher over shard plans and commits shards.
 
-Design (DESIGN.md section 7):
+Design (docs/architecture.md, Generation):
 * shards are the unit of work; each actor loads the teacher once and works through shard plans;
 * every actor runs two shard tasks at a time (a threaded actor): the teacher is guarded by a lock,
   so while one task writes its shard to storage the other already computes the next one, and the

@@ -1,6 +1,6 @@
 """Writing a trajectory dataset (format v2, see ``arcflow.storage.format``) with its commit protocol.
 
-Commit protocol, per shard (DESIGN.md section 5):
+Commit protocol, per shard (docs/architecture.md, Format):
 
 1. remove the shard's Parquet part if there is one (a rewrite un-commits first) and any stale
    (partial) Zarr group of that shard;

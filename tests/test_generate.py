@@ -1,4 +1,4 @@
-"""`arcflow generate-trajectories` on real Ray with real files (DESIGN.md sections 5 and 7).
+"""`arcflow generate-trajectories` on real Ray with real files (docs/architecture.md, Format and Generation).
 
 Uses the GPU-latency simulator teacher (benchmarks/latency_sim.py, through the Python API: it is
 no product teacher id): no model weights needed, and a latency per network call makes shards take
