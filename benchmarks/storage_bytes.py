@@ -12,7 +12,7 @@ Issue 12's figure (v1 vs v2, every dtype, blosc-zstd, both real sources; one com
         --compressions blosc-zstd --keyframe-every 5
 
 With several sources, each writes its own files (``storage_bytes_digits``, ``storage_bytes_flux_shaped``)
-and ``benchmarks/results/storage_bytes_formats.json/.md`` puts them side by side (what the README shows).
+and ``benchmarks/results/storage_bytes_formats.json/.md`` puts them side by side (what docs/benchmarks.md shows).
 
 Synthetic data (default): 8x8 scikit-learn digits packed into 2x2 patches (latent 16x4, as the
 embedded teacher), a 50-step shifted schedule, and a curved teacher-like path: the predicted clean
