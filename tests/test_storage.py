@@ -186,6 +186,9 @@ def test_uncommitted_shard_invisible_and_rewritten(tmp_path):
     assert set(r.index()["shard"]) == {0, 1}
     with pytest.raises(ArcflowError, match="not committed"):
         r.read_shard(2)
+    assert r.require_committed_shards() == [0, 1] and r.require_committed_shards([1, 0, 1]) == [0, 1]
+    with pytest.raises(ArcflowError, match=r"shards \[2\] are not committed"):
+        r.require_committed_shards([0, 2])
     w2 = create_or_open_dataset(url, spec, resume=True)
     assert w2.pending_shards() == [2]
     d2 = make_shard(spec, 2)
