@@ -149,7 +149,8 @@ def builder(teacher_id: str, options: dict[str, Any], samples: int, steps: int, 
             use_gpu: bool, scratch: Path) -> dict[str, Any]:
     """``generate_trajectories`` with one worker (on the Ray instance ``main`` started); steady
     state = the commits after the first shard."""
-    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
 
     commits: list[tuple[float, dict[str, Any]]] = []
     config = GenerationConfig(

@@ -173,7 +173,8 @@ def from_dataset(url: str, max_samples: int | None = None) -> Source:
 def digits_dataset(num_samples: int = 512, shard_size: int = 128, out: Path = CACHE / "digits_f32") -> Path:
     """The cached digits-teacher float32 dataset (generated, or resumed, when incomplete), i.e.
     ``arcflow generate-trajectories --teacher digits -n 512 --steps 50 --dtype float32 --shard-size 128``."""
-    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
 
     if (out / "dataset.json").is_file():
         r = open_dataset(str(out))
