@@ -35,8 +35,8 @@ def generate_trajectories_command(
     no_compress: bool = typer.Option(False, "--no-compress", help="Store chunks uncompressed (default: zstd through blosc with byte shuffle)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job with the same configuration."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (diffusers teachers; default: the pipeline's, 1024)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (diffusers teachers; default: the pipeline's, 1024)."),
+    height: Optional[int] = typer.Option(None, "--height", min=16, max=16_384, help="Image height in pixels (diffusers teachers; default: the pipeline's, 1024)."),
+    width: Optional[int] = typer.Option(None, "--width", min=16, max=16_384, help="Image width in pixels (diffusers teachers; default: the pipeline's, 1024)."),
     torch_dtype: Optional[str] = typer.Option(None, "--torch-dtype", help="Teacher weights dtype: bfloat16|float16|float32 (diffusers teachers)."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device for the teacher (default: cuda when the worker has a GPU, else cpu)."),
 ) -> None:
@@ -76,9 +76,6 @@ def _teacher_options(teacher: str, **given: object) -> dict:
     from arcflow.pipeline.registry import DIFFUSERS_OPTIONS, is_diffusers_teacher
 
     options = {k: v for k, v in given.items() if v is not None}
-    for name in ("height", "width"):
-        if name in options and not 16 <= options[name] <= 16_384:
-            raise ArcflowError(f"--{name} must be from 16 to 16384 pixels, got {options[name]}")
     misplaced = [k for k in options if k in DIFFUSERS_OPTIONS and not is_diffusers_teacher(teacher)]
     if misplaced:
         flags = ", ".join("--" + k.replace("_", "-") for k in misplaced)

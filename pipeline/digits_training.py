@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from arcflow.pipeline.classifier import CLASSIFIER_FILE, DigitsClassifier
 from arcflow.pipeline.digits import CONFIG_FILE, TEACHER_FILE
@@ -53,6 +54,8 @@ PROMPT_DROPOUT = 0.1
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
 WARMUP = 200
+#: The learning rate ends at this share of ``LEARNING_RATE`` (cosine decay after the warm-up).
+MIN_LR_RATE = 0.1
 EMA_DECAY = 0.999
 CLASSIFIER_EPOCHS = 40
 
@@ -68,13 +71,6 @@ def _threads(n: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
         torch.set_flush_denormal(False)
-
-
-def _lr_factor(step: int, total: int) -> float:
-    if step < WARMUP:
-        return (step + 1) / WARMUP
-    progress = (step - WARMUP) / max(1, total - WARMUP)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _shift_augment(images: Tensor, gen: torch.Generator) -> Tensor:
@@ -106,8 +102,9 @@ def train_teacher_weights(
     params = list(model.parameters())
     if len(params) != len(model.state_dict()):
         raise RuntimeError("the digits teacher is expected to hold parameters only (no buffers)")
-    ema = [p.detach().clone() for p in params]
+    ema = EMAModel(params, decay=EMA_DECAY, foreach=True)
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0, foreach=True)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(opt, WARMUP, iters, min_lr_rate=MIN_LR_RATE)
     img_ids, txt_ids = image_ids(), text_ids()
 
     order = torch.randperm(len(latents), generator=gen)
@@ -122,7 +119,7 @@ def train_teacher_weights(
         ids = token_ids[labels[idx]].clone()
         ids[torch.rand(len(idx), generator=gen) < PROMPT_DROPOUT] = empty_ids
         eps = torch.randn(x0.shape, generator=gen)
-        s = torch.sigmoid(torch.randn(len(idx), generator=gen))
+        s = compute_density_for_timestep_sampling("logit_normal", len(idx), logit_mean=0.0, logit_std=1.0, generator=gen)
         xs = (1.0 - s[:, None, None]) * x0 + s[:, None, None] * eps
         embeds, pooled = text_encoder(ids)
         pred = transformer(
@@ -135,15 +132,12 @@ def train_teacher_weights(
             return_dict=False,
         )[0]
         loss = F.mse_loss(pred, eps - x0)
-        for group in opt.param_groups:
-            group["lr"] = LEARNING_RATE * _lr_factor(step, iters)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(EMA_DECAY, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1.0 - decay)
+        schedule.step()
+        ema.step(params)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     config = {
@@ -157,7 +151,7 @@ def train_teacher_weights(
         "training": {"seed": seed, "iters": iters, "split_seed": SPLIT_SEED, "batch_size": BATCH_SIZE},
     }
     names = [name for name, _ in model.named_parameters()]
-    return {name: v.contiguous() for name, v in zip(names, ema)}, config
+    return {name: v.contiguous() for name, v in zip(names, ema.shadow_params)}, config
 
 
 def train_classifier_weights(seed: int = 0, epochs: int = CLASSIFIER_EPOCHS) -> tuple[dict[str, Tensor], float]:
