@@ -9,8 +9,7 @@ from typing import Optional
 
 import typer
 
-from arcflow.pipeline.generate import STORAGE_DTYPES, GenerationConfig, generate_trajectories
-from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY
+from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, STORAGE_DTYPES
 from arcflow.core.errors import ArcflowError
 
 log = logging.getLogger(__name__)
@@ -41,6 +40,8 @@ def generate_trajectories_command(
     device: Optional[str] = typer.Option(None, "--device", help="Torch device for the teacher (default: cuda when the worker has a GPU, else cpu)."),
 ) -> None:
     """Run the teacher sampler on Ray and write (x_t, t, velocity) trajectories as Zarr + Parquet shards."""
+    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+
     teacher_options = _teacher_options(teacher, height=height, width=width, torch_dtype=torch_dtype, device=device)
     config = GenerationConfig(
         out=out,
