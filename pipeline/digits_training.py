@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +20,11 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from arcflow.pipeline.classifier import CLASSIFIER_FILE, DigitsClassifier
 from arcflow.pipeline.digits import CONFIG_FILE, TEACHER_FILE
@@ -54,8 +55,6 @@ PROMPT_DROPOUT = 0.1
 BATCH_SIZE = 128
 LEARNING_RATE = 1e-3
 WARMUP = 200
-#: The learning rate ends at this share of ``LEARNING_RATE`` (cosine decay after the warm-up).
-MIN_LR_RATE = 0.1
 EMA_DECAY = 0.999
 CLASSIFIER_EPOCHS = 40
 
@@ -71,6 +70,15 @@ def _threads(n: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
         torch.set_flush_denormal(False)
+
+
+# Own factor: library warm-ups (transformers' cosine-with-min-lr) start at 0, a step behind the shipped weights' recipe.
+def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up to 1 over ``WARMUP`` steps (from ``1 / WARMUP``), then cosine decay to 0.1."""
+    if step < WARMUP:
+        return (step + 1) / WARMUP
+    progress = (step - WARMUP) / max(1, total - WARMUP)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _shift_augment(images: Tensor, gen: torch.Generator) -> Tensor:
@@ -104,7 +112,7 @@ def train_teacher_weights(
         raise RuntimeError("the digits teacher is expected to hold parameters only (no buffers)")
     ema = EMAModel(params, decay=EMA_DECAY, foreach=True)
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0, foreach=True)
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(opt, WARMUP, iters, min_lr_rate=MIN_LR_RATE)
+    schedule = LambdaLR(opt, lambda step: _lr_factor(step, iters))
     img_ids, txt_ids = image_ids(), text_ids()
 
     order = torch.randperm(len(latents), generator=gen)
