@@ -178,7 +178,7 @@ def test_bad_numbers_are_refused_before_anything_starts(case, world, capfd):
 
 
 # -- 3. errors inside Ray workers: unwrapped to their line, --out not claimed ---------------------
-def test_worker_error_is_unwrapped_and_out_is_not_claimed(world, tmp_path):
+def test_worker_error_is_unwrapped_and_out_is_not_claimed(world, tmp_path, own_ray):
     """A failure only the Ray Train worker sees (LoRA targets matching nothing) comes back as its own
     one line, and the run directory it had started is removed so the corrected command works."""
     from arcflow.cli.errors import describe
