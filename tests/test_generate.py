@@ -313,6 +313,17 @@ def test_shard_without_parquet_part_is_invisible_and_rewritten_on_resume(base_ru
 
 
 @pytest.fixture
+def no_ray_start(monkeypatch):
+    """Fails a job that gets as far as (starting or joining) Ray, where its workers start."""
+    from arcflow.pipeline import generate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the job went on to start Ray and its workers")
+
+    monkeypatch.setattr(generate, "start_ray", refuse)
+
+
+@pytest.fixture
 def prompts_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -337,7 +348,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, base_run, prompts_files, capfd):
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, base_run, prompts_files, capfd, no_ray_start):
     out, _ = base_run
     extra, fragments = BAD_INPUTS[case]
     extra = [a.format(**prompts_files) for a in extra]
@@ -355,7 +366,7 @@ EXISTING = {
 
 
 @pytest.mark.parametrize("case", list(EXISTING))
-def test_existing_dataset_is_refused_before_any_worker_starts(case, base_run):
+def test_existing_dataset_is_refused_before_any_worker_starts(case, base_run, no_ray_start):
     """The simulator job itself (Python API): same rules, same one line, nothing touched."""
     out, _ = base_run
     overrides, fragments = EXISTING[case]
