@@ -9,8 +9,6 @@ from typing import Optional
 
 import typer
 
-from arcflow.pipeline.generate import generate_trajectories
-from arcflow.pipeline.generation_config import GenerationConfig
 from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, STORAGE_DTYPES
 from arcflow.core.errors import ArcflowError
 
@@ -36,12 +34,15 @@ def generate_trajectories_command(
     no_compress: bool = typer.Option(False, "--no-compress", help="Store chunks uncompressed (default: zstd through blosc with byte shuffle)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted job with the same configuration."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels (diffusers teachers; default: the pipeline's, 1024)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels (diffusers teachers; default: the pipeline's, 1024)."),
+    height: Optional[int] = typer.Option(None, "--height", min=16, max=16_384, help="Image height in pixels (diffusers teachers; default: the pipeline's, 1024)."),
+    width: Optional[int] = typer.Option(None, "--width", min=16, max=16_384, help="Image width in pixels (diffusers teachers; default: the pipeline's, 1024)."),
     torch_dtype: Optional[str] = typer.Option(None, "--torch-dtype", help="Teacher weights dtype: bfloat16|float16|float32 (diffusers teachers)."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device for the teacher (default: cuda when the worker has a GPU, else cpu)."),
 ) -> None:
     """Run the teacher sampler on Ray and write (x_t, t, velocity) trajectories as Zarr + Parquet shards."""
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
+
     teacher_options = _teacher_options(teacher, height=height, width=width, torch_dtype=torch_dtype, device=device)
     config = GenerationConfig(
         out=out,
@@ -77,9 +78,6 @@ def _teacher_options(teacher: str, **given: object) -> dict:
     from arcflow.pipeline.registry import DIFFUSERS_OPTIONS, is_diffusers_teacher
 
     options = {k: v for k, v in given.items() if v is not None}
-    for name in ("height", "width"):
-        if name in options and not 16 <= options[name] <= 16_384:
-            raise ArcflowError(f"--{name} must be from 16 to 16384 pixels, got {options[name]}")
     misplaced = [k for k in options if k in DIFFUSERS_OPTIONS and not is_diffusers_teacher(teacher)]
     if misplaced:
         flags = ", ".join("--" + k.replace("_", "-") for k in misplaced)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from arcflow.core.errors import ArcflowError, check_finite, check_seed, refuse_overwrite
+from arcflow.core.errors import MAX_SEED, ArcflowError, check_finite, refuse_overwrite
 
 if TYPE_CHECKING:  # torch loads lazily so that `arcflow --help` stays fast
     from torch import Tensor
@@ -20,11 +20,6 @@ def _load_teacher(name: str) -> Teacher:
 
     check_teacher_id(name)
     return load_teacher(name)
-
-
-def _check_positive(name: str, value: int, most: int = 1_000_000) -> None:
-    if not 1 <= value <= most:
-        raise ArcflowError(f"{name} must be from 1 to {most}, got {value}")
 
 
 def _teacher_images(
@@ -49,30 +44,27 @@ def sample(
     prompt: Optional[List[str]] = typer.Option(
         None, "--prompt", help="Prompt (repeatable); default: the teacher's own prompt set."
     ),
-    steps: int = typer.Option(50, "--steps", help="Euler steps of the teacher sampler."),
-    nfe: Optional[int] = typer.Option(None, "--nfe", help="Student network evaluations (default: the run's)."),
+    steps: int = typer.Option(50, "--steps", min=1, max=10_000, help="Euler steps of the teacher sampler."),
+    nfe: Optional[int] = typer.Option(
+        None, "--nfe", min=1, max=1000, help="Student network evaluations (default: the run's)."
+    ),
     compare_teacher: bool = typer.Option(
         False, "--compare-teacher", help="With --adapter: add the teacher's --steps sample from the same noise."
     ),
-    num: int = typer.Option(8, "--num", help="Samples per prompt."),
-    seed: int = typer.Option(0, "--seed", help="Sample i uses seed + i."),
+    num: int = typer.Option(8, "--num", min=1, max=100_000, help="Samples per prompt."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Sample i uses seed + i."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Teacher CFG scale (default: the teacher's)."),
 ) -> None:
     """Generate images with a teacher or a distilled student; write a PNG grid or a .npy array."""
     from arcflow.pipeline.images import check_image_path, write_images
 
     check_image_path(out)
-    _check_positive("--steps", steps, most=10_000)
-    _check_positive("--num", num, most=100_000)
-    check_seed(seed)
     check_finite("--guidance", guidance, minimum=0.0)
     if adapter is None:
         if compare_teacher or nfe is not None:
             raise ArcflowError("--compare-teacher and --nfe need --adapter RUN")
         images, nrow = _teacher_images(teacher, list(prompt or []), num, seed, steps, guidance)
     else:
-        if nfe is not None:
-            _check_positive("--nfe", nfe, most=1000)
         images, nrow = _student_images(adapter, list(prompt or []), num, seed, nfe, compare_teacher, steps, guidance)
     path = write_images(images, out, nrow)
     typer.echo(f"wrote {len(images)} images to {path}")
@@ -103,10 +95,16 @@ def _student_images(
 
 def train_teacher(
     out: Path = typer.Option(..., "--out", help="Directory for the teacher and classifier weights."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random draw in training."),
-    iters: Optional[int] = typer.Option(None, "--iters", help="Teacher training iterations (default: the shipped recipe)."),
-    classifier_epochs: Optional[int] = typer.Option(None, "--classifier-epochs", help="Classifier training epochs."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch intra-op threads (fixed for reproducibility)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of every random draw in training."),
+    iters: Optional[int] = typer.Option(
+        None, "--iters", min=1, max=10_000_000, help="Teacher training iterations (default: the shipped recipe)."
+    ),
+    classifier_epochs: Optional[int] = typer.Option(
+        None, "--classifier-epochs", min=1, max=100_000, help="Classifier training epochs."
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, max=1024, help="Torch intra-op threads (fixed for reproducibility)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier teacher in --out."),
 ) -> None:
     """Retrain the embedded digits teacher and its evaluation classifier, deterministically."""
@@ -115,10 +113,6 @@ def train_teacher(
     iters = training.DEFAULT_ITERS if iters is None else iters
     epochs = training.CLASSIFIER_EPOCHS if classifier_epochs is None else classifier_epochs
     threads = training.DEFAULT_THREADS if threads is None else threads
-    _check_positive("--iters", iters, most=10_000_000)
-    _check_positive("--classifier-epochs", epochs, most=100_000)
-    _check_positive("--threads", threads, most=1024)
-    check_seed(seed)
     refuse_overwrite(out, training.OUTPUT_FILES, overwrite)
     summary = training.train_digits(out, seed=seed, iters=iters, classifier_epochs=epochs, threads=threads)
     typer.echo(

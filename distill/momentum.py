@@ -72,14 +72,6 @@ class MomentumParams:
                 f"log_gammas must have shape {(batch, k - 1, groups, *rest)}, got {tuple(g.shape)}"
             )
 
-    @property
-    def num_components(self) -> int:
-        return self.velocities.shape[1]
-
-    @property
-    def num_groups(self) -> int:
-        return self.logits.shape[2]
-
     def weights(self) -> Tensor:
         """Mixture weights ``pi``, shape ``(B, K, G, *rest)``, in the math dtype."""
         logits = self.logits.to(math_dtype(self.velocities.dtype))

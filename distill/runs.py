@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from arcflow.core.errors import ArcflowError
+from arcflow.pipeline.teacher import transformer_output
 
 from .scheduler import ArcFlowScheduler, load_scheduler
 from .student import Student, load_student, read_student_config
@@ -50,9 +51,8 @@ def sample_latents(student: Student, scheduler: ArcFlowScheduler, noise: Tensor,
     teacher, x = student.teacher, noise
     scheduler.set_timesteps(device=x.device)
     for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
-        out = student.transformer(**teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond))
-        packed = out[0] if isinstance(out, (tuple, list)) else out.sample
-        x = scheduler.step(packed, t, x, return_dict=False)[0]
+        inputs = teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond)
+        x = scheduler.step(transformer_output(student.transformer(**inputs)), t, x, return_dict=False)[0]
     return x
 
 

@@ -59,8 +59,6 @@ from arcflow.core.errors import ArcflowError, first_line
 
 #: Pipeline classes (``model_index.json`` ``_class_name``) a diffusers teacher can wrap.
 SUPPORTED_PIPELINES = ("FluxPipeline", "QwenImagePipeline")
-#: Hub ids this project is written for (any other hub id of a supported class works too).
-KNOWN_HUB_IDS = {"black-forest-labs/FLUX.1-dev": "FluxPipeline", "Qwen/Qwen-Image": "QwenImagePipeline"}
 TORCH_DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

@@ -20,8 +20,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from arcflow.pipeline.classifier import CLASSIFIER_FILE, DigitsClassifier
@@ -70,7 +72,9 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+# Own factor: library warm-ups (transformers' cosine-with-min-lr) start at 0, a step behind the shipped weights' recipe.
 def _lr_factor(step: int, total: int) -> float:
+    """Linear warm-up to 1 over ``WARMUP`` steps (from ``1 / WARMUP``), then cosine decay to 0.1."""
     if step < WARMUP:
         return (step + 1) / WARMUP
     progress = (step - WARMUP) / max(1, total - WARMUP)
@@ -106,8 +110,9 @@ def train_teacher_weights(
     params = list(model.parameters())
     if len(params) != len(model.state_dict()):
         raise RuntimeError("the digits teacher is expected to hold parameters only (no buffers)")
-    ema = [p.detach().clone() for p in params]
+    ema = EMAModel(params, decay=EMA_DECAY, foreach=True)
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0, foreach=True)
+    schedule = LambdaLR(opt, lambda step: _lr_factor(step, iters))
     img_ids, txt_ids = image_ids(), text_ids()
 
     order = torch.randperm(len(latents), generator=gen)
@@ -122,7 +127,7 @@ def train_teacher_weights(
         ids = token_ids[labels[idx]].clone()
         ids[torch.rand(len(idx), generator=gen) < PROMPT_DROPOUT] = empty_ids
         eps = torch.randn(x0.shape, generator=gen)
-        s = torch.sigmoid(torch.randn(len(idx), generator=gen))
+        s = compute_density_for_timestep_sampling("logit_normal", len(idx), logit_mean=0.0, logit_std=1.0, generator=gen)
         xs = (1.0 - s[:, None, None]) * x0 + s[:, None, None] * eps
         embeds, pooled = text_encoder(ids)
         pred = transformer(
@@ -135,15 +140,12 @@ def train_teacher_weights(
             return_dict=False,
         )[0]
         loss = F.mse_loss(pred, eps - x0)
-        for group in opt.param_groups:
-            group["lr"] = LEARNING_RATE * _lr_factor(step, iters)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(EMA_DECAY, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1.0 - decay)
+        schedule.step()
+        ema.step(params)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     config = {
@@ -157,7 +159,7 @@ def train_teacher_weights(
         "training": {"seed": seed, "iters": iters, "split_seed": SPLIT_SEED, "batch_size": BATCH_SIZE},
     }
     names = [name for name, _ in model.named_parameters()]
-    return {name: v.contiguous() for name, v in zip(names, ema)}, config
+    return {name: v.contiguous() for name, v in zip(names, ema.shadow_params)}, config
 
 
 def train_classifier_weights(seed: int = 0, epochs: int = CLASSIFIER_EPOCHS) -> tuple[dict[str, Tensor], float]:

@@ -10,7 +10,7 @@ student can be trained without ever running a text encoder.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,11 @@ from torch import Tensor, nn
 from arcflow.pipeline.schedule import shifted_schedule
 
 Conditioning = dict[str, Tensor]
+
+
+def transformer_output(out: Any) -> Tensor:
+    """The tensor a transformer call returns: item 0 of a ``return_dict=False`` tuple, else ``.sample``."""
+    return out[0] if isinstance(out, (tuple, list)) else out.sample
 
 
 class Teacher(ABC):
@@ -82,8 +87,7 @@ class Teacher(ABC):
 
     def conditional_velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
         """One network evaluation: the velocity for ``cond`` (no guidance)."""
-        out = self.transformer(**self.transformer_inputs(x, sigma, cond))
-        return out[0] if isinstance(out, (tuple, list)) else out.sample
+        return transformer_output(self.transformer(**self.transformer_inputs(x, sigma, cond)))
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float) -> Tensor:
         """The guided velocity ``u(x, sigma, cond, guidance)``.

@@ -154,11 +154,6 @@ class TrajectoryStream(IterableDataset):
         """Sub-steps per item (the longest segment; shorter ones are zero-weight padded)."""
         return max(b - a for a, b in zip(self.segment_bounds, self.segment_bounds[1:]))
 
-    @property
-    def items_per_epoch(self) -> int:
-        """(sample, segment) items in one epoch over ALL ranks and workers (this stream's shards)."""
-        return sum(self.sizes.values()) * self.num_segments
-
     # -- planning (pure functions of seed, epoch, consumer; no I/O) -------------------------------
     def _consumer_shards(self, epoch: int, consumer: int, consumers: int) -> list[int]:
         order = list(self.shards)

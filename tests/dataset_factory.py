@@ -1,10 +1,14 @@
-"""Small real trajectory datasets for distill tests, written in-process (no Ray) with the builder's
-own recording and commit functions. The Ray orchestration itself is tested in test_generate.py."""
+"""Small real trajectory datasets and student runs for tests, made in-process (no Ray): datasets
+with the builder's own recording and commit functions, runs with the trainer's own worker loop.
+The Ray orchestration itself is tested in test_generate.py and test_distill.py."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from arcflow.distill.config import DistillConfig
+from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
 from arcflow.pipeline.generate import dataset_spec
 from arcflow.pipeline.generation_config import GenerationConfig
 from arcflow.pipeline.shard_worker import commit_shard, describe_teacher, record_shard
@@ -24,3 +28,21 @@ def make_dataset(out: Path, num_samples: int = 48, steps: int = 4, shard_size: i
     for plan in plan_shards(num_samples, shard_size, info["prompts"], seed):
         commit_shard(str(out), spec, plan, record_shard(teacher, spec, plan, config.batch_size))
     return out
+
+
+#: A tiny student run (a few iterations, K=2, LoRA rank 2); tests override what they exercise.
+TINY_RUN = dict(iters=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=4, log_every=1, lora_rank=2, k=2,
+                progress=False)
+
+
+def train_tiny_run(dataset: Path, out: Path, **overrides) -> DistillConfig:
+    """A real student run in ``out``, trained in this process by the loop each Ray Train worker runs:
+    ``TINY_RUN`` with ``overrides`` (``resume=True`` continues it). Returns its config."""
+    config = DistillConfig.from_dict({"dataset": str(dataset), "out": str(out), **TINY_RUN, **overrides})
+    facts = check_run(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / CONFIG_FILE).is_file():  # as `arcflow distill`: a resumed run keeps its first record
+        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    train_worker(config, facts)
+    return config

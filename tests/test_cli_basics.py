@@ -1,7 +1,9 @@
+import subprocess
+import sys
 
 import pytest
 from arcflow.cli.app import package_version
-from cli_helpers import assert_process_failed_one_line
+from cli_helpers import CLI_ENV, assert_process_failed_one_line
 from cli_helpers import run_subprocess as run
 
 
@@ -20,3 +22,19 @@ def test_version():
 @pytest.mark.parametrize("args", [("--no-such-flag",), ("no-such-command",)])
 def test_bad_usage_is_one_line_exit_2(args):
     assert_process_failed_one_line(run(*args))
+
+
+def test_help_loads_no_model_libraries():
+    """`arcflow --help` stays fast: the command modules import torch, Ray and diffusers only when a command runs."""
+    code = (
+        "import sys\n"
+        "from arcflow.cli.app import main\n"
+        "try:\n"
+        "    main(['generate-trajectories', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'diffusers', 'peft') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=CLI_ENV)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"

@@ -13,7 +13,7 @@ from arcflow.distill.parallel import prepare_student
 from cli_helpers import assert_process_failed_one_line, run_subprocess
 from dataset_factory import make_dataset
 from safetensors.torch import load_file
-from test_distill import config_for, metrics, run_local
+from test_distill import metrics, run_local
 from reference_sampling import reference_sample
 
 PROMPTS = [f"a handwritten digit {d}" for d in (3, 5, 7, 1)]
@@ -95,8 +95,8 @@ def test_gradient_checkpointing_recomputes_blocks(one_thread):
 
 def test_gradient_checkpointing_trains_to_the_same_weights(dataset, tmp_path, one_thread):
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
-    run_local(config_for(dataset, plain, iters=4, checkpoint_every=4))
-    run_local(config_for(dataset, ckpt, iters=4, checkpoint_every=4, gradient_checkpointing=True))
+    run_local(dataset, plain, iters=4, checkpoint_every=4)
+    run_local(dataset, ckpt, iters=4, checkpoint_every=4, gradient_checkpointing=True)
     for name in ("trainable", "ema"):
         a = load_file(str(plain / f"checkpoints/step-0000004/{name}.safetensors"))
         b = load_file(str(ckpt / f"checkpoints/step-0000004/{name}.safetensors"))
@@ -179,7 +179,7 @@ def test_fsdp_with_full_training_is_refused(dataset, tmp_path):
 
 def test_memory_options_may_change_on_resume(dataset, tmp_path, one_thread):
     run = tmp_path / "run"
-    run_local(config_for(dataset, run, iters=2, checkpoint_every=2))
-    run_local(config_for(dataset, run, iters=4, checkpoint_every=2, resume=True, gradient_checkpointing=True))
+    run_local(dataset, run, iters=2, checkpoint_every=2)
+    run_local(dataset, run, iters=4, checkpoint_every=2, resume=True, gradient_checkpointing=True)
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
     assert Path(run / "checkpoints/step-0000004/state.json").is_file()

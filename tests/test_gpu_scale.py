@@ -1,4 +1,5 @@
-"""benchmarks/gpu_scale.py: the reduced configuration runs end to end on CPU and renders its tables."""
+"""benchmarks/gpu_scale.py: the reduced configuration runs end to end and renders its tables, on the
+GPU when there is one (as the benchmark picks it), else on CPU."""
 
 import json
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import CLI_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,9 @@ def test_reduced_run_writes_json_and_tables(tmp_path, families):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert r["reduced"] is True and r["device"].startswith("cpu") and r["all_finite"] is True
+    cuda = torch.cuda.is_available()  # the benchmark's own choice, in a child of this environment
+    assert r["device"].startswith("cpu") is not cuda, r["device"]  # the GPU's name, else "cpu (...)"
+    assert r["reduced"] is True and r["all_finite"] is True
     assert list(r["families"]) == families
     for family in families:
         nfe_per_step = NFE_PER_STEP[family]
@@ -39,7 +43,8 @@ def test_reduced_run_writes_json_and_tables(tmp_path, families):
         rows = f["distill"]["rows"]
         assert f["distill"]["k"] == 16 and f["distill"]["lora_rank"] == 256
         assert [(x["gradient_checkpointing"], x["batch"]) for x in rows] == [(True, 1), (True, 2), (False, 1), (False, 2)]
-        assert all(x["s_per_step"] > 0 and x["peak_gb"] is None and not x["oom"] for x in rows)
+        assert all(x["s_per_step"] > 0 and not x["oom"] for x in rows)
+        assert all((x["peak_gb"] > 0) if cuda else (x["peak_gb"] is None) for x in rows)  # measured on CUDA only
         assert f["student_vs_teacher"]["student_nfe"] == 2 and f["student_vs_teacher"]["speedup"] > 0
     table = out.with_suffix(".md").read_text()
     assert "REDUCED configuration" in table and "NOT a speed or memory figure" in table

@@ -27,7 +27,7 @@ from arcflow.distill.trainer import CONFIG_FILE, METRICS_FILE, check_run, train_
 from cli_helpers import CLI_ENV, assert_one_line_error, assert_process_failed_one_line
 from cli_helpers import run_in_process as cli
 from cli_helpers import run_subprocess
-from dataset_factory import make_dataset
+from dataset_factory import make_dataset, train_tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,25 +43,12 @@ def hashes(root: Path) -> dict[str, str]:
     }
 
 
-def train(dataset: Path, out: Path, **overrides) -> DistillConfig:
-    """A tiny real student run, trained in-process (the Ray path is tested elsewhere)."""
-    base = dict(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=4,
-                log_every=1, lora_rank=2, k=2, progress=False)
-    config = DistillConfig.from_dict({**base, **overrides})
-    facts = check_run(config)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / CONFIG_FILE).is_file():
-        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    train_worker(config, facts)
-    return config
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A directory holding a dataset (2 shards), a finished student run, a file and a binary file."""
     root = tmp_path_factory.mktemp("hardening")
     make_dataset(root / "ds", num_samples=32, steps=4, shard_size=16)
-    train(root / "ds", root / "run")
+    train_tiny_run(root / "ds", root / "run")
     (root / "file").write_text("not a directory\n")
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00bad\x80")
     return root
@@ -143,7 +130,10 @@ def test_read_only_out_is_one_line(read_only_disk):
 
 def test_verbose_shows_the_traceback(world):
     res = run_subprocess("--verbose", "inspect", world / "file")
-    assert res.returncode == 2 and res.stderr.strip().endswith("is a file, not a dataset directory")
+    assert res.returncode == 2
+    assert "Traceback (most recent call last):" in res.stderr and "ArcflowError" in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("arcflow: error: ")  # the one line still ends it
+    assert res.stderr.strip().endswith("is a file, not a dataset directory")
 
 
 # -- 2. every number is checked before anything starts -------------------------------------------
@@ -182,15 +172,13 @@ BAD_NUMBERS = {
 def test_bad_numbers_are_refused_before_anything_starts(case, world, capfd):
     args, fragment = BAD_NUMBERS[case]
     before = hashes(world)
-    started = time.perf_counter()
     code, _, err = cli(capfd, *[a.format(w=world) for a in args])
     check_failed_cleanly(code, err, world, before, fragment)
     assert not (world / "new").exists()
-    assert time.perf_counter() - started < 60  # refused up front: no 640 TB allocation, no planning
 
 
 # -- 3. errors inside Ray workers: unwrapped to their line, --out not claimed ---------------------
-def test_worker_error_is_unwrapped_and_out_is_not_claimed(world, tmp_path):
+def test_worker_error_is_unwrapped_and_out_is_not_claimed(world, tmp_path, own_ray):
     """A failure only the Ray Train worker sees (LoRA targets matching nothing) comes back as its own
     one line, and the run directory it had started is removed so the corrected command works."""
     from arcflow.cli.errors import describe

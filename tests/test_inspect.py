@@ -24,23 +24,15 @@ N, STEPS, SHARD = 12, 5, 4
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    import logging
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        out = tmp_path_factory.mktemp("inspect") / "ds"
-        generate_trajectories(
-            GenerationConfig(
-                out=str(out), teacher="digits", num_samples=N, steps=STEPS, shard_size=SHARD,
-                batch_size=SHARD, dtype="float16", workers=1, threads=1,
-            ),
-            progress=False,
-        )
-    finally:
-        ray.shutdown()  # inspect itself needs no Ray
+def dataset(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inspect") / "ds"
+    generate_trajectories(
+        GenerationConfig(
+            out=str(out), teacher="digits", num_samples=N, steps=STEPS, shard_size=SHARD,
+            batch_size=SHARD, dtype="float16", workers=1, threads=1,
+        ),
+        progress=False,
+    )
     return out
 
 

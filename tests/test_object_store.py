@@ -206,7 +206,7 @@ def _closed_port() -> int:
 def test_missing_bucket_is_one_line_before_any_worker_starts(s3_server, capfd, tmp_path, monkeypatch):  # noqa: F811
     from arcflow.pipeline import generate
 
-    def no_ray(*args):
+    def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(generate, "start_ray", no_ray)

@@ -7,12 +7,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
 from cli_helpers import CLI_ENV as ENV
 from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as cli
-from dataset_factory import make_dataset
+from dataset_factory import make_dataset, train_tiny_run
 from PIL import Image
 from reference_sampling import reference_sample
 
@@ -27,14 +25,8 @@ def run(tmp_path_factory):
     """A real student run (digits teacher, K=2, rank 2), trained for a few iterations in-process."""
     root = tmp_path_factory.mktemp("sample")
     dataset = make_dataset(root / "ds", num_samples=32, steps=4, shard_size=16)
-    out = root / "run"
-    config = DistillConfig.from_dict(dict(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1,
-                           checkpoint_every=4, log_every=1, lora_rank=2, k=2, progress=False))
-    facts = check_run(config)
-    out.mkdir(parents=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    train_worker(config, facts)
-    return out
+    train_tiny_run(dataset, root / "run")
+    return root / "run"
 
 
 @pytest.fixture(scope="module")

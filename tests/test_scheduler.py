@@ -1,8 +1,9 @@
 """ArcFlowScheduler: the diffusers scheduler equals the reference few-step sampler.
 
 On the digits teacher a hand-written diffusers loop (transformer call -> ``scheduler.step``) and
-``LoadedRun.sample_latents`` match ``Student.sample``; on the tiny FLUX pipeline the STOCK
-``FluxPipeline.__call__`` with the scheduler swapped matches it in exactly NFE transformer calls.
+``LoadedRun.sample_latents`` match ``reference_sampling.reference_sample``; on the tiny FLUX pipeline
+the STOCK ``FluxPipeline.__call__`` with the scheduler swapped matches it in exactly NFE transformer
+calls.
 """
 
 from __future__ import annotations

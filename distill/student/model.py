@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from arcflow.core.errors import ArcflowError
+from arcflow.pipeline.teacher import transformer_output
 
 from ..momentum import MomentumParams
 from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig, lora_config_for
@@ -39,9 +40,7 @@ class Student(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
         """Latent tokens ``x`` ``(B, N, C)`` at per-sample ``sigma`` ``(B,)`` -> params with
         velocities ``(B, K, C, N)``, logits ``(B, K, G, N)``, log-gammas ``(B, K-1, G, N)``."""
-        out = self.transformer(**self.teacher.transformer_inputs(x, sigma, cond))
-        packed = out[0] if isinstance(out, (tuple, list)) else out.sample
-        return self.head.unpack(packed)
+        return self.head.unpack(transformer_output(self.transformer(**self.teacher.transformer_inputs(x, sigma, cond))))
 
     def predict(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
         """Same as calling the module (kept for readability at call sites)."""
