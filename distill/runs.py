@@ -11,7 +11,7 @@ from torch import Tensor
 
 from arcflow.core.errors import ArcflowError
 
-from .scheduler import ArcFlowScheduler, load_scheduler
+from .arcflow_scheduler import ArcFlowScheduler, load_scheduler
 from .student import Student, load_student, read_student_config
 from .student import merge_lora as fuse_lora
 

@@ -41,14 +41,14 @@ from .checkpoint import (
 )
 from .config import DistillConfig
 from .parallel import prepare_student
-from .schedule import segment_step_indices
+from .segments import segment_step_indices
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "distill_config.json"
+DISTILL_CONFIG_FILE = "distill_config.json"
 METRICS_FILE = "metrics.jsonl"
 #: Key of ``distill_config.json`` holding the dataset fingerprint a run started on (checked on resume).
 FINGERPRINT_KEY = "dataset_fingerprint"
@@ -95,7 +95,7 @@ def check_run(config: DistillConfig) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise ArcflowError(f"--out {out} exists and is not a directory")
     _io.Location(str(out)).check_writable()
-    saved = out / CONFIG_FILE
+    saved = out / DISTILL_CONFIG_FILE
     resume_step, checkpoint = 0, None
     if saved.is_file():
         previous, previous_fingerprint = _read_saved_config(saved)
@@ -373,7 +373,7 @@ def distill(config: DistillConfig) -> Path:
     directory is claimed only for good: if the job fails before its first checkpoint, what it
     wrote is removed again, so the corrected command can use the same ``--out``.
     """
-    from .student import CONFIG_FILE as STUDENT_CONFIG_FILE
+    from .student import STUDENT_CONFIG_FILE
 
     config.validate()  # before _absolute_paths turns a URL --out into a local path
     config = _absolute_paths(config)
@@ -384,11 +384,11 @@ def distill(config: DistillConfig) -> Path:
         return out
     facts["driver"] = driver_identity()
     created = not out.exists()
-    fresh = not (out / CONFIG_FILE).is_file()
+    fresh = not (out / DISTILL_CONFIG_FILE).is_file()
     out.mkdir(parents=True, exist_ok=True)
     try:
         if fresh:
-            (out / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), FINGERPRINT_KEY: facts["fingerprint"]}, indent=2))
+            (out / DISTILL_CONFIG_FILE).write_text(json.dumps({**config.to_dict(), FINGERPRINT_KEY: facts["fingerprint"]}, indent=2))
         _fit(config, facts)
     except BaseException:
         if fresh and latest_checkpoint(out) is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import CONFIG_FILE, METRICS_FILE, check_run, train_worker
+from arcflow.distill.trainer import DISTILL_CONFIG_FILE, METRICS_FILE, check_run, train_worker
 from cli_helpers import assert_process_failed_one_line, run_subprocess
 from dataset_factory import make_dataset
 from safetensors.torch import load_file
@@ -29,7 +29,7 @@ def run_local(config):
     """The trainer's own loop in this process (what each Ray Train worker runs)."""
     facts = check_run(config)
     Path(config.out).mkdir(parents=True, exist_ok=True)
-    (Path(config.out) / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (Path(config.out) / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
     return train_worker(config, facts)
 
 

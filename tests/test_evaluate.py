@@ -24,7 +24,7 @@ from arcflow.distill.evaluate import (
     render_markdown,
 )
 from arcflow.distill.metrics import frechet_distance
-from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
+from arcflow.distill.trainer import DISTILL_CONFIG_FILE, check_run, train_worker
 from cli_helpers import CLI_ENV as ENV
 from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as cli
@@ -45,7 +45,7 @@ def train_tiny(dataset: Path, out: Path, **overrides) -> Path:
     config = DistillConfig.from_dict(base)
     facts = check_run(config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (out / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
     train_worker(config, facts)
     return out
 

@@ -23,7 +23,7 @@ import pytest
 import safetensors.torch
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import CONFIG_FILE, METRICS_FILE, check_run, train_worker
+from arcflow.distill.trainer import DISTILL_CONFIG_FILE, METRICS_FILE, check_run, train_worker
 from cli_helpers import CLI_ENV, assert_one_line_error, assert_process_failed_one_line
 from cli_helpers import run_in_process as cli
 from cli_helpers import run_subprocess
@@ -50,8 +50,8 @@ def train(dataset: Path, out: Path, **overrides) -> DistillConfig:
     config = DistillConfig.from_dict({**base, **overrides})
     facts = check_run(config)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / CONFIG_FILE).is_file():
-        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    if not (out / DISTILL_CONFIG_FILE).is_file():
+        (out / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
     train_worker(config, facts)
     return config
 
@@ -226,7 +226,7 @@ def test_describe_unwraps_nested_causes():
 # -- 4. resume edge cases -------------------------------------------------------------------------
 def saved_config(root: Path) -> DistillConfig:
     """The saved config of ``root/run``, pointed at ``root``'s own copies of the run and dataset."""
-    config = DistillConfig.from_dict(json.loads((root / "run" / CONFIG_FILE).read_text()))
+    config = DistillConfig.from_dict(json.loads((root / "run" / DISTILL_CONFIG_FILE).read_text()))
     config.dataset, config.out, config.resume = str(root / "ds"), str(root / "run"), True
     return config
 
@@ -275,7 +275,7 @@ def test_resume_refuses_other_data(scratch, tmp_path):
     other = make_dataset(tmp_path / "other", num_samples=32, steps=4, shard_size=16, seed=1)
     config = saved_config(scratch)
     config.dataset = str(other)
-    (scratch / "run" / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "dataset_fingerprint": "sha256:0"}))
+    (scratch / "run" / DISTILL_CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "dataset_fingerprint": "sha256:0"}))
     with pytest.raises(Exception, match="data the run started on"):
         check_run(config)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
+from arcflow.distill.trainer import DISTILL_CONFIG_FILE, check_run, train_worker
 from cli_helpers import CLI_ENV as ENV
 from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as cli
@@ -32,7 +32,7 @@ def run(tmp_path_factory):
                            checkpoint_every=4, log_every=1, lora_rank=2, k=2, progress=False))
     facts = check_run(config)
     out.mkdir(parents=True)
-    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    (out / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
     train_worker(config, facts)
     return out
 
@@ -157,7 +157,7 @@ def test_samples_on_the_runs_recorded_segment_sigmas(run, loaded, tmp_path, caps
     fresh schedule."""
     import shutil
 
-    from arcflow.distill.scheduler import SCHEDULER_FILE
+    from arcflow.distill.arcflow_scheduler import SCHEDULER_FILE
 
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)

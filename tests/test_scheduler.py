@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from arcflow.distill.runs import load_run
-from arcflow.distill.scheduler import SCHEDULER_FILE, ArcFlowScheduler, load_scheduler
+from arcflow.distill.arcflow_scheduler import SCHEDULER_FILE, ArcFlowScheduler, load_scheduler
 from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
 from arcflow.pipeline.registry import load_teacher
 from arcflow.core.errors import ArcflowError

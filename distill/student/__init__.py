@@ -17,7 +17,7 @@ _HOMES = {
                "default_lora_targets", "lora_config_for"),
     "head": ("MomentumHead", "head_for", "soft_clamp", "packed_width", "unpack_momentum"),
     "model": ("Student", "build_student", "transformer_class_name"),
-    "saving": ("CONFIG_FILE", "HEAD_FILE", "LORA_FILE", "TRAINABLE_FILE", "attach_student", "load_student",
+    "saving": ("HEAD_FILE", "LORA_FILE", "STUDENT_CONFIG_FILE", "TRAINABLE_FILE", "attach_student", "load_student",
                "merge_lora", "read_student_config", "run_file", "save_student"),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}

@@ -5,7 +5,7 @@
   rides in the safetensors metadata);
 * ``momentum_head.safetensors``: the head;
 * ``trainable_weights.safetensors``: other trained transformer weights (``trainable="full"`` only);
-* ``scheduler_config.json``: the :class:`~arcflow.distill.scheduler.ArcFlowScheduler` that samples it;
+* ``scheduler_config.json``: the :class:`~arcflow.distill.arcflow_scheduler.ArcFlowScheduler` that samples it;
 * ``arcflow_config.json``: student config, teacher id/revision, shift, NFE and the trainer's extras.
   Written last: a directory without it is not a student.
 
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 HEAD_FILE = "momentum_head.safetensors"
 TRAINABLE_FILE = "trainable_weights.safetensors"
-CONFIG_FILE = "arcflow_config.json"
+STUDENT_CONFIG_FILE = "arcflow_config.json"
 CONFIG_FORMAT = "arcflow-student"
 CONFIG_VERSION = 1
 #: Key prefix of LoRA files written by earlier arcflow versions (the diffusers pipeline format).
@@ -88,21 +88,21 @@ def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_confi
     if clash:
         raise ValueError(f"extra_config contradicts the student on {', '.join(clash)}")
     record.update(extra_config)
-    from ..scheduler import save_scheduler  # the scheduler imports the head from this package
+    from ..arcflow_scheduler import save_scheduler  # the scheduler imports the head from this package
 
     save_scheduler(out, record, teacher)
-    tmp = out / f".{CONFIG_FILE}.tmp"
+    tmp = out / f".{STUDENT_CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    os.replace(tmp, out / STUDENT_CONFIG_FILE)
     logger.info("saved student to %s", out)
     return out
 
 
 def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
     """The parsed ``arcflow_config.json`` of a run directory (``ArcflowError`` if it is not one)."""
-    path = Path(run_dir) / CONFIG_FILE
+    path = Path(run_dir) / STUDENT_CONFIG_FILE
     if not path.is_file():
-        raise ArcflowError(f"{run_dir} is not a student run directory (no {CONFIG_FILE})")
+        raise ArcflowError(f"{run_dir} is not a student run directory (no {STUDENT_CONFIG_FILE})")
     try:
         record = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -125,10 +125,10 @@ def run_file(run_dir: Union[str, os.PathLike], name: object) -> Path:
     a crafted config cannot make arcflow read anything else."""
     root = Path(run_dir).resolve()
     if not isinstance(name, str) or not name:
-        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} is damaged: file names must be non-empty strings")
+        raise ArcflowError(f"{run_dir}/{STUDENT_CONFIG_FILE} is damaged: file names must be non-empty strings")
     path = (root / name).resolve()
     if path.parent != root and root not in path.parents:
-        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} names {name!r}, which is outside the run directory")
+        raise ArcflowError(f"{run_dir}/{STUDENT_CONFIG_FILE} names {name!r}, which is outside the run directory")
     if not path.is_file():
         raise ArcflowError(f"student run directory {run_dir} is missing {name}")
     return path
@@ -162,7 +162,7 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
         raise
     except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
         reason = first_line(exc)
-        raise ArcflowError(f"student run {run} is damaged or inconsistent with its {CONFIG_FILE}: {reason}") from None
+        raise ArcflowError(f"student run {run} is damaged or inconsistent with its {STUDENT_CONFIG_FILE}: {reason}") from None
     # The head stays float32 (its forward casts the hidden state), as in training.
     setattr(transformer, HEAD_ATTRIBUTE, head.to(next(transformer.parameters()).device).requires_grad_(False))
     return proj

@@ -1,7 +1,7 @@
 """ArcFlow sampling as a diffusers scheduler: a stock pipeline's own loop runs the student.
 
 The transformer of a student returns its momentum head's PACKED output (``proj_out`` is the
-:class:`~arcflow.distill.heads.MomentumHead`), so whatever a pipeline hands :meth:`ArcFlowScheduler.step`
+:class:`~arcflow.distill.student.MomentumHead`), so whatever a pipeline hands :meth:`ArcFlowScheduler.step`
 as ``model_output`` is one segment's momentum parameters for the packed latent tokens ``(B, N, C)``
 the pipeline passes as ``sample``. ``step`` unpacks it and moves the latents along the exact
 momentum integral (:func:`~arcflow.distill.momentum.integrate`) from the segment's start to its end.
