@@ -35,12 +35,12 @@ from torch import Tensor, nn
 
 from arcflow.core.errors import ArcflowError
 
-from .arcflow_scheduler import load_scheduler
 from .student import (
     HEAD_ATTRIBUTE,
     MomentumHead,
     StudentConfig,
     attach_student,
+    load_scheduler,
     read_student_config,
 )
 
