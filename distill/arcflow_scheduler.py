@@ -27,8 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from torch import Tensor
 
-from .student.head import packed_width, unpack_momentum
-from .momentum import integrate
+from .momentum import integrate, packed_width, unpack_momentum
 
 
 class ArcFlowScheduler(SchedulerMixin, ConfigMixin):

@@ -15,7 +15,7 @@ from typing import Any
 _HOMES = {
     "config": ("ADAPTER_NAME", "DEFAULT_LORA_TARGETS", "HEAD_ATTRIBUTE", "TRAINABLE_MODES", "StudentConfig",
                "default_lora_targets", "lora_config_for"),
-    "head": ("MomentumHead", "head_for", "soft_clamp", "packed_width", "unpack_momentum"),
+    "head": ("MomentumHead", "head_for", "soft_clamp"),
     "model": ("Student", "build_student", "transformer_class_name"),
     "saving": ("HEAD_FILE", "LORA_FILE", "STUDENT_CONFIG_FILE", "TRAINABLE_FILE", "attach_student", "load_scheduler",
                "load_student", "merge_lora", "read_student_config", "run_file", "save_student"),
