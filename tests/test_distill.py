@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import DISTILL_CONFIG_FILE, METRICS_FILE, check_run, train_worker
+from arcflow.distill.run_plan import DISTILL_CONFIG_FILE, plan_run
+from arcflow.distill.worker import METRICS_FILE, train_worker
 from cli_helpers import assert_process_failed_one_line, run_subprocess
 from dataset_factory import make_dataset
 from safetensors.torch import load_file
@@ -27,10 +28,10 @@ def config_for(dataset, out, **overrides):
 
 def run_local(config):
     """The trainer's own loop in this process (what each Ray Train worker runs)."""
-    facts = check_run(config)
+    plan = plan_run(config)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     (Path(config.out) / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    return train_worker(config, facts)
+    return train_worker(config, plan)
 
 
 def metrics(run):
@@ -153,9 +154,9 @@ def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     # Moved elsewhere, the run resumes there from Ray Train's own record of its checkpoints.
     moved = tmp_path / "moved"
     run.rename(moved)
-    facts = check_run(DistillConfig.from_dict(dict(dataset=str(dataset), out=str(moved), num_workers=2, iters=6, batch_size=4,
+    plan = plan_run(DistillConfig.from_dict(dict(dataset=str(dataset), out=str(moved), num_workers=2, iters=6, batch_size=4,
                                     checkpoint_every=2, k=2, lora_rank=2, resume=True)))
-    assert facts["resume_step"] == 4 and facts["resume_checkpoint"] == str(moved / "checkpoints/step-0000004")
+    assert plan.resume_step == 4 and plan.resume_checkpoint == str(moved / "checkpoints/step-0000004")
     res = run_subprocess("distill", str(dataset), "--out", str(moved), "--num-workers", "2", "--iters", "6",
                          "--batch-size", "4", "--checkpoint-every", "2", "--k", "2", "--lora-rank", "2", "--no-progress",
                          "--resume")

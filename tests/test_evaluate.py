@@ -24,7 +24,8 @@ from arcflow.distill.evaluate import (
     render_markdown,
 )
 from arcflow.distill.metrics import frechet_distance
-from arcflow.distill.trainer import DISTILL_CONFIG_FILE, check_run, train_worker
+from arcflow.distill.run_plan import DISTILL_CONFIG_FILE, plan_run
+from arcflow.distill.worker import train_worker
 from cli_helpers import CLI_ENV as ENV
 from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as cli
@@ -43,10 +44,10 @@ def train_tiny(dataset: Path, out: Path, **overrides) -> Path:
                 checkpoint_every=4, log_every=1, lora_rank=2, k=2, progress=False)
     base.update(overrides)
     config = DistillConfig.from_dict(base)
-    facts = check_run(config)
+    plan = plan_run(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    train_worker(config, facts)
+    train_worker(config, plan)
     return out
 
 

@@ -23,7 +23,8 @@ import pytest
 import safetensors.torch
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import DISTILL_CONFIG_FILE, METRICS_FILE, check_run, train_worker
+from arcflow.distill.run_plan import DISTILL_CONFIG_FILE, plan_run
+from arcflow.distill.worker import METRICS_FILE, train_worker
 from cli_helpers import CLI_ENV, assert_one_line_error, assert_process_failed_one_line
 from cli_helpers import run_in_process as cli
 from cli_helpers import run_subprocess
@@ -48,11 +49,11 @@ def train(dataset: Path, out: Path, **overrides) -> DistillConfig:
     base = dict(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=4,
                 log_every=1, lora_rank=2, k=2, progress=False)
     config = DistillConfig.from_dict({**base, **overrides})
-    facts = check_run(config)
+    plan = plan_run(config)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / DISTILL_CONFIG_FILE).is_file():
         (out / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    train_worker(config, facts)
+    train_worker(config, plan)
     return config
 
 
@@ -244,7 +245,7 @@ def test_resume_at_the_last_checkpoint_without_export_exports(scratch):
     """The driver was killed after the last checkpoint and before the export: resume just exports."""
     (scratch / "run" / "arcflow_config.json").unlink()
     config = saved_config(scratch)
-    result = train_worker(config, check_run(config))
+    result = train_worker(config, plan_run(config))
     assert result == {"step": 4, "loss": None}
     assert (scratch / "run" / "arcflow_config.json").is_file()
 
@@ -258,7 +259,7 @@ def test_resumed_metrics_never_repeat_a_step(scratch):
         f.write('{"step": 7, "lo')  # cut short by the kill
     config = saved_config(scratch)
     config.iters = 6
-    train_worker(config, check_run(config))
+    train_worker(config, plan_run(config))
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 7))
 
@@ -268,7 +269,7 @@ def test_moved_run_and_dataset_resume(scratch, tmp_path):
     shutil.move(scratch, moved)
     config = saved_config(moved)  # the saved paths name the old place
     config.iters = 6
-    assert check_run(config)["resume_step"] == 4
+    assert plan_run(config).resume_step == 4
 
 
 def test_resume_refuses_other_data(scratch, tmp_path):
@@ -277,7 +278,7 @@ def test_resume_refuses_other_data(scratch, tmp_path):
     config.dataset = str(other)
     (scratch / "run" / DISTILL_CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "dataset_fingerprint": "sha256:0"}))
     with pytest.raises(Exception, match="data the run started on"):
-        check_run(config)
+        plan_run(config)
 
 
 def test_ctrl_c_is_one_line_exit_130(world, tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import DISTILL_CONFIG_FILE, check_run, train_worker
+from arcflow.distill.run_plan import DISTILL_CONFIG_FILE, plan_run
+from arcflow.distill.worker import train_worker
 from cli_helpers import CLI_ENV as ENV
 from cli_helpers import assert_one_line_error
 from cli_helpers import run_in_process as cli
@@ -30,10 +31,10 @@ def run(tmp_path_factory):
     out = root / "run"
     config = DistillConfig.from_dict(dict(dataset=str(dataset), out=str(out), iters=4, batch_size=8, lr=1e-3, warmup=1,
                            checkpoint_every=4, log_every=1, lora_rank=2, k=2, progress=False))
-    facts = check_run(config)
+    plan = plan_run(config)
     out.mkdir(parents=True)
     (out / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    train_worker(config, facts)
+    train_worker(config, plan)
     return out
 
 
