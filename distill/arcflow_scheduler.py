@@ -9,8 +9,9 @@ momentum integral (:func:`~arcflow.distill.momentum.integrate`) from the segment
 The segment boundaries are the run's (``segment_sigmas``, recorded at training), not the pipeline's:
 :meth:`ArcFlowScheduler.set_timesteps` ignores the ``sigmas``/``mu`` a pipeline derives for its
 teacher schedule and refuses a step count other than the run's NFE (``ValueError``, as diffusers'
-schedulers do), since a student distilled for 2 segments has no meaningful 28-step schedule. ``from_config(config, segment_sigmas=...)``
-gives a scheduler on other boundaries (what ``arcflow sample --nfe`` uses).
+schedulers do), since a student distilled for 2 segments has no meaningful 28-step schedule.
+``from_config(config, segment_sigmas=...)`` gives a scheduler on other boundaries (what
+``arcflow sample --nfe`` uses).
 
 The run directory holds it as ``scheduler_config.json`` (written by
 :func:`~arcflow.distill.student.save_student`, read back by

@@ -98,8 +98,7 @@ def _fit(config: DistillConfig, plan: RunPlan) -> None:
         tqdm(total=config.iters, initial=plan.resume_step, desc="distill", unit="it",
              disable=None if config.progress else True, dynamic_ncols=True) as bar,
     ):
-        # Not Ray Train's after_report hook: it runs in Ray's controller actor, and reports more often
-        # than the controller polls (2 s) stall the workers; rank 0 puts each logged row on this queue.
+        # after_report runs in Ray's controller actor, not here, and reports faster than its 2 s poll stall workers
         rows = None if bar.disable else Queue(actor_options={"num_cpus": 0})
         trainer = TorchTrainer(
             ray_train_loop,

@@ -125,7 +125,8 @@ def setup(
     saved: Optional[dict[str, Any]],
 ) -> Training:
     """Build the student on the teacher's frozen weights, AdamW, the LR warm-up, the EMA and this
-    rank's data stream; continue from ``saved`` (a :func:`~arcflow.distill.checkpoint.read_checkpoint` result) if given."""
+    rank's data stream; continue from ``saved`` (a
+    :func:`~arcflow.distill.checkpoint.read_checkpoint` result) if given."""
     from diffusers.optimization import get_constant_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 

@@ -135,7 +135,8 @@ def load_scheduler(run_dir: Union[str, os.PathLike], record: Mapping[str, Any], 
         scheduler = ArcFlowScheduler.from_pretrained(str(run_dir))
     except (ValueError, TypeError, OSError) as exc:
         raise ArcflowError(f"{run_dir}/{SCHEDULER_CONFIG_NAME} is damaged: {first_line(exc)}") from None
-    differ = [key for key in ("k", "weight_groups", "channels", "momentum") if scheduler.config[key] != expected.config[key]]
+    shape = ("k", "weight_groups", "channels", "momentum")
+    differ = [key for key in shape if scheduler.config[key] != expected.config[key]]
     if differ:
         raise ArcflowError(f"{run_dir}/{SCHEDULER_CONFIG_NAME} does not fit the run's student ({', '.join(differ)} differ)")
     return scheduler
