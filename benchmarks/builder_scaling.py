@@ -45,7 +45,8 @@ def main() -> None:
 
     from latency_sim import LatencySimTeacher
 
-    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
 
     t0 = time.perf_counter()
     start_ray()

@@ -77,7 +77,8 @@ def builder_throughput(options: dict, n: int, steps: int, batch: int, seed: int,
                        threads: int | None) -> dict:
     import ray
 
-    from arcflow.pipeline.generate import GenerationConfig, default_threads, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig, default_threads
 
     t0 = time.perf_counter()
     start_ray()

@@ -150,7 +150,8 @@ def ensure_dataset(
     threads: int | None = None, batch_size: int = 4, progress: bool = True,
 ) -> Path:
     """The cached float32 FLUX-shaped dataset (generated or resumed when incomplete); returns its path."""
-    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
     from arcflow.storage import open_dataset
 
     num_samples = num_samples or len(PROMPTS) * seeds_per_prompt

@@ -32,7 +32,8 @@ VARIANTS = {
 
 def teacher_run(path: Path, samples: int, shard_size: int) -> str:
     """The digits teacher's trajectories, stored losslessly (float32, every state)."""
-    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
 
     if not (path / "dataset.json").is_file():
         generate_trajectories(GenerationConfig(out=str(path), num_samples=samples, shard_size=shard_size, dtype="float32",

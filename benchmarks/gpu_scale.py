@@ -28,8 +28,8 @@ scale the builder comparison up).
 Without CUDA (or with ``--reduced``) the same code runs a REDUCED configuration (a few narrow
 blocks, 64x64 and 32x32 images, 16 text tokens) in seconds: a smoke test, not a measurement of the
 real models; the JSON says which (``device``, ``reduced``). The JSON is rewritten after every
-measurement, so a run cut short keeps what it measured. ``benchmarks/tables.py`` renders it for the
-README.
+measurement, so a run cut short keeps what it measured. ``benchmarks/tables.py`` renders it for
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def builder(teacher_id: str, options: dict[str, Any], samples: int, steps: int, 
             use_gpu: bool, scratch: Path) -> dict[str, Any]:
     """``generate_trajectories`` with one worker (on the Ray instance ``main`` started); steady
     state = the commits after the first shard."""
-    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
 
     commits: list[tuple[float, dict[str, Any]]] = []
     config = GenerationConfig(

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 # Before torch loads OpenMP: on a shared CPU, spinning OpenMP threads that lose their core slow the
-# trainer step down up to 10x (README, "What profiling the worker ... showed"); children inherit it.
+# trainer step down up to 10x (docs/benchmarks.md, "Trajectory builder"); children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 

@@ -12,7 +12,7 @@ Issue 12's figure (v1 vs v2, every dtype, blosc-zstd, both real sources; one com
         --compressions blosc-zstd --keyframe-every 5
 
 With several sources, each writes its own files (``storage_bytes_digits``, ``storage_bytes_flux_shaped``)
-and ``benchmarks/results/storage_bytes_formats.json/.md`` puts them side by side (what the README shows).
+and ``benchmarks/results/storage_bytes_formats.json/.md`` puts them side by side (what docs/benchmarks.md shows).
 
 Synthetic data (default): 8x8 scikit-learn digits packed into 2x2 patches (latent 16x4, as the
 embedded teacher), a 50-step shifted schedule, and a curved teacher-like path: the predicted clean
@@ -173,7 +173,8 @@ def from_dataset(url: str, max_samples: int | None = None) -> Source:
 def digits_dataset(num_samples: int = 512, shard_size: int = 128, out: Path = CACHE / "digits_f32") -> Path:
     """The cached digits-teacher float32 dataset (generated, or resumed, when incomplete), i.e.
     ``arcflow generate-trajectories --teacher digits -n 512 --steps 50 --dtype float32 --shard-size 128``."""
-    from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+    from arcflow.pipeline.generate import generate_trajectories
+    from arcflow.pipeline.generation_config import GenerationConfig
 
     if (out / "dataset.json").is_file():
         r = open_dataset(str(out))

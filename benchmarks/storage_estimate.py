@@ -152,7 +152,7 @@ def report(json_rows: list) -> None:
 
 
 def main() -> None:
-    """Print the report and keep a copy in benchmarks/results/storage_estimate.md (the README's)."""
+    """Print the report and keep a copy in benchmarks/results/storage_estimate.md (docs/benchmarks.md embeds it)."""
     import contextlib
     import io
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""Render the markdown tables the README embeds from the benchmark JSON files (no typing by hand).
+"""Render the markdown tables docs/benchmarks.md embeds from the benchmark JSON files (no typing by hand).
 
     .venv/bin/python benchmarks/tables.py      # then: python scripts/update_readme.py
 """

@@ -9,8 +9,9 @@ from typing import Optional
 
 import typer
 
-from arcflow.pipeline.generate import STORAGE_DTYPES, GenerationConfig, generate_trajectories
-from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY
+from arcflow.pipeline.generate import generate_trajectories
+from arcflow.pipeline.generation_config import GenerationConfig
+from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, STORAGE_DTYPES
 from arcflow.core.errors import ArcflowError
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Rows: the teacher with its full sampler (50 Euler steps with CFG: "50x2"), the teacher with only the
 student's NFE as plain Euler steps, and each student. Every row starts from the same held-out noise
 (seeds from a domain the trajectory builder never uses) and the same prompts, so PSNR against the
-teacher compares like with like. Metrics (DESIGN.md section 8):
+teacher compares like with like. Metrics (docs/architecture.md, Measuring):
 
 * ``fd_real``: Frechet distance on the digits classifier's features vs held-out real digits;
 * ``fd_teacher``: the same vs teacher 50x2 samples from OTHER noise; on the teacher row this is the

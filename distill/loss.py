@@ -1,4 +1,4 @@
-"""The offline sub-step loss (DESIGN.md section 4): the teacher is never called.
+"""The offline sub-step loss (docs/architecture.md, Offline distillation): the teacher is never called.
 
 For a (sample, segment) item the student sees the teacher's recorded state at the segment start
 and, from its single prediction, the exact average velocity over every recorded sub-step

@@ -1,4 +1,4 @@
-"""The ArcFlow momentum parameterization and its exact integral (DESIGN.md section 3).
+"""The ArcFlow momentum parameterization and its exact integral (docs/architecture.md, The method).
 
 A student call at a segment start ``s_src`` predicts, for every latent position:
 

@@ -57,11 +57,9 @@ def plan_run(config: DistillConfig) -> RunPlan:
 
     config.validate()
     reader = open_dataset(config.dataset)
-    committed = reader.require_committed_shards()
-    selected = committed if config.shards is None else sorted(set(config.shards))
-    missing = sorted(set(selected) - set(committed))
-    if missing or not selected:
-        raise ArcflowError(f"dataset {config.dataset}: shards {missing[:5]} are not committed")
+    selected = reader.require_committed_shards(config.shards)
+    if not selected:  # an empty selection
+        raise ArcflowError(f"dataset {config.dataset}: shards [] are not committed")
     reader.shard_sizes(selected)  # one line naming a damaged index part
     if config.num_workers > len(selected):
         raise ArcflowError(

@@ -1,5 +1,5 @@
 """The recording sampler: the teacher's Euler integration from s=1 to s=0, keeping every state and
-every guided velocity it used (DESIGN.md sections 4 and 5).
+every guided velocity it used (docs/architecture.md, Offline distillation and Format).
 
 Bit-identical samples whatever batch they land in: the initial noise comes from one generator per
 seed (``Teacher.noise``), and the network always runs on micro-batches of exactly ``micro_batch``

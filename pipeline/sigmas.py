@@ -1,4 +1,4 @@
-"""The teacher's sampling schedule: the time shift and its evenly spaced sigmas (DESIGN.md section 3).
+"""The teacher's sampling schedule: the time shift and its evenly spaced sigmas (docs/architecture.md, The method).
 
 The teacher side owns it; a student samples on the segment boundaries its run recorded (see
 :mod:`arcflow.distill.arcflow_scheduler`).

@@ -29,7 +29,7 @@ class Teacher(ABC):
     revision: str
     #: Per-sample latent shape, e.g. ``(16, 4)`` for 16 packed tokens of 4 channels.
     latent_shape: tuple[int, ...]
-    #: Time shift of the teacher's schedule (DESIGN.md section 3).
+    #: Time shift of the teacher's schedule (docs/architecture.md, The method).
     shift: float
     #: Classifier-free guidance scale used when the user gives none.
     default_guidance: float

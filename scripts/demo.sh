@@ -4,7 +4,7 @@
 #   2. record teacher trajectories (50 Euler steps x 2 for CFG) on a local Ray cluster;
 #   3. distill the ArcFlow student and the K=1 linear baseline with the same data and budget;
 #   4. evaluate both against the teacher, print the table, and say where the grid is.
-# Every stage is resumable: rerunning the script continues where it stopped.
+# Every stage is resumable: rerunning the script continues where it stopped (and re-evaluates).
 # Sizes can be overridden: ARCFLOW_DEMO_DIR, ARCFLOW_DEMO_SAMPLES, ARCFLOW_DEMO_ITERS, ARCFLOW_DEMO_EVAL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +27,7 @@ $A distill "$DIR/trajectories" --out "$DIR/arcflow-k8" --k 8 --momentum --iters 
 $A distill "$DIR/trajectories" --out "$DIR/linear-k1" --k 1 --iters "$ITERS" --resume
 
 echo "== 4/4 evaluate on $EVAL held-out noise seeds"
-$A evaluate --adapter "$DIR/arcflow-k8" --adapter "$DIR/linear-k1" --num-samples "$EVAL" --out "$DIR/report"
+# --overwrite: the report is this script's own output, recomputed on every run (evaluate alone
+# refuses to replace earlier results), so a rerun ends with the table instead of an error.
+$A evaluate --adapter "$DIR/arcflow-k8" --adapter "$DIR/linear-k1" --num-samples "$EVAL" --out "$DIR/report" --overwrite
 echo "main job took $(( $(date +%s) - start )) s"

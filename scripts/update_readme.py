@@ -1,9 +1,12 @@
-"""Refresh the generated blocks of README.md from files written by the repo's own commands.
+"""Refresh the generated blocks of README.md and docs/benchmarks.md from the repo's own results.
 
 A block is delimited by ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; its content
 is replaced by the file registered for NAME below (markdown tables written by `arcflow evaluate`
-and the benchmark scripts). ``--demo REPORT_DIR`` first copies a demo report (report.md, grid.png)
-into docs/demo/. Nothing in a generated block is typed by hand.
+and the benchmark scripts). A block may sit in any of the TARGETS (README.md holds the demo table,
+docs/benchmarks.md the rest); each registered block is expected in exactly one of them.
+``--demo REPORT_DIR`` first copies a demo report (report.md, report.json, grid.png) into docs/demo/.
+``--check`` writes nothing and exits 1 if a target is out of date. Nothing in a generated block is
+typed by hand.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +30,12 @@ SOURCES = {
     "loader-flux-shaped": ROOT / "benchmarks/results/loader_flux_shaped.md",
     "gpu-scale": ROOT / "benchmarks/results/gpu_scale.md",
 }
+#: The files holding generated blocks.
+TARGETS = (ROOT / "README.md", ROOT / "docs/benchmarks.md")
 
 
-def refresh(readme: Path) -> list[str]:
-    text = readme.read_text()
+def render(text: str) -> tuple[str, list[str]]:
+    """``text`` with every registered block it holds refilled from its source, and their names."""
     updated = []
     for name, source in SOURCES.items():
         pattern = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)", re.S)
@@ -38,21 +44,43 @@ def refresh(readme: Path) -> list[str]:
         body = source.read_text().rstrip() + "\n"
         text = pattern.sub(lambda m: m.group(1) + body + m.group(3), text)
         updated.append(name)
-    readme.write_text(text)
-    return updated
+    return text, updated
+
+
+def refresh(path: Path, check: bool = False) -> tuple[list[str], bool]:
+    """Refill ``path``'s blocks (unless ``check``); return their names and whether it changed."""
+    old = path.read_text()
+    new, names = render(old)
+    if new != old and not check:
+        path.write_text(new)
+    return names, new != old
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, help="a report directory written by `arcflow evaluate`")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is out of date")
     args = parser.parse_args()
     if args.demo is not None:
         target = ROOT / "docs/demo"
         target.mkdir(parents=True, exist_ok=True)
         for name in ("report.md", "report.json", "grid.png"):
             shutil.copy2(args.demo / name, target / name)
-    names = refresh(ROOT / "README.md")
-    print(f"README.md: refreshed {', '.join(names) if names else 'nothing'}")
+    found: list[str] = []
+    stale = []
+    for path in TARGETS:
+        names, changed = refresh(path, check=args.check)
+        found += names
+        rel = path.relative_to(ROOT)
+        if changed:
+            stale.append(str(rel))
+        state = ("out of date" if args.check else "updated") if changed else "up to date"
+        print(f"{rel}: {state} ({', '.join(names) if names else 'no blocks'})")
+    missing = [name for name in SOURCES if name not in found]
+    if missing:
+        print(f"not refreshed (no block in any target, or no source file): {', '.join(missing)}")
+    if args.check and stale:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Trajectory dataset format (DESIGN.md section 5): constants, the dataset spec, names.
+"""Trajectory dataset format (docs/architecture.md, Format): constants, the dataset spec, names.
 
 Layout of a dataset (a local directory or any fsspec URL: ``file://``, ``memory://``, ``s3://``,
 ``gs://`` ...)::

@@ -126,21 +126,29 @@ class TrajectoryReader:
 
     # -- shards -----------------------------------------------------------------------------
     def committed_shards(self) -> set[int]:
+        """Shards with a Parquet part, whether or not it reads back (``verify_shard`` tells)."""
         return set(list_shards(self.loc)[0])
 
     def uncommitted_shards(self) -> set[int]:
         """Shard groups without a Parquet part: in progress, or left by a crash (rewritten on resume)."""
         return set(list_shards(self.loc)[1])
 
-    def require_committed_shards(self) -> list[int]:
-        """Committed shard ids, ascending; ArcflowError (one line) when there are none."""
+    def require_committed_shards(self, shards: Iterable[int] | None = None) -> list[int]:
+        """``shards`` (default: every committed shard) as ascending unique ids; ArcflowError (one
+        line) when the dataset has no committed shards, or when one of ``shards`` is not committed."""
         done = list_shards(self.loc)[0]
         if not done:
             raise ArcflowError(
                 f"dataset {self.url} has no committed shards yet (0 of {self.spec.num_shards}); "
                 "run or finish generate-trajectories first"
             )
-        return done
+        if shards is None:
+            return done
+        selected = sorted({int(s) for s in shards})
+        missing = sorted(set(selected) - set(done))
+        if missing:
+            raise ArcflowError(f"dataset {self.url}: shards {missing[:5]} are not committed")
+        return selected
 
     def shard_sizes(self, shards: Iterable[int] | None = None) -> dict[int, int]:
         """Samples per committed shard, from the Parquet footers (no data read)."""

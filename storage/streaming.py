@@ -118,16 +118,9 @@ class TrajectoryStream(IterableDataset):
         self.storage_options = storage_options
         reader = open_dataset(self.url, storage_options)
         self.spec = reader.spec
-        committed = reader.require_committed_shards()
-        if shards is None:
-            self.shards = committed
-        else:
-            self.shards = sorted({int(s) for s in shards})
-            missing = sorted(set(self.shards) - set(committed))
-            if missing:
-                raise ArcflowError(f"dataset {self.url}: shards {missing[:5]} are not committed")
-            if not self.shards:
-                raise ArcflowError("TrajectoryStream needs at least one shard")
+        self.shards = reader.require_committed_shards(shards)
+        if not self.shards:  # an empty selection
+            raise ArcflowError("TrajectoryStream needs at least one shard")
         self.sizes = reader.shard_sizes(self.shards)
         names = list(self.spec.cond_spec) if cond is None else list(cond)
         unknown = sorted(set(names) - set(self.spec.cond_spec))

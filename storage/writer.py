@@ -1,6 +1,6 @@
 """Writing a trajectory dataset (format v2, see ``arcflow.storage.format``) with its commit protocol.
 
-Commit protocol, per shard (DESIGN.md section 5):
+Commit protocol, per shard (docs/architecture.md, Format):
 
 1. remove the shard's Parquet part if there is one (a rewrite un-commits first) and any stale
    (partial) Zarr group of that shard;
@@ -141,9 +141,9 @@ class DatasetWriter:
     def url(self) -> str:
         return self.loc.url
 
-    def committed_shards(self) -> set[int]:
-        """Shards whose Parquet part exists and reads back whole. A damaged part (zero bytes,
-        truncated, garbage) does not count: resuming rewrites that shard, which replaces the part."""
+    def readable_shards(self) -> set[int]:
+        """Committed shards whose Parquet part reads back whole. A damaged part (zero bytes, truncated,
+        garbage) does not count: resuming rewrites that shard, which replaces the part."""
         return set(readable_parts(self.loc, list_shards(self.loc)[0], self.spec.steps))
 
     def discard(self) -> None:
@@ -151,7 +151,7 @@ class DatasetWriter:
         root too unless it existed (empty) before. Refused for data this writer did not create."""
         if not self.created:
             raise ArcflowError(f"refusing to discard {self.url}: this writer did not create it")
-        if self.committed_shards():
+        if self.readable_shards():
             raise ArcflowError(f"refusing to discard {self.url}: it holds committed shards")
         if not self._root_existed:
             self.loc.rm_tree()
@@ -162,7 +162,7 @@ class DatasetWriter:
 
     def pending_shards(self) -> list[int]:
         """Shards of ``range(spec.num_shards)`` not committed yet, ascending: the work left to do."""
-        done = self.committed_shards()
+        done = self.readable_shards()
         return [i for i in range(self.spec.num_shards) if i not in done]
 
     def write_shard(

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from arcflow.pipeline.generate import (
-    GenerationConfig,
-    commit_shard,
-    dataset_spec,
-    describe_teacher,
-    record_shard,
-)
+from arcflow.pipeline.generate import dataset_spec
+from arcflow.pipeline.generation_config import GenerationConfig
+from arcflow.pipeline.shard_worker import commit_shard, describe_teacher, record_shard
 from arcflow.pipeline.plan import plan_shards
 from arcflow.pipeline.registry import load_teacher
 from arcflow.storage.writer import create_or_open_dataset

@@ -1,4 +1,4 @@
-"""`arcflow generate-trajectories` on real Ray with real files (DESIGN.md sections 5 and 7).
+"""`arcflow generate-trajectories` on real Ray with real files (docs/architecture.md, Format and Generation).
 
 Uses the GPU-latency simulator teacher (benchmarks/latency_sim.py, through the Python API: it is
 no product teacher id): no model weights needed, and a latency per network call makes shards take
@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ray = pytest.importorskip("ray")
 
-from arcflow.pipeline.generate import GenerationConfig, generate_trajectories  # noqa: E402
+from arcflow.pipeline.generate import generate_trajectories  # noqa: E402
+from arcflow.pipeline.generation_config import GenerationConfig  # noqa: E402
 from arcflow.core.errors import ArcflowError  # noqa: E402
 from arcflow.storage.reader import open_dataset  # noqa: E402
 from cli_helpers import assert_one_line_error
@@ -250,7 +251,8 @@ DRIVER = """
 import json, sys
 sys.path.append({benchmarks!r})
 from latency_sim import LatencySimTeacher
-from arcflow.pipeline.generate import GenerationConfig, generate_trajectories
+from arcflow.pipeline.generate import generate_trajectories
+from arcflow.pipeline.generation_config import GenerationConfig
 generate_trajectories(GenerationConfig(teacher=LatencySimTeacher, **json.loads(sys.argv[1])), progress=False)
 """
 

@@ -14,7 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ray = pytest.importorskip("ray")
 
-from arcflow.pipeline.generate import GenerationConfig, generate_trajectories  # noqa: E402
+from arcflow.pipeline.generate import generate_trajectories  # noqa: E402
+from arcflow.pipeline.generation_config import GenerationConfig  # noqa: E402
 from cli_helpers import run_in_process as run_cli
 
 pytestmark = pytest.mark.timeout(300)

@@ -206,10 +206,10 @@ def _closed_port() -> int:
 def test_missing_bucket_is_one_line_before_any_worker_starts(s3_server, capfd, tmp_path, monkeypatch):  # noqa: F811
     from arcflow.pipeline import generate
 
-    def no_ray(config):
+    def no_ray(*args):
         raise AssertionError("Ray started")
 
-    monkeypatch.setattr(generate, "_init_ray", no_ray)
+    monkeypatch.setattr(generate, "start_ray", no_ray)
     code, _, err = run_in_process(capfd, *GENERATE, "--out", "s3://arcflow-no-such-bucket/ds")
     assert_one_line_error(code, err, "--out s3://arcflow-no-such-bucket/ds", "bucket", "does not exist")
     assert not s3_server.fs().exists("arcflow-no-such-bucket"), "the bucket was created"

@@ -186,6 +186,9 @@ def test_uncommitted_shard_invisible_and_rewritten(tmp_path):
     assert set(r.index()["shard"]) == {0, 1}
     with pytest.raises(ArcflowError, match="not committed"):
         r.read_shard(2)
+    assert r.require_committed_shards() == [0, 1] and r.require_committed_shards([1, 0, 1]) == [0, 1]
+    with pytest.raises(ArcflowError, match=r"shards \[2\] are not committed"):
+        r.require_committed_shards([0, 2])
     w2 = create_or_open_dataset(url, spec, resume=True)
     assert w2.pending_shards() == [2]
     d2 = make_shard(spec, 2)
@@ -240,7 +243,7 @@ def test_spec_mismatch_refused_without_touching_data(tmp_path):
         create_or_open_dataset(str(tmp_path / "junk"), spec)
     assert tree_bytes(tmp_path / "ds") == before
     w = create_or_open_dataset(url, make_spec(), resume=True)  # same spec: allowed
-    assert w.committed_shards() == {0, 2} and w.pending_shards() == [1]
+    assert w.readable_shards() == {0, 2} and w.pending_shards() == [1]
     assert tree_bytes(tmp_path / "ds") == before
 
 
@@ -259,7 +262,7 @@ def test_write_validation_errors(tmp_path):
         w.write_shard(**dict(d, x=np.full_like(d["x"], np.nan)))
     with pytest.raises(ArcflowError, match="out of range"):
         w.write_shard(**dict(d, shard_id=3))
-    assert w.committed_shards() == set()
+    assert w.readable_shards() == set()
 
 
 @pytest.mark.parametrize("kind", ["memory", "file"])

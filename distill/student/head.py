@@ -1,4 +1,4 @@
-"""The momentum output head that replaces a transformer's final projection (DESIGN.md section 3).
+"""The momentum output head that replaces a transformer's final projection (docs/architecture.md, The method).
 
 Per latent token the head maps the transformer's last hidden state to K velocities (C channels
 each), K mixture logits per weight group and K-1 log-momentum factors per weight group. Its output
