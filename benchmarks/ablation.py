@@ -56,7 +56,8 @@ def variants(iters: int, small_shards: list[int]) -> list[dict]:
 def train(dataset: str, out: Path, spec: dict, iters: int, batch: int, stages: list[int]) -> list[tuple[int, Path]]:
     """Train one variant in this process (the Ray Train worker's own loop); export at ``stages``."""
     from arcflow.distill.config import DistillConfig
-    from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
+    from arcflow.distill.run_plan import DISTILL_CONFIG_FILE, plan_run
+    from arcflow.distill.worker import train_worker
 
     fields = {k: v for k, v in spec.items() if k not in ("name", "group")}
     config = DistillConfig.from_dict(dict(dataset=dataset, out=str(out), iters=iters, batch_size=batch, checkpoint_every=iters,
@@ -64,10 +65,10 @@ def train(dataset: str, out: Path, spec: dict, iters: int, batch: int, stages: l
     snapshots = []
     for stage in stages:
         staged = replace(config, iters=stage, resume=stage != stages[0])
-        facts = check_run(staged)
+        plan = plan_run(staged)
         out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(json.dumps(staged.to_dict(), indent=2))
-        train_worker(staged, facts)
+        (out / DISTILL_CONFIG_FILE).write_text(json.dumps(staged.to_dict(), indent=2))
+        train_worker(staged, plan)
         if stage != iters:
             snap = out.parent / f"{out.name}@{stage}"
             shutil.rmtree(snap, ignore_errors=True)

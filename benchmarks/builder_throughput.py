@@ -41,9 +41,9 @@ RESULTS = Path(__file__).parent / "results" / "builder_throughput.json"
 
 def digits_teacher_options(scratch: Path) -> tuple[dict, str]:
     """Options for ``load_teacher("digits", ...)`` and a description of the weights used."""
-    from arcflow.pipeline.digits import CONFIG_FILE, TEACHER_FILE, WEIGHTS_DIR
+    from arcflow.pipeline.digits import TEACHER_CONFIG_FILE, TEACHER_FILE, WEIGHTS_DIR
 
-    if (WEIGHTS_DIR / TEACHER_FILE).is_file() and (WEIGHTS_DIR / CONFIG_FILE).is_file():
+    if (WEIGHTS_DIR / TEACHER_FILE).is_file() and (WEIGHTS_DIR / TEACHER_CONFIG_FILE).is_file():
         return {}, "digits (shipped weights)"
     from safetensors.torch import save_file
 
@@ -51,7 +51,7 @@ def digits_teacher_options(scratch: Path) -> tuple[dict, str]:
 
     state, config = train_teacher_weights(seed=0, iters=1, progress=False)
     save_file(state, str(scratch / TEACHER_FILE))
-    (scratch / CONFIG_FILE).write_text(json.dumps(config))
+    (scratch / TEACHER_CONFIG_FILE).write_text(json.dumps(config))
     return {"weights_dir": str(scratch)}, "digits architecture, UNTRAINED weights (shipped weights missing; same compute per call)"
 
 

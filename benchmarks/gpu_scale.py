@@ -189,7 +189,7 @@ def distill_steps(teacher: Any, steps: int, batches: list[int], device: torch.de
     from arcflow.distill.config import DistillConfig
     from arcflow.distill.loss import segment_batch, segment_loss
     from arcflow.distill.parallel import prepare_student
-    from arcflow.distill.schedule import segment_step_indices
+    from arcflow.distill.segments import segment_step_indices
     from arcflow.distill.student import build_student
 
     recipe = DistillConfig.from_dict(dict(dataset="", out="", bf16=True, **RECIPE))
@@ -252,7 +252,7 @@ def measure_family(family: str, args: argparse.Namespace, settings: dict, device
     from arcflow.pipeline.plan import plan_shards
     from arcflow.pipeline.recording import sample_teacher
     from arcflow.distill.runs import sample_latents
-    from arcflow.distill.scheduler import ArcFlowScheduler
+    from arcflow.distill.arcflow_scheduler import ArcFlowScheduler
 
     teacher_id, name = FAMILIES[family]
     out: dict[str, Any] = {"name": name, "teacher_id": teacher_id, "resolutions": {}}

@@ -73,7 +73,7 @@ def write_synthetic(url: Path, shards: int, fmt: str = "v1", dtype: str = "float
     """Trajectory-shaped random data through the ``fmt`` writer (``dtype``, compressed)."""
     from storage_bytes import open_writer
 
-    from arcflow.pipeline.schedule import shifted_schedule
+    from arcflow.pipeline.sigmas import shifted_schedule
 
     sigmas = shifted_schedule(STEPS, 1.0).numpy()
     spec = dict(

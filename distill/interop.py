@@ -17,10 +17,10 @@ What happens: :func:`~arcflow.distill.student.attach_student` loads the run's
 rank/alpha come from the file's ``lora_adapter_metadata``), the transformer's top-level
 ``proj_out`` is swapped for the trained
 :class:`~arcflow.distill.student.MomentumHead`, and ``pipe.scheduler`` becomes the run's
-:class:`~arcflow.distill.scheduler.ArcFlowScheduler` (``scheduler_config.json``), whose ``step``
+:class:`~arcflow.distill.arcflow_scheduler.ArcFlowScheduler` (``scheduler_config.json``), whose ``step``
 does the exact momentum integral over the run's recorded segment sigmas. Prompt encoding, latents,
 callbacks, VAE decode and output types are the pipeline's. The originals are kept:
-:meth:`ArcflowPipeline.remove` puts head and scheduler back and deletes the adapter.
+:meth:`ArcFlowPipeline.remove` puts head and scheduler back and deletes the adapter.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from torch import Tensor, nn
 
 from arcflow.core.errors import ArcflowError
 
-from .scheduler import load_scheduler
 from .student import (
     HEAD_ATTRIBUTE,
     MomentumHead,
     StudentConfig,
     attach_student,
+    load_scheduler,
     read_student_config,
 )
 
@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 ARCFLOW_ADAPTER = "arcflow"
 
 
-class ArcflowPipeline:
+class ArcFlowPipeline:
     """A stock pipeline carrying a run (see the module docstring); calling it calls the pipeline
     with the run's defaults (steps = NFE, its resolution, guidance and text length)."""
 
@@ -127,7 +127,7 @@ def arcflow_pipeline(
     width: Optional[int] = None,
     adapter_name: str = ARCFLOW_ADAPTER,
     strict_revision: bool = False,
-) -> ArcflowPipeline:
+) -> ArcFlowPipeline:
     """Load a run onto a stock ``FluxPipeline`` / ``QwenImagePipeline``: LoRA, momentum head and
     ``pipe.scheduler = ArcFlowScheduler`` from the run directory, in place.
 
@@ -169,12 +169,12 @@ def arcflow_pipeline(
         raise
     used_adapter = adapter_name if config.trainable == "lora+heads" else None
     original_scheduler, pipe.scheduler = pipe.scheduler, scheduler
-    return ArcflowPipeline(pipe, teacher, record, (proj, original_scheduler), used_adapter)
+    return ArcFlowPipeline(pipe, teacher, record, (proj, original_scheduler), used_adapter)
 
 
 def load_arcflow_generator(
     run_dir: Union[str, os.PathLike], device: str = "cpu", torch_dtype: Any = None
-) -> ArcflowPipeline:
+) -> ArcFlowPipeline:
     """Load the run's own teacher pipeline (hub id or directory from ``arcflow_config.json``, with
     its recorded resolution / guidance options) and wrap it with :func:`arcflow_pipeline`.
 

@@ -14,6 +14,9 @@ Inside the segment ``v(s) = sum_k pi_k v_k exp(g_k (s_src - s))``. Moving from `
 
     x(s_b) = x(s_a) - sum_k pi_k v_k exp(g_k (s_src - s_a)) d phi(g_k d),  phi(z) = expm1(z) / z.
 
+A student's head returns the three as one packed tensor per token (:func:`packed_width` wide);
+:func:`unpack_momentum` lays it out as :class:`MomentumParams`.
+
 All arithmetic runs in float32 (float64 stays float64) whatever the input dtype, so a bf16 network
 cannot lose the integral's precision. Sigmas may be Python floats, 0-d tensors or per-sample
 tensors of shape ``(B,)``.
@@ -82,6 +85,29 @@ class MomentumParams:
         g = self.log_gammas.to(math_dtype(self.velocities.dtype))
         zero = torch.zeros_like(g[:, :1]) if g.shape[1] else torch.zeros_like(self.weights()[:, :1])
         return torch.cat([zero, g], dim=1)
+
+
+def packed_width(k: int, channels: int, groups: int, momentum: bool) -> int:
+    """Per-token width of a head's packed output: ``K*C + K*G + (K-1)*G`` (no log-gammas without momentum)."""
+    return k * channels + k * groups + ((k - 1) * groups if momentum else 0)
+
+
+def unpack_momentum(packed: Tensor, k: int, channels: int, groups: int, momentum: bool) -> MomentumParams:
+    """A head's packed ``(B, N, width)`` output -> channels-first params: velocities ``(B, K, C, N)``,
+    logits ``(B, K, G, N)``, log-gammas ``(B, K-1, G, N)`` (all 0 without momentum).
+
+    A function of the head's shape alone (the student's head packs this way), so a scheduler can
+    unpack what the transformer returns.
+    """
+    batch, tokens = packed.shape[:2]
+    n_v, n_w = k * channels, k * groups
+    v = packed[..., :n_v].reshape(batch, tokens, k, channels).permute(0, 2, 3, 1)
+    w = packed[..., n_v : n_v + n_w].reshape(batch, tokens, k, groups).permute(0, 2, 3, 1)
+    if momentum and k > 1:
+        gam = packed[..., n_v + n_w :].reshape(batch, tokens, k - 1, groups).permute(0, 2, 3, 1)
+    else:
+        gam = packed.new_zeros(batch, k - 1, groups, tokens)
+    return MomentumParams(velocities=v, logits=w, log_gammas=gam)
 
 
 def _as_sigma(sigma: SigmaLike, like: Tensor, extra_dims: int) -> Tensor:

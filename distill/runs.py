@@ -12,8 +12,8 @@ from torch import Tensor
 from arcflow.core.errors import ArcflowError
 from arcflow.pipeline.teacher import transformer_output
 
-from .scheduler import ArcFlowScheduler, load_scheduler
-from .student import Student, load_student, read_student_config
+from .arcflow_scheduler import ArcFlowScheduler
+from .student import Student, load_scheduler, load_student, read_student_config
 from .student import merge_lora as fuse_lora
 
 

@@ -33,7 +33,7 @@ from arcflow.core.errors import ArcflowError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TEACHER_FILE = "digits_teacher.safetensors"
-CONFIG_FILE = "digits_teacher.json"
+TEACHER_CONFIG_FILE = "digits_teacher.json"
 TEACHER_ID = "digits"
 
 
@@ -112,9 +112,9 @@ def load_digits_teacher(
 ) -> DigitsTeacher:
     """Load the shipped digits teacher (or one written by ``arcflow train-teacher --out DIR``)."""
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    weights, config_path = root / TEACHER_FILE, root / CONFIG_FILE
+    weights, config_path = root / TEACHER_FILE, root / TEACHER_CONFIG_FILE
     if not weights.is_file() or not config_path.is_file():
-        raise ArcflowError(f"no digits teacher weights in {root} (expected {TEACHER_FILE} and {CONFIG_FILE})")
+        raise ArcflowError(f"no digits teacher weights in {root} (expected {TEACHER_FILE} and {TEACHER_CONFIG_FILE})")
     config: dict[str, Any] = json.loads(config_path.read_text())
     if tuple(config["vocab"]) != VOCAB:
         raise ArcflowError(f"{config_path} was written for a different digits vocabulary")

@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from arcflow.pipeline.classifier import CLASSIFIER_FILE, DigitsClassifier
-from arcflow.pipeline.digits import CONFIG_FILE, TEACHER_FILE
+from arcflow.pipeline.digits import TEACHER_CONFIG_FILE, TEACHER_FILE
 from arcflow.pipeline.digits_data import SPLIT_SEED, digits_split, images_to_latents
 from arcflow.pipeline.digits_model import (
     MAX_TOKENS,
@@ -43,7 +43,7 @@ from arcflow.pipeline.digits_model import (
 )
 
 #: What `train-teacher` writes into its output directory.
-OUTPUT_FILES = (TEACHER_FILE, CONFIG_FILE, CLASSIFIER_FILE)
+OUTPUT_FILES = (TEACHER_FILE, TEACHER_CONFIG_FILE, CLASSIFIER_FILE)
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def train_digits(
         classifier_state, accuracy = train_classifier_weights(seed, classifier_epochs)
     config["training"]["threads"] = threads
     save_file(teacher_state, str(out / TEACHER_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (out / TEACHER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(classifier_state, str(out / CLASSIFIER_FILE))
     summary = {
         "out_dir": str(out),

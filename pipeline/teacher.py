@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from arcflow.pipeline.schedule import shifted_schedule
+from arcflow.pipeline.sigmas import shifted_schedule
 
 Conditioning = dict[str, Tensor]
 

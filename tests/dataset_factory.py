@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import CONFIG_FILE, check_run, train_worker
+from arcflow.distill.run_plan import DISTILL_CONFIG_FILE, plan_run
+from arcflow.distill.worker import train_worker
 from arcflow.pipeline.generate import dataset_spec
 from arcflow.pipeline.generation_config import GenerationConfig
 from arcflow.pipeline.shard_worker import commit_shard, describe_teacher, record_shard
@@ -39,10 +40,10 @@ def train_tiny_run(dataset: Path, out: Path, **overrides) -> DistillConfig:
     """A real student run in ``out``, trained in this process by the loop each Ray Train worker runs:
     ``TINY_RUN`` with ``overrides`` (``resume=True`` continues it). Returns its config."""
     config = DistillConfig.from_dict({"dataset": str(dataset), "out": str(out), **TINY_RUN, **overrides})
-    facts = check_run(config)
+    plan = plan_run(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / CONFIG_FILE).is_file():  # as `arcflow distill`: a resumed run keeps its first record
-        (out / CONFIG_FILE).write_text(json.dumps(config.to_dict()))
-    train_worker(config, facts)
+    if not (out / DISTILL_CONFIG_FILE).is_file():  # as `arcflow distill`: a resumed run keeps its first record
+        (out / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    train_worker(config, plan)
     return config

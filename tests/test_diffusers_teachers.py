@@ -17,7 +17,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from arcflow.pipeline.schedule import shifted_schedule
+from arcflow.pipeline.sigmas import shifted_schedule
 from arcflow.distill.student import (
     DEFAULT_LORA_TARGETS,
     StudentConfig,

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import METRICS_FILE, check_run
+from arcflow.distill.run_plan import plan_run
+from arcflow.distill.worker import METRICS_FILE
 from cli_helpers import assert_process_failed_one_line, run_subprocess
 from dataset_factory import make_dataset, train_tiny_run
 from safetensors.torch import load_file
@@ -148,9 +149,9 @@ def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     # Moved elsewhere, the run resumes there from Ray Train's own record of its checkpoints.
     moved = tmp_path / "moved"
     run.rename(moved)
-    facts = check_run(DistillConfig.from_dict(dict(dataset=str(dataset), out=str(moved), num_workers=2, iters=6, batch_size=4,
+    plan = plan_run(DistillConfig.from_dict(dict(dataset=str(dataset), out=str(moved), num_workers=2, iters=6, batch_size=4,
                                     checkpoint_every=2, k=2, lora_rank=2, resume=True)))
-    assert facts["resume_step"] == 4 and facts["resume_checkpoint"] == str(moved / "checkpoints/step-0000004")
+    assert plan.resume_step == 4 and plan.resume_checkpoint == str(moved / "checkpoints/step-0000004")
     res = run_subprocess("distill", str(dataset), "--out", str(moved), "--num-workers", "2", "--iters", "6",
                          "--batch-size", "4", "--checkpoint-every", "2", "--k", "2", "--lora-rank", "2", "--no-progress",
                          "--resume")

@@ -23,7 +23,8 @@ import pytest
 import safetensors.torch
 import torch
 from arcflow.distill.config import DistillConfig
-from arcflow.distill.trainer import CONFIG_FILE, METRICS_FILE, check_run, train_worker
+from arcflow.distill.run_plan import DISTILL_CONFIG_FILE, plan_run
+from arcflow.distill.worker import METRICS_FILE, train_worker
 from cli_helpers import CLI_ENV, assert_one_line_error, assert_process_failed_one_line
 from cli_helpers import run_in_process as cli
 from cli_helpers import run_subprocess
@@ -214,7 +215,7 @@ def test_describe_unwraps_nested_causes():
 # -- 4. resume edge cases -------------------------------------------------------------------------
 def saved_config(root: Path) -> DistillConfig:
     """The saved config of ``root/run``, pointed at ``root``'s own copies of the run and dataset."""
-    config = DistillConfig.from_dict(json.loads((root / "run" / CONFIG_FILE).read_text()))
+    config = DistillConfig.from_dict(json.loads((root / "run" / DISTILL_CONFIG_FILE).read_text()))
     config.dataset, config.out, config.resume = str(root / "ds"), str(root / "run"), True
     return config
 
@@ -232,7 +233,7 @@ def test_resume_at_the_last_checkpoint_without_export_exports(scratch):
     """The driver was killed after the last checkpoint and before the export: resume just exports."""
     (scratch / "run" / "arcflow_config.json").unlink()
     config = saved_config(scratch)
-    result = train_worker(config, check_run(config))
+    result = train_worker(config, plan_run(config))
     assert result == {"step": 4, "loss": None}
     assert (scratch / "run" / "arcflow_config.json").is_file()
 
@@ -246,7 +247,7 @@ def test_resumed_metrics_never_repeat_a_step(scratch):
         f.write('{"step": 7, "lo')  # cut short by the kill
     config = saved_config(scratch)
     config.iters = 6
-    train_worker(config, check_run(config))
+    train_worker(config, plan_run(config))
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, 7))
 
@@ -256,16 +257,16 @@ def test_moved_run_and_dataset_resume(scratch, tmp_path):
     shutil.move(scratch, moved)
     config = saved_config(moved)  # the saved paths name the old place
     config.iters = 6
-    assert check_run(config)["resume_step"] == 4
+    assert plan_run(config).resume_step == 4
 
 
 def test_resume_refuses_other_data(scratch, tmp_path):
     other = make_dataset(tmp_path / "other", num_samples=32, steps=4, shard_size=16, seed=1)
     config = saved_config(scratch)
     config.dataset = str(other)
-    (scratch / "run" / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "dataset_fingerprint": "sha256:0"}))
+    (scratch / "run" / DISTILL_CONFIG_FILE).write_text(json.dumps({**config.to_dict(), "dataset_fingerprint": "sha256:0"}))
     with pytest.raises(Exception, match="data the run started on"):
-        check_run(config)
+        plan_run(config)
 
 
 def test_ctrl_c_is_one_line_exit_130(world, tmp_path):

@@ -149,15 +149,15 @@ def test_samples_on_the_runs_recorded_segment_sigmas(run, loaded, tmp_path, caps
     fresh schedule."""
     import shutil
 
-    from arcflow.distill.scheduler import SCHEDULER_FILE
+    from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 
     moved = tmp_path / "moved"
     shutil.copytree(run, moved)
     record = json.loads((moved / "arcflow_config.json").read_text())
-    scheduler = json.loads((moved / SCHEDULER_FILE).read_text())
+    scheduler = json.loads((moved / SCHEDULER_CONFIG_NAME).read_text())
     assert len(record["segment_sigmas"]) == 3 and scheduler["segment_sigmas"] == record["segment_sigmas"]
     scheduler["segment_sigmas"] = [1.0, 0.8, 0.0]
-    (moved / SCHEDULER_FILE).write_text(json.dumps(scheduler))
+    (moved / SCHEDULER_CONFIG_NAME).write_text(json.dumps(scheduler))
     arr = sample(capsys, tmp_path / "m.npy", "--adapter", moved, "--prompt", PROMPT, "--num", 2, "--seed", 0)
     noise = loaded.teacher.noise([0, 1])
     cond = loaded.teacher.encode_prompts([PROMPT] * 2)

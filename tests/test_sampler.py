@@ -3,8 +3,8 @@ import pytest
 import torch
 from arcflow.distill.momentum import MomentumParams
 from reference_sampling import sample_few_step
-from arcflow.distill.schedule import segment_step_indices
-from arcflow.pipeline.schedule import shifted_schedule
+from arcflow.distill.segments import segment_step_indices
+from arcflow.pipeline.sigmas import shifted_schedule
 from momentum_reference import reference_velocity
 
 K, C, N, G = 4, 4, 3, 2

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from arcflow.distill.runs import load_run
-from arcflow.distill.scheduler import SCHEDULER_FILE, ArcFlowScheduler, load_scheduler
-from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
+from arcflow.distill.arcflow_scheduler import ArcFlowScheduler
+from arcflow.distill.student import StudentConfig, build_student, load_scheduler, load_student, save_student
 from arcflow.pipeline.registry import load_teacher
 from arcflow.core.errors import ArcflowError
+from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline
 from reference_sampling import reference_sample
 
@@ -97,7 +98,7 @@ def test_another_nfe_samples_on_the_teachers_schedule(loaded):
 def test_config_round_trip_and_pipeline_style_set_timesteps(tmp_path):
     scheduler = ArcFlowScheduler(k=4, weight_groups=2, channels=16, momentum=False, segment_sigmas=[1.0, 0.7, 0.3, 0.0])
     scheduler.save_pretrained(str(tmp_path))
-    saved = json.loads((tmp_path / SCHEDULER_FILE).read_text())
+    saved = json.loads((tmp_path / SCHEDULER_CONFIG_NAME).read_text())
     assert saved["_class_name"] == "ArcFlowScheduler" and saved["segment_sigmas"] == [1.0, 0.7, 0.3, 0.0]
     again = ArcFlowScheduler.from_pretrained(str(tmp_path))
     assert _settings(again) == _settings(scheduler)
@@ -105,7 +106,7 @@ def test_config_round_trip_and_pipeline_style_set_timesteps(tmp_path):
     again.set_timesteps(sigmas=np.linspace(1.0, 1 / 3, 3), mu=0.9, device="cpu")
     torch.testing.assert_close(again.timesteps, torch.tensor([1000.0, 700.0, 300.0]))
     assert again.sigmas.dtype == torch.float32 and again.order == 1 and again.init_noise_sigma == 1.0
-    with pytest.raises(ArcflowError, match="num_inference_steps=3"):
+    with pytest.raises(ValueError, match="num_inference_steps=3"):
         again.set_timesteps(28)
     other = ArcFlowScheduler.from_config(again.config, segment_sigmas=[1.0, 0.0])
     assert other.nfe == 1 and other.config.k == 4
@@ -115,14 +116,14 @@ def test_step_refuses_what_is_not_a_head_output():
     scheduler = ArcFlowScheduler(k=2, weight_groups=1, channels=4, segment_sigmas=[1.0, 0.5, 0.0])
     scheduler.set_timesteps(2)
     x = torch.zeros(1, 16, 4)
-    with pytest.raises(ArcflowError, match="momentum head"):
+    with pytest.raises(ValueError, match="momentum head"):
         scheduler.step(torch.zeros(1, 16, 4), scheduler.timesteps[0], x)  # a plain velocity
     packed = torch.zeros(1, 16, 2 * 4 + 2 + 1)
     for t in scheduler.timesteps:
         x = scheduler.step(packed, t, x).prev_sample
-    with pytest.raises(ArcflowError, match="set_timesteps"):
+    with pytest.raises(ValueError, match="set_timesteps"):
         scheduler.step(packed, scheduler.timesteps[-1], x)
-    with pytest.raises(ArcflowError, match="strictly decreasing"):
+    with pytest.raises(ValueError, match="strictly decreasing"):
         ArcFlowScheduler(segment_sigmas=[1.0, 1.0, 0.0])
 
 
@@ -131,15 +132,18 @@ def test_load_scheduler_checks_the_run(digits_run, loaded, tmp_path):
 
     moved = tmp_path / "run"
     shutil.copytree(digits_run, moved)
-    config = json.loads((moved / SCHEDULER_FILE).read_text())
-    (moved / SCHEDULER_FILE).write_text(json.dumps({**config, "k": 5}))
+    config = json.loads((moved / SCHEDULER_CONFIG_NAME).read_text())
+    (moved / SCHEDULER_CONFIG_NAME).write_text(json.dumps({**config, "k": 5}))
     with pytest.raises(ArcflowError, match="does not fit the run's student"):
         load_scheduler(moved, loaded.record, loaded.teacher)
-    (moved / SCHEDULER_FILE).write_text("{not json")
-    with pytest.raises(ArcflowError, match=SCHEDULER_FILE):
+    (moved / SCHEDULER_CONFIG_NAME).write_text(json.dumps({**config, "segment_sigmas": [0.0, 1.0]}))
+    with pytest.raises(ArcflowError, match=f"{SCHEDULER_CONFIG_NAME} is damaged: segment_sigmas must be"):
+        load_scheduler(moved, loaded.record, loaded.teacher)
+    (moved / SCHEDULER_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ArcflowError, match=SCHEDULER_CONFIG_NAME):
         load_scheduler(moved, loaded.record, loaded.teacher)
     # A run saved before schedulers were exported: the record gives the same scheduler.
-    (moved / SCHEDULER_FILE).unlink()
+    (moved / SCHEDULER_CONFIG_NAME).unlink()
     assert _settings(load_scheduler(moved, loaded.record, loaded.teacher)) == _settings(loaded.scheduler)
 
 
@@ -178,5 +182,5 @@ def test_the_stock_flux_pipeline_samples_the_run_in_nfe_calls(flux_dir, tmp_path
     images = pipe(FLUX_PROMPTS[:1], num_inference_steps=2, guidance_scale=teacher.default_guidance,
                   latents=noise[:1], max_sequence_length=T5_LENGTH, height=32, width=32, output_type="pil").images
     assert len(images) == 1 and images[0].size == (32, 32)
-    with pytest.raises(ArcflowError, match="num_inference_steps=2"):
+    with pytest.raises(ValueError, match="num_inference_steps=2"):
         pipe(FLUX_PROMPTS, max_sequence_length=T5_LENGTH, height=32, width=32, output_type="latent")

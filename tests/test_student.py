@@ -9,9 +9,9 @@ import torch
 from arcflow.distill.loss import segment_batch, segment_loss
 from arcflow.distill.momentum import displacement, velocity_at
 from arcflow.distill.student import (
-    CONFIG_FILE,
     HEAD_FILE,
     LORA_FILE,
+    STUDENT_CONFIG_FILE,
     TRAINABLE_FILE,
     MomentumHead,
     StudentConfig,
@@ -236,7 +236,7 @@ def test_save_load_round_trip_is_exact(teacher, cond, noise, tmp_path, trainable
     student = build_student(teacher, config)
     _perturb(student)
     run = save_student(student, tmp_path / "run", {"dataset": {"fingerprint": "abc"}, "training": {"lr": 1e-3}})
-    record = json.loads((run / CONFIG_FILE).read_text())
+    record = json.loads((run / STUDENT_CONFIG_FILE).read_text())
     assert record["student"] == config.to_dict()
     assert record["teacher"] == {"id": "tiny-flux", "revision": "seed-0"}
     assert record["k"] == 4 and record["nfe"] == 2 and record["shift"] == 1.0

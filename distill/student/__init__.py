@@ -1,9 +1,9 @@
 """The ArcFlow student, one package the way peft keeps one tuner in one folder.
 
 ``config`` (what a student is), ``head`` (the momentum output head), ``model`` (the module and
-``build_student``), ``saving`` (the run directory: save, read, attach, load, merge). Built from a
-teacher's transformer: frozen, its ``proj_out`` swapped for a :class:`MomentumHead`, LoRA adapters
-added through diffusers' ``add_adapter`` (peft underneath).
+``build_student``), ``saving`` (the run directory: save, read, attach, load, merge, and the run's
+scheduler). Built from a teacher's transformer: frozen, its ``proj_out`` swapped for a
+:class:`MomentumHead`, LoRA adapters added through diffusers' ``add_adapter`` (peft underneath).
 
 Names are imported from their module on first use, so reading a :class:`StudentConfig` (what the
 CLI does before anything starts) does not load torch, peft or diffusers.
@@ -15,10 +15,10 @@ from typing import Any
 _HOMES = {
     "config": ("ADAPTER_NAME", "DEFAULT_LORA_TARGETS", "HEAD_ATTRIBUTE", "TRAINABLE_MODES", "StudentConfig",
                "default_lora_targets", "lora_config_for"),
-    "head": ("MomentumHead", "head_for", "soft_clamp", "packed_width", "unpack_momentum"),
+    "head": ("MomentumHead", "head_for", "soft_clamp"),
     "model": ("Student", "build_student", "transformer_class_name"),
-    "saving": ("CONFIG_FILE", "HEAD_FILE", "LORA_FILE", "TRAINABLE_FILE", "attach_student", "load_student",
-               "merge_lora", "read_student_config", "run_file", "save_student"),
+    "saving": ("HEAD_FILE", "LORA_FILE", "STUDENT_CONFIG_FILE", "TRAINABLE_FILE", "attach_student", "load_scheduler",
+               "load_student", "merge_lora", "read_student_config", "run_file", "save_student"),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 

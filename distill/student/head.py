@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..momentum import MomentumParams
+from ..momentum import MomentumParams, packed_width, unpack_momentum
 
 #: Range of the initial momentum factors gamma_k = exp(g_k) of components 1..K-1.
 INITIAL_GAMMA_RANGE = (0.2, 4.0)
@@ -110,30 +110,8 @@ class MomentumHead(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def unpack(self, packed: Tensor) -> MomentumParams:
-        """``(B, N, out_features)`` -> channels-first params (see :func:`unpack_momentum`)."""
+        """``(B, N, out_features)`` -> channels-first params (see :func:`~arcflow.distill.momentum.unpack_momentum`)."""
         return unpack_momentum(packed, self.k, self.channels, self.groups, self.momentum)
-
-
-def packed_width(k: int, channels: int, groups: int, momentum: bool) -> int:
-    """Per-token width of a head's packed output: ``K*C + K*G + (K-1)*G`` (no log-gammas without momentum)."""
-    return k * channels + k * groups + ((k - 1) * groups if momentum else 0)
-
-
-def unpack_momentum(packed: Tensor, k: int, channels: int, groups: int, momentum: bool) -> MomentumParams:
-    """A head's packed ``(B, N, width)`` output -> channels-first params: velocities ``(B, K, C, N)``,
-    logits ``(B, K, G, N)``, log-gammas ``(B, K-1, G, N)`` (all 0 without momentum).
-
-    A function of the head's shape alone, so a scheduler can unpack what the transformer returns.
-    """
-    batch, tokens = packed.shape[:2]
-    n_v, n_w = k * channels, k * groups
-    v = packed[..., :n_v].reshape(batch, tokens, k, channels).permute(0, 2, 3, 1)
-    w = packed[..., n_v : n_v + n_w].reshape(batch, tokens, k, groups).permute(0, 2, 3, 1)
-    if momentum and k > 1:
-        gam = packed[..., n_v + n_w :].reshape(batch, tokens, k - 1, groups).permute(0, 2, 3, 1)
-    else:
-        gam = packed.new_zeros(batch, k - 1, groups, tokens)
-    return MomentumParams(velocities=v, logits=w, log_gammas=gam)
 
 
 def head_for(projection: nn.Linear, k: int, groups: int, momentum: bool, log_gamma_bound: float) -> MomentumHead:

@@ -5,7 +5,8 @@
   rides in the safetensors metadata);
 * ``momentum_head.safetensors``: the head;
 * ``trainable_weights.safetensors``: other trained transformer weights (``trainable="full"`` only);
-* ``scheduler_config.json``: the :class:`~arcflow.distill.scheduler.ArcFlowScheduler` that samples it;
+* ``scheduler_config.json``: the :class:`~arcflow.distill.arcflow_scheduler.ArcFlowScheduler` that samples it
+  (diffusers' own ``save_config``; :func:`load_scheduler` reads it back);
 * ``arcflow_config.json``: student config, teacher id/revision, shift, NFE and the trainer's extras.
   Written last: a directory without it is not a student.
 
@@ -24,10 +25,12 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 import safetensors.torch
+from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from torch import Tensor, nn
 
 from arcflow.core.errors import ArcflowError, first_line
 
+from ..arcflow_scheduler import ArcFlowScheduler
 from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig
 from .head import MomentumHead, head_for
 from .model import Student, transformer_class_name
@@ -38,7 +41,7 @@ logger = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 HEAD_FILE = "momentum_head.safetensors"
 TRAINABLE_FILE = "trainable_weights.safetensors"
-CONFIG_FILE = "arcflow_config.json"
+STUDENT_CONFIG_FILE = "arcflow_config.json"
 CONFIG_FORMAT = "arcflow-student"
 CONFIG_VERSION = 1
 #: Key prefix of LoRA files written by earlier arcflow versions (the diffusers pipeline format).
@@ -88,21 +91,62 @@ def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_confi
     if clash:
         raise ValueError(f"extra_config contradicts the student on {', '.join(clash)}")
     record.update(extra_config)
-    from ..scheduler import save_scheduler  # the scheduler imports the head from this package
-
-    save_scheduler(out, record, teacher)
-    tmp = out / f".{CONFIG_FILE}.tmp"
+    _scheduler_for_record(record, teacher).save_config(str(out))
+    tmp = out / f".{STUDENT_CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / CONFIG_FILE)
+    os.replace(tmp, out / STUDENT_CONFIG_FILE)
     logger.info("saved student to %s", out)
     return out
 
 
+def _scheduler_for_record(record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
+    """The scheduler of a run from its ``arcflow_config.json`` record.
+
+    Segments: the sigmas recorded at the segment boundaries during training when they fit the
+    run's NFE, else the teacher's own ``sigmas(nfe)``. This is the one place that choice is made.
+    """
+    student = record["student"]
+    nfe = int(record.get("nfe", student["nfe"]))
+    recorded = record.get("segment_sigmas")
+    sigmas = list(recorded) if recorded is not None and len(recorded) == nfe + 1 else teacher.sigmas(nfe).tolist()
+    return ArcFlowScheduler(
+        k=int(student["k"]),
+        weight_groups=int(student["weight_groups"]),
+        channels=int(teacher.latent_shape[-1]),
+        momentum=bool(student["momentum"]),
+        segment_sigmas=sigmas,
+    )
+
+
+def load_scheduler(run_dir: Union[str, os.PathLike], record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
+    """The run's scheduler from ``scheduler_config.json``, checked against the student it samples.
+
+    A run saved before schedulers were exported has no such file: its record gives the same one.
+    Values the scheduler refuses (its ``ValueError``) are one ``ArcflowError`` line naming the file.
+    """
+    try:
+        expected = _scheduler_for_record(record, teacher)
+    except ValueError as exc:
+        raise ArcflowError(f"{run_dir}/{STUDENT_CONFIG_FILE} is damaged: {first_line(exc)}") from None
+    if not (Path(run_dir) / SCHEDULER_CONFIG_NAME).is_file():
+        logger.info("%s has no %s; using its %s", run_dir, SCHEDULER_CONFIG_NAME, STUDENT_CONFIG_FILE)
+        return expected
+    try:
+        scheduler = ArcFlowScheduler.from_pretrained(str(run_dir))
+    except (ValueError, TypeError, OSError) as exc:
+        raise ArcflowError(f"{run_dir}/{SCHEDULER_CONFIG_NAME} is damaged: {first_line(exc)}") from None
+    shape = ("k", "weight_groups", "channels", "momentum")
+    differ = [key for key in shape if scheduler.config[key] != expected.config[key]]
+    if differ:
+        raise ArcflowError(f"{run_dir}/{SCHEDULER_CONFIG_NAME} does not fit the run's student ({', '.join(differ)} differ)")
+    return scheduler
+
+
 def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
     """The parsed ``arcflow_config.json`` of a run directory (``ArcflowError`` if it is not one)."""
-    path = Path(run_dir) / CONFIG_FILE
+    path = Path(run_dir) / STUDENT_CONFIG_FILE
     if not path.is_file():
-        raise ArcflowError(f"{run_dir} is not a student run directory (no {CONFIG_FILE})")
+        raise ArcflowError(f"{run_dir} is not a student run directory (no {STUDENT_CONFIG_FILE})")
     try:
         record = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -125,10 +169,10 @@ def run_file(run_dir: Union[str, os.PathLike], name: object) -> Path:
     a crafted config cannot make arcflow read anything else."""
     root = Path(run_dir).resolve()
     if not isinstance(name, str) or not name:
-        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} is damaged: file names must be non-empty strings")
+        raise ArcflowError(f"{run_dir}/{STUDENT_CONFIG_FILE} is damaged: file names must be non-empty strings")
     path = (root / name).resolve()
     if path.parent != root and root not in path.parents:
-        raise ArcflowError(f"{run_dir}/{CONFIG_FILE} names {name!r}, which is outside the run directory")
+        raise ArcflowError(f"{run_dir}/{STUDENT_CONFIG_FILE} names {name!r}, which is outside the run directory")
     if not path.is_file():
         raise ArcflowError(f"student run directory {run_dir} is missing {name}")
     return path
@@ -162,7 +206,7 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
         raise
     except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
         reason = first_line(exc)
-        raise ArcflowError(f"student run {run} is damaged or inconsistent with its {CONFIG_FILE}: {reason}") from None
+        raise ArcflowError(f"student run {run} is damaged or inconsistent with its {STUDENT_CONFIG_FILE}: {reason}") from None
     # The head stays float32 (its forward casts the hidden state), as in training.
     setattr(transformer, HEAD_ATTRIBUTE, head.to(next(transformer.parameters()).device).requires_grad_(False))
     return proj

@@ -8,35 +8,27 @@ momentum integral (:func:`~arcflow.distill.momentum.integrate`) from the segment
 
 The segment boundaries are the run's (``segment_sigmas``, recorded at training), not the pipeline's:
 :meth:`ArcFlowScheduler.set_timesteps` ignores the ``sigmas``/``mu`` a pipeline derives for its
-teacher schedule and refuses a step count other than the run's NFE with one line, since a student
-distilled for 2 segments has no meaningful 28-step schedule. ``from_config(config, segment_sigmas=...)``
-gives a scheduler on other boundaries (what ``arcflow sample --nfe`` uses).
+teacher schedule and refuses a step count other than the run's NFE (``ValueError``, as diffusers'
+schedulers do), since a student distilled for 2 segments has no meaningful 28-step schedule.
+``from_config(config, segment_sigmas=...)`` gives a scheduler on other boundaries (what
+``arcflow sample --nfe`` uses).
 
 The run directory holds it as ``scheduler_config.json`` (written by
-:func:`~arcflow.distill.student.save_student`), so ``ArcFlowScheduler.from_pretrained(run_dir)``
-works as for any diffusers scheduler.
+:func:`~arcflow.distill.student.save_student`, read back by
+:func:`~arcflow.distill.student.load_scheduler`), so ``ArcFlowScheduler.from_pretrained(run_dir)``
+works as for any diffusers scheduler. This module is config + math only.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from torch import Tensor
 
-from arcflow.core.errors import ArcflowError, first_line
-
-from .student.head import packed_width, unpack_momentum
-from .momentum import integrate
-
-logger = logging.getLogger(__name__)
-
-SCHEDULER_FILE = "scheduler_config.json"
+from .momentum import integrate, packed_width, unpack_momentum
 
 
 class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
@@ -48,7 +40,6 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
     which is what FLUX/Qwen-Image pipelines feed the transformer (divided by 1000).
     """
 
-    config_name = SCHEDULER_FILE
     _compatibles: list[str] = []
     order = 1
 
@@ -63,13 +54,13 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps: int = 1000,
     ) -> None:
         if k < 1 or weight_groups < 1 or channels < 1 or channels % weight_groups:
-            raise ArcflowError(
+            raise ValueError(
                 f"ArcFlowScheduler needs k >= 1 and weight_groups dividing channels, got k={k}, "
                 f"weight_groups={weight_groups}, channels={channels}"
             )
         bounds = [float(s) for s in segment_sigmas]
         if len(bounds) < 2 or any(a <= b for a, b in zip(bounds, bounds[1:])) or bounds[0] > 1 or bounds[-1] < 0:
-            raise ArcflowError(f"segment_sigmas must be at least 2 strictly decreasing values in [0, 1], got {bounds}")
+            raise ValueError(f"segment_sigmas must be at least 2 strictly decreasing values in [0, 1], got {bounds}")
         # Python floats (float64) for the integral, as the reference sampler uses them.
         self._bounds = bounds
         self.init_noise_sigma = 1.0
@@ -113,13 +104,13 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
 
         ``sigmas`` and ``mu`` (what FLUX/Qwen-Image pipelines pass for their teacher schedule) are
         ignored except for their count: the student integrates over the boundaries it was trained
-        on. A step count other than the NFE is an ``ArcflowError``.
+        on. A step count other than the NFE is a ``ValueError``.
         """
         requested = num_inference_steps
         if requested is None:
             requested = len(sigmas) if sigmas is not None else self.nfe
         if requested != self.nfe:
-            raise ArcflowError(
+            raise ValueError(
                 f"this ArcFlow student samples in exactly {self.nfe} steps (its segments are fixed by "
                 f"training); call the pipeline with num_inference_steps={self.nfe}, not {requested}"
             )
@@ -135,7 +126,7 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
         t = torch.as_tensor(timestep, dtype=self.timesteps.dtype, device=self.timesteps.device).reshape(-1)[:1]
         match = (self.timesteps == t).nonzero()
         if not len(match):
-            raise ArcflowError(f"timestep {float(t)} is not a segment start of this scheduler ({self.timesteps.tolist()})")
+            raise ValueError(f"timestep {float(t)} is not a segment start of this scheduler ({self.timesteps.tolist()})")
         return int(match[0])
 
     def step(
@@ -156,13 +147,13 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
         i = self._step_index
         if i >= self.nfe:
-            raise ArcflowError(f"step() called more than {self.nfe} times; call set_timesteps() before sampling again")
+            raise ValueError(f"step() called more than {self.nfe} times; call set_timesteps() before sampling again")
         cfg = self.config
         width = packed_width(cfg.k, cfg.channels, cfg.weight_groups, cfg.momentum)
         if sample.dim() != 3 or sample.shape[-1] != cfg.channels:
-            raise ArcflowError(f"sample must be packed latents (B, tokens, {cfg.channels}), got {tuple(sample.shape)}")
+            raise ValueError(f"sample must be packed latents (B, tokens, {cfg.channels}), got {tuple(sample.shape)}")
         if tuple(model_output.shape) != (*sample.shape[:2], width):
-            raise ArcflowError(
+            raise ValueError(
                 f"model_output {tuple(model_output.shape)} is not an ArcFlow head output {(*sample.shape[:2], width)}: "
                 f"is the transformer's proj_out the run's momentum head?"
             )
@@ -175,51 +166,3 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
-
-
-def scheduler_for_run(record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
-    """The scheduler of a run from its ``arcflow_config.json`` record.
-
-    Segments: the sigmas recorded at the segment boundaries during training when they fit the
-    run's NFE, else the teacher's own ``sigmas(nfe)``. This is the one place that choice is made.
-    """
-    student = record["student"]
-    nfe = int(record.get("nfe", student["nfe"]))
-    recorded = record.get("segment_sigmas")
-    sigmas = list(recorded) if recorded is not None and len(recorded) == nfe + 1 else teacher.sigmas(nfe).tolist()
-    return ArcFlowScheduler(
-        k=int(student["k"]),
-        weight_groups=int(student["weight_groups"]),
-        channels=int(teacher.latent_shape[-1]),
-        momentum=bool(student["momentum"]),
-        segment_sigmas=sigmas,
-    )
-
-
-def save_scheduler(run_dir: Union[str, os.PathLike], record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
-    """Write the run's ``scheduler_config.json`` (see :func:`scheduler_for_run`)."""
-    scheduler = scheduler_for_run(record, teacher)
-    scheduler.save_config(str(run_dir))
-    return scheduler
-
-
-def load_scheduler(run_dir: Union[str, os.PathLike], record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
-    """The run's scheduler from ``scheduler_config.json``, checked against the student it samples.
-
-    A run saved before schedulers were exported has no such file: its record gives the same one.
-    """
-    if not (Path(run_dir) / SCHEDULER_FILE).is_file():
-        logger.info("%s has no %s; using its arcflow_config.json", run_dir, SCHEDULER_FILE)
-        return scheduler_for_run(record, teacher)
-    try:
-        scheduler = ArcFlowScheduler.from_pretrained(str(run_dir))
-    except ArcflowError as exc:
-        raise ArcflowError(f"{run_dir}/{SCHEDULER_FILE}: {exc}") from None
-    except (ValueError, TypeError, OSError) as exc:
-        reason = first_line(exc)
-        raise ArcflowError(f"{run_dir}/{SCHEDULER_FILE} is damaged: {reason}") from None
-    expected = scheduler_for_run(record, teacher).config
-    differ = [key for key in ("k", "weight_groups", "channels", "momentum") if scheduler.config[key] != expected[key]]
-    if differ:
-        raise ArcflowError(f"{run_dir}/{SCHEDULER_FILE} does not fit the run's student ({', '.join(differ)} differ)")
-    return scheduler

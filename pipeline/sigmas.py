@@ -1,7 +1,7 @@
 """The teacher's sampling schedule: the time shift and its evenly spaced sigmas (docs/architecture.md, The method).
 
 The teacher side owns it; a student samples on the segment boundaries its run recorded (see
-:mod:`arcflow.distill.scheduler`).
+:mod:`arcflow.distill.arcflow_scheduler`).
 """
 
 from __future__ import annotations

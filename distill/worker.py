@@ -1,0 +1,266 @@
+"""What every Ray Train worker runs, top to bottom.
+
+:func:`ray_train_loop` (Ray Train's entry) calls :func:`train_worker`: :func:`setup` (from the
+latest checkpoint when there is one), then :func:`train_step` (the loss is
+:func:`arcflow.distill.loss.segment_loss`) up to ``--iters`` with rank 0 logging ``metrics.jsonl``
+and every rank checkpointing on the way, then rank 0 runs :func:`export`. The teacher's velocity is
+never evaluated: its transformer only provides the frozen base weights under the LoRA adapters.
+Tests and benchmarks call :func:`train_worker` in their own process (no Ray).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoints, LocalCheckpoints, RayCheckpoints, write_checkpoint
+from .config import DistillConfig
+from .parallel import prepare_student
+from .run_plan import RunPlan
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def ray_train_loop(payload: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry: ``payload`` is the config (as a dict), the :class:`RunPlan` and
+    the driver's progress queue (None without a bar)."""
+    import ray.train
+    import ray.train.torch
+
+    from arcflow.core.driver_watch import watch_driver
+
+    plan: RunPlan = payload["plan"]
+    watch_driver(plan.driver)
+    context = ray.train.get_context()
+    progress = payload["progress"]
+    train_worker(
+        DistillConfig.from_dict(payload["config"]),
+        plan,
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        checkpoints=RayCheckpoints(plan.resume_checkpoint),
+        progress=progress.put_nowait if progress is not None else None,
+    )
+
+
+def train_worker(
+    config: DistillConfig,
+    plan: RunPlan,
+    rank: int = 0,
+    world_size: int = 1,
+    device: Optional[torch.device] = None,
+    checkpoints: Optional[Checkpoints] = None,
+    progress: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> dict[str, Any]:
+    """One worker's run: :func:`setup` (from the latest checkpoint when there is one), then
+    :func:`train_step` up to ``config.iters`` with metrics and checkpoints on the way, then rank 0
+    runs :func:`export`. ``checkpoints`` is Ray Train's (:class:`RayCheckpoints`) inside a
+    Ray Train worker; the default writes the same checkpoint directories in this process.
+    ``progress`` is called with each row rank 0 logs (the driver's progress bar)."""
+    checkpoints = checkpoints or LocalCheckpoints(Path(config.out), config.resume)
+    run = setup(config, plan, rank, world_size, device or torch.device("cpu"), checkpoints.load())
+    metrics = MetricsLog(Path(config.out) / METRICS_FILE, run.step) if rank == 0 else None
+    row = None
+    try:
+        while run.step < config.iters:
+            row = train_step(run)
+            if metrics is not None and (run.step % config.log_every == 0 or run.step == config.iters):
+                metrics.write(row)
+                if progress is not None:
+                    progress(row)
+            if run.step % config.checkpoint_every == 0 or run.step == config.iters:
+                data = _gather(run.stream.state_dict(), world_size)  # every rank's data position
+                write = functools.partial(checkpoint_files, run, data) if rank == 0 else None
+                checkpoints.save(run.step, write, {"step": run.step, "loss": row["loss"]})
+    finally:
+        if metrics is not None:
+            metrics.close()
+    if rank == 0:
+        export(run, plan)
+    return {"step": run.step, "loss": row["loss"] if row is not None else None}
+
+
+@dataclasses.dataclass
+class Training:
+    """One worker's training state: built by :func:`setup`, advanced by :func:`train_step`,
+    checkpointed by :func:`checkpoint_files` and exported by :func:`export`."""
+
+    config: DistillConfig
+    bounds: list[int]
+    device: torch.device
+    rank: int
+    world_size: int
+    student: nn.Module  # the teacher's transformer with LoRA + the momentum head
+    model: nn.Module  # what the loss calls: the student, or its DDP wrapper
+    params: dict[str, nn.Parameter]  # the trainable parameters by name
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[EMAModel]
+    stream: Any  # arcflow.storage.streaming.TrajectoryStream of this rank
+    batches: Iterator[dict[str, Any]]
+    step: int = 0
+
+
+def setup(
+    config: DistillConfig,
+    plan: RunPlan,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    saved: Optional[dict[str, Any]],
+) -> Training:
+    """Build the student on the teacher's frozen weights, AdamW, the LR warm-up, the EMA and this
+    rank's data stream; continue from ``saved`` (a
+    :func:`~arcflow.distill.checkpoint.read_checkpoint` result) if given."""
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    from arcflow.pipeline.registry import load_teacher
+    from arcflow.storage.streaming import TrajectoryStream
+
+    from .student import build_student
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    teacher = load_teacher(plan.teacher_id, device=str(device), **plan.teacher_options)
+    # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
+    student = build_student(teacher, dataclasses.replace(config.student, init_seed=config.seed), inplace=True).to(device)
+    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMAModel(params.values(), decay=config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None:
+        ema.to(dtype=torch.float32)  # bf16 weights: average in float32 so small updates are not lost
+    stream = TrajectoryStream(config.dataset, segment_bounds=plan.segment_bounds, rank=rank, world_size=world_size,
+                              seed=config.seed, shuffle_buffer=config.shuffle_buffer, shards=config.shards)
+    step = 0
+    if saved is not None:
+        step = int(saved["state"]["step"])
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved["trainable"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+        if ema is not None and saved["ema"] is not None:
+            counters = saved["state"].get("ema", {"optimization_step": step})  # older runs saved none
+            ema.load_state_dict({**counters, "shadow_params": [saved["ema"][n] for n in params]})
+        stream.load_state_dict(saved["state"]["data"][rank])
+        log.info("resumed at step %d", step)
+    # The LR is a function of the step alone (so --resume may extend --iters): rebuilt at ``step``.
+    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup, last_epoch=step - 1)
+    model = prepare_student(student, config, world_size)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers,
+                                         pin_memory=device.type == "cuda")
+    return Training(config, plan.segment_bounds, device, rank, world_size, student, model, params, optimizer,
+                    scheduler, ema, stream, iter(loader), step)
+
+
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl``: one row per logged step, plus the speed since the previous row.
+
+    Opened after ``step`` (0: a new file), rows that a killed run logged past its last checkpoint
+    are dropped first (atomically), so a resumed run never repeats a step.
+    """
+
+    def __init__(self, path: Path, step: int) -> None:
+        if step > 0 and path.is_file():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= step:
+                        keep.append(line + "\n")
+                except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                    continue
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        self.file = open(path, "w" if step == 0 else "a")
+        self.time, self.step = time.perf_counter(), step
+
+    def write(self, row: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        row = {**row, "it_per_s": (row["step"] - self.step) / max(now - self.time, 1e-9)}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.time, self.step = now, row["step"]
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def train_step(run: Training) -> dict[str, Any]:
+    """One optimizer step on the next batch; returns the step's metrics row (JSON-able)."""
+    from .loss import segment_loss
+
+    config = run.config
+    batch = next(run.batches)
+    run.stream.mark_consumed(batch)  # the data position a checkpoint records
+    # the stream's items are (sample, segment) pairs: one copy to the device, none back in the loss
+    batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        loss, per_segment = segment_loss(run.model, batch, len(run.bounds) - 1)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.step(run.params.values())
+    run.step += 1
+    return {
+        "step": run.step,
+        "loss": loss.item(),
+        # null where a segment was absent from the batch (NaN is not JSON)
+        **{f"loss_segment_{i}": (None if v != v else v) for i, v in enumerate(per_segment.tolist())},
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+    }
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` from every rank, in rank order."""
+    if world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def checkpoint_files(run: Training, data: list[dict[str, Any]], directory: Path) -> None:
+    """Write the checkpoint of ``run`` at its current step into ``directory`` (rank 0)."""
+    ema = None
+    state: dict[str, Any] = {"step": run.step, "data": data, "config": run.config.to_dict()}
+    if run.ema is not None:
+        ema_state = run.ema.state_dict()
+        ema = dict(zip(run.params, ema_state.pop("shadow_params")))
+        state["ema"] = ema_state  # decay and update count (diffusers' EMAModel warms its decay up)
+    write_checkpoint(directory, dict(run.params), ema, run.optimizer.state_dict(), state)
+
+
+def export(run: Training, plan: RunPlan) -> None:
+    """Save the student (its EMA weights, if any) as the run's diffusers-style LoRA + head files."""
+    from .student import save_student
+
+    config = run.config
+    extra = {"dataset_fingerprint": plan.dataset_fingerprint, "nfe": config.student.nfe, "training": config.to_dict()}
+    # what `arcflow sample` / distill.interop need to rebuild the teacher and the schedule
+    extra["teacher_options"] = {k: v for k, v in plan.teacher_options.items() if k != "text_encoders"}
+    extra["segment_sigmas"] = plan.segment_sigmas
+    if run.ema is not None:
+        run.ema.copy_to(run.params.values())  # training is over: the export is the average
+    save_student(run.student, Path(config.out), extra_config=extra)
