@@ -38,3 +38,13 @@ def test_help_loads_no_model_libraries():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=CLI_ENV)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_subcommand_is_registered_on_import():
+    """Registration is explicit in cli/app.py: importing ``app`` is enough, no ``main()`` call needed."""
+    import typer
+    from arcflow.cli.app import app
+
+    assert sorted(typer.main.get_command(app).commands) == [
+        "distill", "evaluate", "generate-trajectories", "inspect", "sample", "train-teacher", "verify",
+    ]
