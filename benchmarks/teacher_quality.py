@@ -23,7 +23,7 @@ from arcflow.distill.metrics import frechet_distance, velocity_cosines
 from arcflow.pipeline.classifier import load_digits_classifier
 from arcflow.pipeline.digits import load_digits_teacher
 from arcflow.pipeline.digits_data import digits_split
-from arcflow.pipeline.digits_model import PROMPTS
+from arcflow.pipeline.digits_prompts import PROMPTS
 from arcflow.pipeline.images import save_grid
 from arcflow.pipeline.recording import record_trajectories, sample_teacher
 

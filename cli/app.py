@@ -7,11 +7,13 @@ import os
 import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import typer
 from typer.exceptions import TyperException
 
+
+from arcflow.core.signals import Terminated, handle_stop_signals
 
 from . import dataset_commands, distill_commands, evaluate_commands, teacher_commands
 from .errors import TRACEBACK_ENV, describe
@@ -75,13 +77,35 @@ app.command("sample")(teacher_commands.sample)
 app.command("train-teacher")(teacher_commands.train_teacher)
 
 
-INTERRUPTED = "interrupted; rerun the same command with --resume to continue"
+#: Exit statuses of a stopped job: 128 + the signal's number, as a shell reports it.
+INTERRUPTED_STATUS, TERMINATED_STATUS = 130, 143
+#: The longest error line printed: a last resort, messages quote at most ~100 characters of input.
+MAX_LINE = 1000
+
+
+def _command_name(args: Sequence[str]) -> Optional[str]:
+    """The subcommand in ``args``: the first word that is not a root option."""
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def _resumable(command: Any, args: Sequence[str]) -> bool:
+    """Whether the subcommand in ``args`` has ``--resume`` (the advice after a stop may name it)."""
+    name = _command_name(args)
+    sub = getattr(command, "commands", {}).get(name) if name is not None else None
+    return sub is not None and any(p.name == "resume" for p in sub.params)
+
+
+def _stopped(what: str, resumable: bool) -> str:
+    return f"{what}; rerun the same command with --resume to continue" if resumable else what
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    """Console-script entry point: user errors become one line on stderr and exit status 2; Ctrl-C
+    and SIGTERM one line and 130 / 143."""
+    handle_stop_signals()
     command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
+    resumable = _resumable(command, args)
     try:
         result = command.main(args=args, prog_name="arcflow", standalone_mode=False)
     except TyperException as exc:  # usage errors from the (vendored) click parser
@@ -94,18 +118,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _fail(f"{exc.format_message()} (see '{where} --help')", getattr(exc, "exit_code", 2))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except Terminated:
+        _fail(_stopped("terminated", resumable), TERMINATED_STATUS)
     except (KeyboardInterrupt, typer.Abort):
-        _fail(INTERRUPTED, 130)
+        _fail(_stopped("interrupted", resumable), INTERRUPTED_STATUS)
     except Exception as exc:  # the CLI boundary: every failure is one line (see cli/errors.py)
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             traceback.print_exc()
-        _fail(describe(exc), 2)
-    if result == 130:  # typer turns Ctrl-C into Exit(130), which click returns without a word
-        _fail(INTERRUPTED, 130)
+        _fail(describe(exc, resumable), 2)
+    if result == INTERRUPTED_STATUS:  # typer turns Ctrl-C into Exit(130), which click returns without a word
+        _fail(_stopped("interrupted", resumable), INTERRUPTED_STATUS)
     sys.exit(result if isinstance(result, int) else 0)
 
 
 def _fail(message: str, code: int) -> None:
-    first_line = " ".join(str(message).split())
-    typer.echo(f"arcflow: error: {first_line}", err=True)
+    line = " ".join(str(message).split())
+    if len(line) > MAX_LINE:
+        line = f"{line[: MAX_LINE - 40]}... ({len(line)} characters)"
+    typer.echo(f"arcflow: error: {line}", err=True)
     sys.exit(code)

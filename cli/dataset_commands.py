@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, STORAGE_DTYPES
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, quote
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _teacher_options(teacher: str, **given: object) -> dict:
     misplaced = [k for k in options if k in DIFFUSERS_OPTIONS and not is_diffusers_teacher(teacher)]
     if misplaced:
         flags = ", ".join("--" + k.replace("_", "-") for k in misplaced)
-        raise ArcflowError(f"{flags} apply to diffusers teachers only, not to {teacher!r}")
+        raise ArcflowError(f"{flags} apply to diffusers teachers only, not to {quote(teacher)}")
     if "torch_dtype" in options:
         from arcflow.pipeline.diffusers_teachers import resolve_torch_dtype
 

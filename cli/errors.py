@@ -15,10 +15,13 @@ import errno
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from arcflow.core.errors import ArcflowError, first_line
+from arcflow.core.errors import TRACEBACK_ENV, ArcflowError, first_line
 
-#: Set by ``--verbose``; the environment variable does the same for scripts.
-TRACEBACK_ENV = "ARCFLOW_TRACEBACK"
+__all__ = ["TRACEBACK_ENV", "causes", "describe", "message_of"]
+
+#: How torch re-raises an error from a DataLoader worker process: the original type, with the whole
+#: original traceback as its message (``torch.utils.data._utils.ExceptionWrapper``).
+_WRAPPED_TRACEBACK = "Original Traceback (most recent call last):"
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
@@ -39,10 +42,11 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
             stack.extend(a for a in current.args if isinstance(a, BaseException))
 
 
+#: The advice per errno; ``{rerun}`` becomes what the failed command can do next.
 _ERRNO_ADVICE = {
-    errno.ENOSPC: "no space left on the device; free some space, then rerun with --resume",
-    errno.EDQUOT: "disk quota exceeded; free some space, then rerun with --resume",
-    errno.EFBIG: "file size limit reached; raise the limit or free space, then rerun with --resume",
+    errno.ENOSPC: "no space left on the device; free some space, then {rerun}",
+    errno.EDQUOT: "disk quota exceeded; free some space, then {rerun}",
+    errno.EFBIG: "file size limit reached; raise the limit or free space, then {rerun}",
     errno.EROFS: "the filesystem is read-only; choose a writable location",
     errno.EACCES: "permission denied; choose a location you can write to (or read, for inputs)",
     errno.EPERM: "operation not permitted; choose a location you can write to",
@@ -54,10 +58,25 @@ _ERRNO_ADVICE = {
 }
 
 
-def _describe_os_error(exc: OSError) -> str:
+def _describe_os_error(exc: OSError, resumable: bool) -> str:
     where = exc.filename if exc.filename is not None else None
-    advice = _ERRNO_ADVICE.get(exc.errno or -1, exc.strerror or str(exc))
+    rerun = "rerun with --resume" if resumable else "rerun the command"
+    advice = _ERRNO_ADVICE.get(exc.errno or -1, exc.strerror or str(exc)).format(rerun=rerun)
     return f"{where}: {advice}" if where is not None else advice
+
+
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, or for an error torch re-raised from a DataLoader worker process (its message
+    the whole original traceback) the original message: the traceback's last line, less its type."""
+    text = str(exc)
+    if _WRAPPED_TRACEBACK not in text:
+        return text
+    last = (text.strip().splitlines() or [text])[-1].strip()
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    for name in (prefix, f"{type(exc).__qualname__}: "):
+        if last.startswith(name):
+            return last[len(name):]
+    return last
 
 
 def _is_wrapper(exc: BaseException) -> bool:
@@ -108,12 +127,13 @@ def _describe_object_store(exc: BaseException) -> str | None:
     return f"the object store answered {code}: {message}"
 
 
-def describe(exc: BaseException) -> str:
-    """The one-line message for ``exc`` (see the module docstring)."""
+def describe(exc: BaseException, resumable: bool = False) -> str:
+    """The one-line message for ``exc`` (see the module docstring); ``resumable``: the command has
+    ``--resume``, which the advice after a full disk may then name."""
     chain = list(causes(exc))
     for item in chain:
         if isinstance(item, ArcflowError):
-            return str(item)
+            return message_of(item)
     for item in chain:  # before OSError: s3fs raises OSErrors caused by botocore's errors
         if not _is_wrapper(item):
             message = _describe_object_store(item)
@@ -121,12 +141,13 @@ def describe(exc: BaseException) -> str:
                 return message
     for item in chain:
         if isinstance(item, OSError) and item.errno is not None:
-            return _describe_os_error(item)
+            return _describe_os_error(item, resumable)
         if isinstance(item, UnicodeDecodeError):
             return f"input is not UTF-8 text ({item.reason} at byte {item.start}); give a UTF-8 text file"
         if isinstance(item, MemoryError):
             return "out of memory; lower --batch-size / --shard-size or use a larger machine"
     # the nearest exception that is not a wrapper around another one (Ray's, Ray Train's)
     root = next((c for c in chain if not _is_wrapper(c)), exc)
-    first = first_line(root)
+    unwrapped = message_of(root)
+    first = first_line(root if unwrapped == str(root) else Exception(unwrapped))
     return f"unexpected {type(root).__name__}: {first} (rerun with --verbose for the traceback)"

@@ -48,11 +48,3 @@ def watch_driver(identity: Optional[dict[str, object]], interval_s: float = 0.5)
 
     threading.Thread(target=watch, name="arcflow-driver-watch", daemon=True).start()
 
-
-def restore_ctrl_c() -> None:
-    """Give Ctrl-C back to Python after ``ray.init``: Ray's core worker otherwise ends the driver at
-    once with status 130 and no word, skipping the CLI's message and the job's own cleanup."""
-    import signal
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -14,6 +14,26 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 
+#: Set by ``--verbose`` (or by the user, for scripts): full tracebacks, and Ray's worker errors on the terminal.
+TRACEBACK_ENV = "ARCFLOW_TRACEBACK"
+#: How many characters of a user's input (a prompt, an id, an address) an error line quotes.
+QUOTE_LIMIT = 100
+
+
+def verbose() -> bool:
+    """Whether ``--verbose`` (or ``ARCFLOW_TRACEBACK=1``) asked for tracebacks and library noise."""
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)``, cut to its first ``limit`` characters and its length when longer: how an error
+    line quotes user input, which may be a megabyte long."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class ArcflowError(Exception):
     """Bad input (a path, a flag value, a dataset): the message is a complete one-line explanation."""
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from arcflow.core.errors import ArcflowError, check_numbers
-from arcflow.core.ray_runtime import check_local_workers
+from arcflow.core.ray_runtime import check_local_gpus, check_local_workers
 
 from .student.config import StudentConfig
 
@@ -78,6 +78,8 @@ class DistillConfig:
             )
         if not self.use_gpu:
             check_local_workers("--num-workers", self.num_workers, self.ray_address)
+        elif self.ray_address is None:  # a cluster's GPUs are checked once it is reached
+            check_local_gpus("--use-gpu", self.num_workers)
         if self.lr <= 0:
             raise ArcflowError(f"--lr must be > 0, got {self.lr}")
         if self.grad_clip <= 0:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from arcflow.core.errors import ArcflowError, check_finite, check_numbers, refuse_overwrite
+from arcflow.core.errors import ArcflowError, check_finite, check_numbers, quote, refuse_overwrite
+from arcflow.core.files import atomic_outputs
 
 from .metrics import frechet_distance
 
@@ -153,7 +154,7 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
         saved = record.get("teacher")
         teacher_id = saved.get("id") if isinstance(saved, dict) else None
         if teacher_id != config.teacher:
-            raise ArcflowError(f"--adapter {run} was distilled from teacher {teacher_id!r}, not {config.teacher!r}")
+            raise ArcflowError(f"--adapter {run} was distilled from teacher {quote(teacher_id)}, not {quote(config.teacher)}")
     names = _row_names(config.adapters)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +222,6 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
     bar.close()
 
     _measure_speed(config, teacher, guidance, prompts, seeds, rows, students, nfes)
-    save_grid(torch.cat(grid_rows), out / "grid.png", nrow=config.grid_columns, row_labels=[r.name for r in rows])
     report = {
         "config": asdict(config),
         "guidance": guidance,
@@ -230,9 +230,14 @@ def evaluate(config: EvaluationConfig, progress: bool = True) -> dict[str, Any]:
         "rows": [asdict(r) for r in rows],
         "grid_rows": [r.name for r in rows],
     }
-    (out / "report.json").write_text(json.dumps(_strict_json(report), indent=2, allow_nan=False))
-    (out / "report.md").write_text(render_markdown(report))
-    (out / "evaluate_config.json").write_text(json.dumps(asdict(config), indent=2))
+    # all four or none: a report cut short by a full disk must not block the rerun ("already holds")
+    with atomic_outputs([out / name for name in REPORT_FILES]) as temps:
+        files = dict(zip(REPORT_FILES, temps))
+        save_grid(torch.cat(grid_rows), files["grid.png"], nrow=config.grid_columns,
+                  row_labels=[r.name for r in rows])
+        files["report.json"].write_text(json.dumps(_strict_json(report), indent=2, allow_nan=False))
+        files["report.md"].write_text(render_markdown(report))
+        files["evaluate_config.json"].write_text(json.dumps(asdict(config), indent=2))
     return report
 
 

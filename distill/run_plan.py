@@ -60,12 +60,13 @@ def plan_run(config: DistillConfig) -> RunPlan:
     selected = reader.require_committed_shards(config.shards)
     if not selected:  # an empty selection
         raise ArcflowError(f"dataset {config.dataset}: shards [] are not committed")
-    reader.shard_sizes(selected)  # one line naming a damaged index part
+    sizes = reader.shard_sizes(selected)  # one line naming a damaged index part
     if config.num_workers > len(selected):
         raise ArcflowError(
             f"--num-workers {config.num_workers} needs at least {config.num_workers} committed shards "
             f"(each worker streams its own); the dataset has {len(selected)}"
         )
+    _check_batch_size(config, sum(sizes.values()))
     channels = int(reader.spec.latent_shape[-1])
     if channels % config.student.weight_groups:
         raise ArcflowError(f"--weight-groups {config.student.weight_groups} does not divide the {channels} latent channels")
@@ -103,6 +104,19 @@ def plan_run(config: DistillConfig) -> RunPlan:
         resume_step=resume_step,
         resume_checkpoint=str(checkpoint) if resume_step else None,
     )
+
+
+def _check_batch_size(config: DistillConfig, samples: int) -> None:
+    """Refuse a batch larger than one pass over the data gives a worker: each step would read the
+    whole dataset several times over (minutes without a step) to repeat the same pairs."""
+    per_worker = samples * config.student.nfe // config.num_workers
+    if config.batch_size > per_worker:
+        workers = f", split over {config.num_workers} workers" if config.num_workers > 1 else ""
+        raise ArcflowError(
+            f"--batch-size {config.batch_size} exceeds the {per_worker} (sample, segment) pairs one pass over the "
+            f"dataset gives each worker ({samples} committed samples x {config.student.nfe} segments{workers}); "
+            f"lower --batch-size to at most {per_worker}"
+        )
 
 
 def _read_saved_config(path: Path) -> tuple[DistillConfig, Optional[str]]:

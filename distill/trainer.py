@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from arcflow.core.driver_watch import driver_identity
-from arcflow.core.ray_runtime import ray_session
+from arcflow.core.ray_runtime import check_cluster_gpus, ray_session
 
 from .checkpoint import CHECKPOINTS_DIR, KEEP_CHECKPOINTS, latest_checkpoint
 from .config import DistillConfig
@@ -98,6 +98,8 @@ def _fit(config: DistillConfig, plan: RunPlan) -> None:
         tqdm(total=config.iters, initial=plan.resume_step, desc="distill", unit="it",
              disable=None if config.progress else True, dynamic_ncols=True) as bar,
     ):
+        if config.use_gpu:  # Ray would wait for missing GPUs forever
+            check_cluster_gpus("--use-gpu", config.num_workers)
         # after_report runs in Ray's controller actor, not here, and reports faster than its 2 s poll stall workers
         rows = None if bar.disable else Queue(actor_options={"num_cpus": 0})
         trainer = TorchTrainer(

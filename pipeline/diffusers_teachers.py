@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from arcflow.pipeline.teacher import Conditioning, Teacher
-from arcflow.core.errors import ArcflowError, first_line
+from arcflow.core.errors import ArcflowError, first_line, quote
 
 #: Pipeline classes (``model_index.json`` ``_class_name``) a diffusers teacher can wrap.
 SUPPORTED_PIPELINES = ("FluxPipeline", "QwenImagePipeline")
@@ -99,7 +99,7 @@ def resolve_torch_dtype(value: Any) -> Optional[torch.dtype]:
         return value
     key = str(value).lower().removeprefix("torch.")
     if key not in TORCH_DTYPES:
-        raise ArcflowError(f"unknown torch dtype {value!r}; choose one of float32, float16, bfloat16")
+        raise ArcflowError(f"unknown torch dtype {quote(value)}; choose one of float32, float16, bfloat16")
     return TORCH_DTYPES[key]
 
 
@@ -466,14 +466,14 @@ def _resolve_directory(teacher_id: str, revision: Optional[str], local_files_onl
     if os.path.isdir(teacher_id):
         return os.path.abspath(teacher_id)
     if not looks_like_hub_id(teacher_id):
-        raise ArcflowError(f"teacher {teacher_id!r} is neither a local pipeline directory nor a hub id (owner/name)")
+        raise ArcflowError(f"teacher {quote(teacher_id)} is neither a local pipeline directory nor a hub id (owner/name)")
     from diffusers import DiffusionPipeline
 
     try:
         return str(DiffusionPipeline.download(teacher_id, revision=revision, local_files_only=local_files_only))
     except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
         first = first_line(exc)
-        raise ArcflowError(f"could not fetch teacher {teacher_id!r} from the hub: {first}") from None
+        raise ArcflowError(f"could not fetch teacher {quote(teacher_id)} from the hub: {first}") from None
 
 
 def load_diffusers_teacher(

@@ -19,15 +19,14 @@ from torch import Tensor, nn
 
 from arcflow.pipeline.digits_data import LATENT_SHAPE, latents_to_images
 from arcflow.pipeline.digits_model import (
-    PROMPTS,
     VOCAB,
     DigitsTextEncoder,
     build_transformer,
     image_ids,
-    is_known_prompt,
     text_ids,
     tokenize,
 )
+from arcflow.pipeline.digits_prompts import PROMPTS, check_digits_prompts
 from arcflow.pipeline.teacher import Conditioning, Teacher
 from arcflow.core.errors import ArcflowError
 
@@ -64,12 +63,7 @@ class DigitsTeacher(Teacher):
         return self._transformer
 
     def validate_prompts(self, prompts: Sequence[str]) -> None:
-        for prompt in prompts:
-            if not is_known_prompt(prompt):
-                raise ArcflowError(
-                    f"teacher 'digits' does not understand the prompt {prompt!r}; it understands "
-                    f"'{PROMPTS[0]}' .. '{PROMPTS[-1]}' (and '' for unconditional)"
-                )
+        check_digits_prompts(prompts)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

@@ -14,6 +14,7 @@ from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
 from arcflow.pipeline.digits_data import GRID, LATENT_SHAPE
+from arcflow.pipeline.digits_prompts import normalize_prompt
 
 PAD, BOS = "<pad>", "<bos>"
 VOCAB: tuple[str, ...] = (PAD, BOS, "a", "handwritten", "digit", *(str(d) for d in range(10)))
@@ -33,25 +34,6 @@ TRANSFORMER_CONFIG: dict[str, Any] = {
     "guidance_embeds": False,
     "axes_dims_rope": (4, 6, 6),
 }
-
-
-def digit_prompt(digit: int) -> str:
-    """The prompt for one digit, e.g. ``"a handwritten digit 7"``."""
-    return f"a handwritten digit {digit}"
-
-
-PROMPTS: tuple[str, ...] = tuple(digit_prompt(d) for d in range(10))
-
-
-def normalize_prompt(prompt: str) -> str:
-    """Lower-case and collapse whitespace, so ``"A  handwritten digit 7 "`` is understood."""
-    return " ".join(prompt.lower().split())
-
-
-def is_known_prompt(prompt: str) -> bool:
-    """Whether the teacher was trained on this prompt (the ten digit prompts or ``""``)."""
-    norm = normalize_prompt(prompt)
-    return norm == "" or norm in PROMPTS
 
 
 def tokenize(prompts: Sequence[str]) -> Tensor:

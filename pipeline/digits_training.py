@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from arcflow.core.files import atomic_outputs
 from arcflow.pipeline.classifier import CLASSIFIER_FILE, DigitsClassifier
 from arcflow.pipeline.digits import TEACHER_CONFIG_FILE, TEACHER_FILE
 from arcflow.pipeline.digits_data import SPLIT_SEED, digits_split, images_to_latents
 from arcflow.pipeline.digits_model import (
     MAX_TOKENS,
-    PROMPTS,
     TEXT_DIM,
     TRANSFORMER_CONFIG,
     VOCAB,
@@ -41,6 +41,7 @@ from arcflow.pipeline.digits_model import (
     text_ids,
     tokenize,
 )
+from arcflow.pipeline.digits_prompts import PROMPTS
 
 #: What `train-teacher` writes into its output directory.
 OUTPUT_FILES = (TEACHER_FILE, TEACHER_CONFIG_FILE, CLASSIFIER_FILE)
@@ -201,9 +202,11 @@ def train_digits(
         teacher_time = time.perf_counter() - start
         classifier_state, accuracy = train_classifier_weights(seed, classifier_epochs)
     config["training"]["threads"] = threads
-    save_file(teacher_state, str(out / TEACHER_FILE))
-    (out / TEACHER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(classifier_state, str(out / CLASSIFIER_FILE))
+    # all three or none: a teacher cut short by a full disk must not block the rerun ("already holds")
+    with atomic_outputs([out / name for name in OUTPUT_FILES]) as (teacher_path, config_path, classifier_path):
+        save_file(teacher_state, str(teacher_path))
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        save_file(classifier_state, str(classifier_path))
     summary = {
         "out_dir": str(out),
         "teacher_seconds": round(teacher_time, 1),

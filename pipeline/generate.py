@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 from arcflow.core.driver_watch import driver_identity
-from arcflow.core.errors import ArcflowError
-from arcflow.core.ray_runtime import start_ray
+from arcflow.core.errors import ArcflowError, quote
+from arcflow.core.ray_runtime import check_cluster_gpus, start_ray
 from arcflow.storage.format import GENERATION_KEY, DatasetSpec
 
 from .generation_config import GenerationConfig, default_threads, read_prompts
 from .plan import plan_shard, shard_length
+from .registry import check_prompts
 from .shard_worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,16 @@ def _make_actor_class(resources: dict[str, float]):
     )(ShardWorker)
 
 
+def _check_cluster_gpus(config: GenerationConfig, gpus: float) -> None:
+    """Refuse at once what would wait forever (workers asking for GPUs the cluster lacks) or fail
+    in every worker (``--device cuda`` without a GPU)."""
+    device = str(config.teacher_options.get("device") or "")
+    if device.startswith("cuda") and not gpus:
+        raise ArcflowError(f"--device {quote(device)}: the Ray cluster has no GPU; drop --device or add GPU nodes")
+    if gpus:
+        check_cluster_gpus(f"--workers {config.workers}", config.workers * gpus)
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """Ray wraps remote exceptions; surface our own user errors unchanged."""
     cause = getattr(exc, "cause", None)
@@ -102,6 +113,8 @@ def generate_trajectories(
 
     config.validate()
     prompts = read_prompts(config.prompts_file)
+    if prompts is not None:
+        check_prompts(config.teacher, prompts)
     # before any cluster starts; the writer applies the same rule again with the full spec
     check_dataset_target(config.out, config.resume, generation=config.content_config())
     # claimed: the writer of a dataset this very job creates (removed again if no shard commits)
@@ -111,6 +124,7 @@ def generate_trajectories(
     try:
         total_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = config.gpus_per_worker if config.gpus_per_worker is not None else (1.0 if total_gpus else 0.0)
+        _check_cluster_gpus(config, gpus)
         cpus = config.cpus_per_worker
         if cpus is None:
             cpus = 1.0 if gpus else _default_cpus_per_worker(config.workers)

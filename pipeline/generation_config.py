@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from arcflow.core.errors import ArcflowError, check_numbers
-from arcflow.core.ray_runtime import check_local_workers
+from arcflow.core.errors import ArcflowError, check_numbers, quote
+from arcflow.core.ray_runtime import check_device, check_local_workers
 from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, STORAGE_DTYPES
 
 from .registry import TeacherSource, teacher_name
@@ -79,12 +79,14 @@ class GenerationConfig:
         if self.guidance is not None and self.guidance < 0:
             raise ArcflowError(f"--guidance must be >= 0, got {self.guidance}")
         check_local_workers("--workers", self.workers, self.ray_address)
+        if self.teacher_options.get("device") is not None:
+            check_device("--device", str(self.teacher_options["device"]), self.ray_address)
         for name in ("cpus_per_worker", "gpus_per_worker"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ArcflowError(f"{name} must be >= 0, got {value}")
         if self.dtype not in STORAGE_DTYPES:
-            raise ArcflowError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(STORAGE_DTYPES)}")
+            raise ArcflowError(f"unknown --dtype {quote(self.dtype)}; choose one of {', '.join(STORAGE_DTYPES)}")
         if not self.out:
             raise ArcflowError("--out is required")
         if isinstance(self.teacher, str):

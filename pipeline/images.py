@@ -1,4 +1,5 @@
-"""Writing generated images: PNG grids for people, ``.npy`` arrays for programs.
+"""Writing generated images: PNG grids for people, ``.npy`` arrays for programs; each file is
+written whole or not at all (:func:`~arcflow.core.files.atomic_outputs`).
 
 Images are ``(N, C, H, W)`` float tensors in [0, 1] (C = 1 grayscale or 3 RGB).
 """
@@ -14,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, quote
+from arcflow.core.files import atomic_outputs
 
 IMAGE_SUFFIXES = (".png", ".npy")
 
@@ -23,7 +25,7 @@ def check_image_path(path: str | Path) -> Path:
     """Raise ``ArcflowError`` unless ``path`` ends in a supported suffix (``.png`` or ``.npy``)."""
     p = Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ArcflowError(f"unsupported output {str(p)!r}: --out must end in .png (a grid) or .npy (an array)")
+        raise ArcflowError(f"unsupported output {quote(p)}: --out must end in .png (a grid) or .npy (an array)")
     check_writable_file(p)
     return p
 
@@ -75,7 +77,8 @@ def save_grid(
             draw.text((pad, pad + r * (ch + pad) + ch // 2), text, fill=white, font=font, anchor="lm")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    with atomic_outputs([out]) as (temp,):
+        image.save(temp)
     return out
 
 
@@ -85,7 +88,8 @@ def save_npy(images: Tensor, path: str | Path) -> Path:
     arr = arr[:, 0] if arr.shape[1] == 1 else arr.transpose(0, 2, 3, 1)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, arr.astype(np.float32))
+    with atomic_outputs([out]) as (temp,):
+        np.save(temp, arr.astype(np.float32))
     return out
 
 

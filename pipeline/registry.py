@@ -8,9 +8,9 @@ benchmarks and reach ``load_teacher`` from Python only, as a :class:`TeacherFact
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Union
+from typing import Any, Protocol, Sequence, Union
 
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, quote
 from arcflow.storage.format import GENERATION_KEY
 
 from .teacher import Teacher
@@ -57,9 +57,18 @@ def check_teacher_id(teacher_id: str) -> None:
 
     if not looks_like_hub_id(teacher_id):
         raise ArcflowError(
-            f"unknown teacher {teacher_id!r}; available: {', '.join(EMBEDDED_TEACHERS)}, "
+            f"unknown teacher {quote(teacher_id)}; available: {', '.join(EMBEDDED_TEACHERS)}, "
             "a diffusers hub id (e.g. black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) or a local pipeline directory"
         )
+
+
+def check_prompts(teacher: TeacherSource, prompts: Sequence[str]) -> None:
+    """Refuse, before any cluster starts and without loading the teacher, prompts an embedded
+    teacher does not understand (the workers check again with the teacher itself)."""
+    if teacher == "digits":
+        from .digits_prompts import check_digits_prompts
+
+        check_digits_prompts(prompts)
 
 
 def is_diffusers_teacher(teacher_id: str) -> bool:

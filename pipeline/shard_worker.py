@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, quote
 from arcflow.storage.format import DatasetSpec
 
 from .plan import ShardPlan
@@ -102,7 +102,7 @@ class ShardWorker:
             # Keep it and raise it from the first task: a RayTaskError whose cause the driver unwraps.
             self._load_error = exc
         except TypeError as exc:  # an option the teacher's constructor does not take
-            self._load_error = ArcflowError(f"teacher {teacher_name(teacher)!r}: {exc}")
+            self._load_error = ArcflowError(f"teacher {quote(teacher_name(teacher))}: {exc}")
 
     def _teacher(self):
         if self._load_error is not None:

@@ -1,0 +1,73 @@
+"""Output files written whole or not at all.
+
+Every result file (images, reports, teacher weights) is written to a temporary name beside its
+final one, flushed to disk, and only then renamed into place (``os.replace`` is atomic within a
+directory). A failure, a full disk or a signal leaves no partial file under the final name, so
+nothing half-written can be taken for a result or block the rerun ("already holds ...").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+#: How a Rust ``std::io::Error`` names its errno in another library's message: safetensors' on a full
+#: disk is ``SafetensorError("Error while serializing: I/O error: No space left ... (os error 28)")``.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
+
+
+def temporary_name(path: Path) -> Path:
+    """The hidden temporary file beside ``path``; it keeps the suffix, which PIL and numpy read."""
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+def as_os_error(exc: BaseException, path: Path, renames: Optional[dict[str, str]] = None) -> Optional[OSError]:
+    """``exc`` as an ``OSError`` naming a final path when it is a system error, else None: an
+    ``OSError`` keeps its file name (a temporary one mapped back through ``renames``) or gets
+    ``path``; another library's error wrapping an errno (safetensors') becomes one naming ``path``."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        filename = exc.filename if exc.filename is not None else str(path)
+        filename = (renames or {}).get(str(filename), filename)
+        return exc if filename == exc.filename else OSError(exc.errno, exc.strerror, str(filename))
+    match = _RUST_OS_ERROR.search(str(exc))
+    if match:
+        code = int(match.group(1) or match.group(2))
+        return OSError(code, os.strerror(code), str(path))
+    return None
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[Path | str]) -> Iterator[list[Path]]:
+    """Yield one temporary path per entry of ``paths``; when the block succeeds each is synced and
+    renamed to its final path, when it fails (or a temporary file was not written) every temporary
+    file is removed and the final paths are left as they were. System errors are re-raised naming
+    the final path (a full disk is then reported as one, with its file)."""
+    finals = [Path(p) for p in paths]
+    temps = [temporary_name(p) for p in finals]
+    try:
+        yield temps
+        for temp, final in zip(temps, finals):
+            if not temp.is_file():
+                raise FileNotFoundError(errno.ENOENT, "the output was not written", str(final))
+            _sync(temp)
+        for temp, final in zip(temps, finals):
+            os.replace(temp, final)
+    except BaseException as exc:
+        for temp in temps:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+        if isinstance(exc, Exception):
+            where = finals[0] if len(finals) == 1 else finals[0].parent
+            system = as_os_error(exc, where, {str(t): str(f) for t, f in zip(temps, finals)})
+            if system is not None and system is not exc:
+                raise system from exc
+        raise
