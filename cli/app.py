@@ -13,7 +13,7 @@ import typer
 from typer.exceptions import TyperException
 
 
-from arcflow.core.signals import Terminated, handle_stop_signals
+from arcflow.core.signals import handle_stop_signals, received_sigterm
 
 from . import dataset_commands, distill_commands, evaluate_commands, teacher_commands
 from .errors import TRACEBACK_ENV, describe
@@ -95,8 +95,10 @@ def _resumable(command: Any, args: Sequence[str]) -> bool:
     return sub is not None and any(p.name == "resume" for p in sub.params)
 
 
-def _stopped(what: str, resumable: bool) -> str:
-    return f"{what}; rerun the same command with --resume to continue" if resumable else what
+def _stopped(resumable: bool) -> None:
+    """The one line and exit status of a job stopped by Ctrl-C or SIGTERM."""
+    what, code = ("terminated", TERMINATED_STATUS) if received_sigterm() else ("interrupted", INTERRUPTED_STATUS)
+    _fail(f"{what}; rerun the same command with --resume to continue" if resumable else what, code)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -118,16 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _fail(f"{exc.format_message()} (see '{where} --help')", getattr(exc, "exit_code", 2))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Terminated:
-        _fail(_stopped("terminated", resumable), TERMINATED_STATUS)
     except (KeyboardInterrupt, typer.Abort):
-        _fail(_stopped("interrupted", resumable), INTERRUPTED_STATUS)
+        _stopped(resumable)
     except Exception as exc:  # the CLI boundary: every failure is one line (see cli/errors.py)
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             traceback.print_exc()
         _fail(describe(exc, resumable), 2)
-    if result == INTERRUPTED_STATUS:  # typer turns Ctrl-C into Exit(130), which click returns without a word
-        _fail(_stopped("interrupted", resumable), INTERRUPTED_STATUS)
+    if result == INTERRUPTED_STATUS:  # typer turns Ctrl-C (and SIGTERM) into Exit(130), returned without a word
+        _stopped(resumable)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -19,6 +19,9 @@ from typing import Iterator, Optional, Sequence
 #: disk is ``SafetensorError("Error while serializing: I/O error: No space left ... (os error 28)")``.
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|\bOs \{ code: (\d+)")
 
+#: numpy's ``ndarray.tofile`` (``np.save``) on a full disk: an ``OSError`` without errno.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
 
 def temporary_name(path: Path) -> Path:
     """The hidden temporary file beside ``path``; it keeps the suffix, which PIL and numpy read."""
@@ -29,6 +32,8 @@ def as_os_error(exc: BaseException, path: Path, renames: Optional[dict[str, str]
     """``exc`` as an ``OSError`` naming a final path when it is a system error, else None: an
     ``OSError`` keeps its file name (a temporary one mapped back through ``renames``) or gets
     ``path``; another library's error wrapping an errno (safetensors') becomes one naming ``path``."""
+    if isinstance(exc, OSError) and exc.errno is None and _SHORT_WRITE.search(str(exc)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     if isinstance(exc, OSError) and exc.errno is not None:
         filename = exc.filename if exc.filename is not None else str(path)
         filename = (renames or {}).get(str(filename), filename)
