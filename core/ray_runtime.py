@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 from typing import Any, Iterator, Optional
 
 from .errors import ArcflowError, first_line, quote, verbose
-from .signals import handle_stop_signals
+from .signals import handle_stop_signals, terminated
 
 #: How long the probe of ``--ray-address`` waits for a TCP connection.
 PROBE_TIMEOUT_S = 5.0
@@ -126,10 +127,16 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> 
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # "Unhandled error" lines on stderr
         _hide_worker_errors()
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+    except SystemExit as exc:  # SIGTERM during ray.init: Ray's own handler calls sys.exit(15)
+        if exc.code != signal.SIGTERM:
+            raise
+        ray.shutdown()
+        raise terminated() from None
     handle_stop_signals()
     return not address
 

@@ -22,9 +22,14 @@ class Terminated(KeyboardInterrupt):
     """The process received SIGTERM (raised in the main thread, like Ctrl-C's KeyboardInterrupt)."""
 
 
-def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
+def terminated() -> Terminated:
+    """The exception for a SIGTERM that reached this process (also one another handler caught)."""
     _sigterm_received.set()
-    raise Terminated(f"received signal {signum}")
+    return Terminated(f"received signal {int(signal.SIGTERM)}")
+
+
+def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
+    raise terminated()
 
 
 def received_sigterm() -> bool:

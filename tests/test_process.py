@@ -239,6 +239,19 @@ def test_missing_gpus_are_refused_before_ray_starts(case, world, tmp_path, capfd
     assert list(tmp_path.iterdir()) == []
 
 
+@NO_GPU
+def test_gpus_a_cluster_lacks_are_refused_once_it_is_reached(world, tmp_path, capfd, local_ray):
+    """With --ray-address the cluster's GPUs count (this test's cluster has none): one line, at once,
+    and the run directory the job had started is removed."""
+    code, _, err = cli(capfd, "distill", world / "ds", "--out", tmp_path / "run", "--iters", "2", "--batch-size", "4",
+                       "--use-gpu", "--ray-address", local_ray)
+    assert_one_line_error(code, err, "--use-gpu needs 1 GPU(s) but the Ray cluster has 0")
+    code, _, err = cli(capfd, "generate-trajectories", "-n", "4", "--steps", "2", "--out", tmp_path / "ds",
+                       "--device", "cuda", "--ray-address", local_ray)
+    assert_one_line_error(code, err, "--device 'cuda': the Ray cluster has no GPU")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_device_is_one_line(tmp_path, capfd):
     code, _, err = cli(capfd, "generate-trajectories", "-n", "4", "--out", tmp_path / "ds", "--device", "gpu0")
     assert_one_line_error(code, err, "--device 'gpu0' is not a torch device")
