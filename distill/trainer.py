@@ -4,8 +4,9 @@ Read top-down from the CLI: :func:`distill` (the driver) checks everything a use
 plans the run (:func:`~arcflow.distill.run_plan.plan_run`), then :func:`_fit` runs
 :func:`~arcflow.distill.worker.ray_train_loop` on Ray Train's ``TorchTrainer`` (DDP over gloo on
 CPU, NCCL on GPU; one worker is the local default, the same code path as a cluster) while this
-process draws the one progress bar. Checkpoints go through ``ray.train.report`` and come back
-through ``ray.train.get_checkpoint`` (:mod:`arcflow.distill.checkpoint`).
+process draws the one progress bar. Rank 0 writes the checkpoints into the run directory itself and
+every worker continues from the newest intact one (:mod:`arcflow.distill.checkpoint`); Ray Train
+carries only the metrics.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ def train_worker(
 ) -> dict[str, Any]:
     """One worker's run: :func:`setup` (from the latest checkpoint when there is one), then
     :func:`train_step` up to ``config.iters`` with metrics and checkpoints on the way, then rank 0
-    runs :func:`export`. ``checkpoints`` is Ray Train's (:class:`RayCheckpoints`) inside a
-    Ray Train worker; the default writes the same checkpoint directories in this process.
+    runs :func:`export`. ``checkpoints`` is :class:`RayCheckpoints` inside a Ray Train
+    worker (it also reports to Ray); the default writes the same checkpoint directories in this process.
     ``progress`` is called with each row rank 0 logs (the driver's progress bar)."""
     checkpoints = checkpoints or LocalCheckpoints(Path(config.out), config.resume)
     run = setup(config, plan, rank, world_size, device or torch.device("cpu"), checkpoints.load())
