@@ -100,3 +100,22 @@ def test_nfe_3_trains_on_a_10_step_dataset_and_samples_in_3_calls(dataset, tmp_p
     finally:
         hook.remove()
     assert len(calls) == 3 and torch.isfinite(latents).all()
+
+
+def test_an_nfe_between_steps_of_a_schedule_without_a_static_shift_is_one_line(dataset, tmp_path):
+    import json
+    import shutil
+
+    from arcflow.core.errors import ArcflowError
+    from arcflow.distill.config import DistillConfig
+    from arcflow.distill.run_plan import plan_run
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    header = json.loads((copy / "dataset.json").read_text())
+    header["shift"] = float("nan")
+    (copy / "dataset.json").write_text(json.dumps(header))
+    config = DistillConfig.from_dict(dict(dataset=str(copy), out=str(tmp_path / "run"), nfe=3))
+    with pytest.raises(ArcflowError, match="--nfe 3 is not representable on this dataset: .*divides 10"):
+        plan_run(config)
+    assert plan_run(DistillConfig.from_dict(dict(dataset=str(copy), out=str(tmp_path / "run"), nfe=5))).segment_sigmas
