@@ -17,7 +17,7 @@ from arcflow.core.errors import ArcflowError
 
 from .checkpoint import Found, find_checkpoint
 from .config import DistillConfig
-from .segments import segment_step_indices
+from .segments import segment_sigmas
 
 DISTILL_CONFIG_FILE = "distill_config.json"
 #: Key of ``distill_config.json`` holding the dataset fingerprint a run started on (checked on resume).
@@ -35,9 +35,8 @@ class RunPlan:
     teacher_id: str
     #: diffusers teachers: resolution, dtype and guidance the data was recorded with ({} for digits).
     teacher_options: dict[str, Any]
-    #: Indices of the recorded steps where the student's segments begin and end.
-    segment_bounds: list[int]
-    #: The recorded sigmas at ``segment_bounds``: the student's sampling schedule.
+    #: Where the student's segments begin and end (:func:`~arcflow.distill.segments.segment_sigmas`):
+    #: the sigmas its items are cut at, and its sampling schedule.
     segment_sigmas: list[float]
     dataset_fingerprint: str
     #: Where training continues: the newest intact checkpoint (0 and None: the run starts afresh).
@@ -52,8 +51,8 @@ def plan_run(config: DistillConfig) -> RunPlan:
 
     Raises ``ArcflowError`` (one line) for: bad values, a missing dataset, a dataset with no
     committed shards or a damaged index part, more Ray Train workers than shards, weight groups
-    that do not divide the latent channels, an NFE whose segment ends do not fall on recorded
-    steps, and an ``--out`` holding another run (without ``--resume``) or a different run (with it:
+    that do not divide the latent channels, an NFE whose segment ends fall between recorded steps
+    of a schedule without a static shift, and an ``--out`` holding another run (without ``--resume``) or a different run (with it:
     other settings or other data; a run directory may be moved or copied and resumed there).
     Everything a training worker would reject is refused here, before anything is written.
     """
@@ -77,7 +76,7 @@ def plan_run(config: DistillConfig) -> RunPlan:
         raise ArcflowError(f"--weight-groups {config.student.weight_groups} does not divide the {channels} latent channels")
     check_teacher_id(reader.spec.teacher_id)
     try:
-        bounds = segment_step_indices(int(reader.spec.steps), config.student.nfe)
+        sigmas = segment_sigmas(reader.spec.sigmas, float(reader.spec.shift), config.student.nfe)
     except ValueError as exc:
         raise ArcflowError(f"--nfe {config.student.nfe} is not representable on this dataset: {exc}") from None
     fingerprint = reader.fingerprint()
@@ -89,8 +88,7 @@ def plan_run(config: DistillConfig) -> RunPlan:
     return RunPlan(
         teacher_id=reader.spec.teacher_id,
         teacher_options=teacher_options_for_dataset(reader.spec),
-        segment_bounds=bounds,
-        segment_sigmas=[float(reader.spec.sigmas[i]) for i in bounds],
+        segment_sigmas=sigmas,
         dataset_fingerprint=fingerprint,
         resume_step=found.step,
         resume_checkpoint=str(found.path) if found.path is not None else None,

@@ -105,7 +105,7 @@ class Training:
     checkpointed by :func:`checkpoint_files` and exported by :func:`export`."""
 
     config: DistillConfig
-    bounds: list[int]
+    num_segments: int
     device: torch.device
     rank: int
     world_size: int
@@ -150,7 +150,7 @@ def setup(
     ema = EMAModel(params.values(), decay=config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None:
         ema.to(dtype=torch.float32)  # bf16 weights: average in float32 so small updates are not lost
-    stream = TrajectoryStream(config.dataset, segment_bounds=plan.segment_bounds, rank=rank, world_size=world_size,
+    stream = TrajectoryStream(config.dataset, segment_sigmas=plan.segment_sigmas, rank=rank, world_size=world_size,
                               seed=config.seed, shuffle_buffer=config.shuffle_buffer, shards=config.shards)
     step = 0
     if saved is not None:
@@ -169,7 +169,7 @@ def setup(
     model = prepare_student(student, config, world_size)
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers,
                                          pin_memory=device.type == "cuda")
-    return Training(config, plan.segment_bounds, device, rank, world_size, student, model, params, optimizer,
+    return Training(config, len(plan.segment_sigmas) - 1, device, rank, world_size, student, model, params, optimizer,
                     scheduler, ema, stream, iter(loader), step)
 
 
@@ -218,7 +218,7 @@ def train_step(run: Training) -> dict[str, Any]:
     # the stream's items are (sample, segment) pairs: one copy to the device, none back in the loss
     batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        loss, per_segment = segment_loss(run.model, batch, len(run.bounds) - 1)
+        loss, per_segment = segment_loss(run.model, batch, run.num_segments)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
