@@ -34,6 +34,9 @@ class Location:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.is_object_store = not self.is_local and bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
+        #: Whether the data lives in this process's memory only (``memory://``): it does not outlive the
+        #: process, and no other process (a Ray worker) sees it.
+        self.is_process_local = "memory" in protocols
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
