@@ -13,6 +13,7 @@ Design (docs/architecture.md, Generation):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from typing import Any, Callable, Optional
 from arcflow.core.driver_watch import driver_identity
 from arcflow.core.errors import ArcflowError
 from arcflow.core.ray_runtime import start_ray
+from arcflow.storage._io import absolute_url
 from arcflow.storage.format import GENERATION_KEY, DatasetSpec
 
 from .generation_config import GenerationConfig, default_threads, prompts_digest, read_prompts
@@ -98,6 +100,8 @@ def generate_trajectories(
     from arcflow.storage.writer import check_dataset_target, dataset_lock
 
     config.validate()
+    # Ray workers write the shards from their own working directory: give them an absolute --out
+    config = dataclasses.replace(config, out=absolute_url(config.out))
     prompts = read_prompts(config.prompts_file)
     # before any cluster starts; the writer applies the same rule again with the full spec
     check_dataset_target(config.out, config.resume, generation=config.content_config(prompts))

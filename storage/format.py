@@ -36,6 +36,11 @@ conditioning in float16. Zarr 3.1 has neither bfloat16 nor float8, so those arra
 Format version 1 (still read, no longer written): ``x`` [n, S+1, *latent] holds every state,
 conditioning is per sample, chunks run along the sample axis only and carry no checksum.
 
+Each index part carries the shard's manifest (``MANIFEST_KEY`` in its Parquet key-value metadata:
+size and BLAKE2b digest of every object of the Zarr group), so a chunk is bound to its place; readers
+check objects against it when present (datasets written before it have none). A local dataset being
+written holds ``LOCK_FILE`` (``fcntl.flock``) for the writing job.
+
 The Parquet index has one row per (sample, step j in 0..S-1), columns ``INDEX_COLUMNS``. The
 statistics ``x_rms``, ``u_rms`` (root mean square of x_j and u_j) and ``u_cos_prev`` (cosine between
 u_j and u_{j-1}, NaN at j=0) are computed from the float32 arrays given to the writer, i.e. BEFORE

@@ -7,7 +7,7 @@ Commit protocol, per shard (docs/architecture.md, Format):
 2. write the shard's Zarr group WHOLE, from this one process (zarr 3.1 loses data when two writers
    touch one group, so each shard must have exactly one writer at a time: the generator hands out
    shards, never samples, as units of work);
-3. write the Parquet part LAST and atomically: temp file + rename on local disks (the temp name starts
+3. write the Parquet part, with the manifest of every object step 2 wrote, LAST and atomically: temp file + rename on local disks (the temp name starts
    with ``.`` so neither pyarrow's directory discovery nor our readers ever see it), one object write
    on object stores (``s3://``, ``gs://``: a PUT is atomic; nothing is renamed there).
 

@@ -351,3 +351,29 @@ def test_the_python_storage_api_still_takes_memory_urls(base):
                        ids, arrays["seed"], ["p"] * len(ids), arrays["guidance"])
     assert verify_dataset(url).problems == {}
     np.testing.assert_array_equal(open_dataset(url).read_shard(0)["u"], arrays["u"])
+
+
+def test_a_resume_by_another_prompts_path_and_explicit_default_guidance_finishes_the_same_data(
+        ray_session, tmp_path, monkeypatch):
+    """Through Ray, as a user: the job made with a relative --out (the Ray workers have another
+    working directory) and prompts path and the default guidance, one shard uncommitted, then resumed
+    naming both absolutely (the prompts via a symlink) and the guidance explicitly: only that shard
+    is rewritten, and identically."""
+    from arcflow.pipeline.generate import generate_trajectories
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a handwritten digit 3\na handwritten digit 7\n")
+    (tmp_path / "link.txt").symlink_to(tmp_path / "prompts.txt")
+    job = dict(out="ds", num_samples=8, steps=3, shard_size=4, batch_size=4, dtype="float32", workers=1,
+               cpus_per_worker=1.0)
+    generate_trajectories(GenerationConfig(**job, prompts_file="prompts.txt"), progress=False)
+    before = open_dataset("ds").read_shard(1)
+    (tmp_path / "ds/index/shard-000001.parquet").unlink()
+    summary = generate_trajectories(
+        GenerationConfig(**{**job, "out": str(tmp_path / "ds")}, prompts_file=str(tmp_path / "link.txt"), guidance=1.5,
+                         resume=True), progress=False)
+    assert (summary.shards_written, summary.shards_skipped) == (1, 1)
+    after = open_dataset("ds").read_shard(1)
+    for name in ("x", "u", "sample_id", "seed"):
+        np.testing.assert_array_equal(after[name], before[name])
+    assert verify_dataset("ds").problems == {} and not (tmp_path / "ds" / LOCK_FILE).exists()
