@@ -238,13 +238,16 @@ class DatasetSpec:
         self._resolve_chunks()
 
     def _check_finite(self) -> None:
-        """Refuse NaN or infinite sigmas, shift or guidance: they would train a NaN student silently."""
+        """Refuse NaN or infinite sigmas or guidance (they would train a NaN student silently) and an
+        infinite or non-positive shift; a NaN shift is the teacher's "no static shift" (a schedule
+        no shift warp describes, see ``pipeline/diffusers_teachers.py``)."""
         bad = [i for i, s in enumerate(self.sigmas) if not math.isfinite(s)]
         if bad:
             raise ArcflowError(f"sigmas hold NaN or infinite values (at step {bad[0]})")
-        for name in ("shift", "guidance"):
-            if not math.isfinite(getattr(self, name)):
-                raise ArcflowError(f"{name} is {getattr(self, name)}, not a finite number")
+        if not math.isfinite(self.guidance):
+            raise ArcflowError(f"guidance is {self.guidance}, not a finite number")
+        if not (math.isnan(self.shift) or (math.isfinite(self.shift) and self.shift > 0)):
+            raise ArcflowError(f"shift is {self.shift}, not a positive number (or NaN for none)")
 
     def _resolve_chunks(self) -> None:
         """Fill in auto (0) chunk sizes. Zarr v3 stores an edge chunk at full size, so a shard is split
