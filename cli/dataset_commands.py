@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def generate_trajectories_command(
-    out: str = typer.Option(..., "--out", help="Dataset directory or fsspec URL (file://, s3://, memory://)."),
+    out: str = typer.Option(..., "--out", help="Dataset directory or fsspec URL (file://, s3://, gs://; not memory://, which dies with its worker)."),
     teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded), a diffusers hub id (black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) or a local pipeline directory."),
     num_samples: int = typer.Option(..., "--num-samples", "-n", help="Number of trajectories N."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (cycled over N). Default: the teacher's own prompts."),
@@ -139,7 +139,8 @@ def verify_command(
     repair: bool = typer.Option(False, "--repair", help="Uncommit the damaged shards (remove their index part) so that generate-trajectories --resume regenerates exactly those."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Read every chunk of every committed shard (checksums, missing chunks, index parts); report the
+    """Read every chunk of every committed shard (checksums, missing chunks, the chunk manifest) and
+    cross-check its index part and array metadata against its arrays and dataset.json; report the
     damaged shards, one line each. Exit 1 when damage is found and not repaired."""
     from arcflow.storage.verify import verify_dataset
 

@@ -13,7 +13,7 @@ from arcflow.distill.student.config import TRAINABLE_MODES, StudentConfig
 def distill_command(
     dataset: str = typer.Argument(..., help="Trajectory dataset written by generate-trajectories."),
     out: str = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl and the exported student."),
-    nfe: int = typer.Option(StudentConfig.nfe, "--nfe", help="Network evaluations (segments) of the student; must divide the recorded steps."),
+    nfe: int = typer.Option(StudentConfig.nfe, "--nfe", help="Network evaluations (segments) of the student: equal raw-time segments, anywhere on the recorded schedule."),
     k: int = typer.Option(StudentConfig.k, "--k", help="Momentum components per token (1 = linear-shortcut baseline)."),
     momentum: bool = typer.Option(
         False, "--momentum/--no-momentum",

@@ -21,6 +21,7 @@ works as for any diffusers scheduler. This module is config + math only.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -59,8 +60,9 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
                 f"weight_groups={weight_groups}, channels={channels}"
             )
         bounds = [float(s) for s in segment_sigmas]
-        if len(bounds) < 2 or any(a <= b for a, b in zip(bounds, bounds[1:])) or bounds[0] > 1 or bounds[-1] < 0:
-            raise ValueError(f"segment_sigmas must be at least 2 strictly decreasing values in [0, 1], got {bounds}")
+        if (len(bounds) < 2 or not all(math.isfinite(b) for b in bounds)
+                or any(a <= b for a, b in zip(bounds, bounds[1:])) or bounds[0] > 1 or bounds[-1] < 0):
+            raise ValueError(f"segment_sigmas must be at least 2 strictly decreasing values in [0, 1], got {bounds[:8]}")
         # Python floats (float64) for the integral, as the reference sampler uses them.
         self._bounds = bounds
         self.init_noise_sigma = 1.0

@@ -7,19 +7,25 @@ the :class:`RunPlan` the driver hands every Ray Train worker.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from arcflow.core.errors import ArcflowError
 
-from .checkpoint import checkpoint_step, latest_checkpoint
+from .checkpoint import Found, find_checkpoint
 from .config import DistillConfig
-from .segments import segment_step_indices
+from .segments import segment_sigmas
 
 DISTILL_CONFIG_FILE = "distill_config.json"
 #: Key of ``distill_config.json`` holding the dataset fingerprint a run started on (checked on resume).
 FINGERPRINT_KEY = "dataset_fingerprint"
+#: The exported student's record (``student.saving.STUDENT_CONFIG_FILE``, not imported: that loads diffusers).
+STUDENT_RECORD = "arcflow_config.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,13 +35,12 @@ class RunPlan:
     teacher_id: str
     #: diffusers teachers: resolution, dtype and guidance the data was recorded with ({} for digits).
     teacher_options: dict[str, Any]
-    #: Indices of the recorded steps where the student's segments begin and end.
-    segment_bounds: list[int]
-    #: The recorded sigmas at ``segment_bounds``: the student's sampling schedule.
+    #: Where the student's segments begin and end (:func:`~arcflow.distill.segments.segment_sigmas`):
+    #: the sigmas its items are cut at, and its sampling schedule.
     segment_sigmas: list[float]
     dataset_fingerprint: str
+    #: Where training continues: the newest intact checkpoint (0 and None: the run starts afresh).
     resume_step: int = 0
-    #: The newest checkpoint (workers prefer Ray Train's own record; this serves a run Ray never saw).
     resume_checkpoint: Optional[str] = None
     #: The driver process Ray workers watch (:func:`~arcflow.core.driver_watch.driver_identity`).
     driver: Optional[dict[str, object]] = None
@@ -46,8 +51,8 @@ def plan_run(config: DistillConfig) -> RunPlan:
 
     Raises ``ArcflowError`` (one line) for: bad values, a missing dataset, a dataset with no
     committed shards or a damaged index part, more Ray Train workers than shards, weight groups
-    that do not divide the latent channels, an NFE whose segment ends do not fall on recorded
-    steps, and an ``--out`` holding another run (without ``--resume``) or a different run (with it:
+    that do not divide the latent channels, an NFE whose segment ends fall between recorded steps
+    of a schedule without a static shift, and an ``--out`` holding another run (without ``--resume``) or a different run (with it:
     other settings or other data; a run directory may be moved or copied and resumed there).
     Everything a training worker would reject is refused here, before anything is written.
     """
@@ -72,7 +77,7 @@ def plan_run(config: DistillConfig) -> RunPlan:
         raise ArcflowError(f"--weight-groups {config.student.weight_groups} does not divide the {channels} latent channels")
     check_teacher_id(reader.spec.teacher_id)
     try:
-        bounds = segment_step_indices(int(reader.spec.steps), config.student.nfe)
+        sigmas = segment_sigmas(reader.spec.sigmas, float(reader.spec.shift), config.student.nfe)
     except ValueError as exc:
         raise ArcflowError(f"--nfe {config.student.nfe} is not representable on this dataset: {exc}") from None
     fingerprint = reader.fingerprint()
@@ -80,29 +85,14 @@ def plan_run(config: DistillConfig) -> RunPlan:
     if out.exists() and not out.is_dir():
         raise ArcflowError(f"--out {out} exists and is not a directory")
     _io.Location(str(out)).check_writable()
-    saved = out / DISTILL_CONFIG_FILE
-    resume_step, checkpoint = 0, None
-    if saved.is_file():
-        previous, previous_fingerprint = _read_saved_config(saved)
-        if not config.resume:
-            raise ArcflowError(f"{out} already holds a distill run; pass --resume to continue it or choose another --out")
-        changed = config.differences(previous)
-        if changed:
-            raise ArcflowError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(changed)}")
-        if previous_fingerprint not in (None, fingerprint):
-            raise ArcflowError(f"cannot resume {out}: the dataset's committed data differs from the data the run started on")
-        checkpoint = latest_checkpoint(out)
-        resume_step = checkpoint_step(checkpoint) if checkpoint is not None else 0
-    elif out.exists() and any(out.iterdir()):
-        raise ArcflowError(f"--out {out} exists and is not an arcflow distill run; choose an empty or new directory")
+    found = find_resume(config, fingerprint)
     return RunPlan(
         teacher_id=reader.spec.teacher_id,
         teacher_options=teacher_options_for_dataset(reader.spec),
-        segment_bounds=bounds,
-        segment_sigmas=[float(reader.spec.sigmas[i]) for i in bounds],
+        segment_sigmas=sigmas,
         dataset_fingerprint=fingerprint,
-        resume_step=resume_step,
-        resume_checkpoint=str(checkpoint) if resume_step else None,
+        resume_step=found.step,
+        resume_checkpoint=str(found.path) if found.path is not None else None,
     )
 
 
@@ -119,8 +109,41 @@ def _check_batch_size(config: DistillConfig, samples: int) -> None:
         )
 
 
+def find_resume(config: DistillConfig, fingerprint: str) -> Found:
+    """Where the run in ``config.out`` continues: its newest intact checkpoint, or none (a new run).
+
+    A directory whose job ended before its first intact checkpoint (and exported nothing) has not
+    started: the corrected command, with or without ``--resume`` and whatever its settings, starts
+    it afresh. A started run is continued only with ``--resume``, the same settings and the same data.
+    """
+    out = Path(config.out)
+    saved = out / DISTILL_CONFIG_FILE
+    if not os.path.lexists(saved):
+        if out.exists() and any(out.iterdir()):
+            raise ArcflowError(f"--out {out} exists and is not an arcflow distill run; choose an empty or new directory")
+        return Found(None, 0, [])
+    found = find_checkpoint(out)
+    exported = os.path.lexists(out / STUDENT_RECORD)
+    if found.path is None and not exported:
+        log.info("%s holds no intact checkpoint (its job ended before the first one): starting it afresh", out)
+        return found
+    if not config.resume:
+        raise ArcflowError(f"{out} already holds a distill run; pass --resume to continue it or choose another --out")
+    previous, previous_fingerprint = _read_saved_config(saved)
+    changed = config.differences(previous)
+    if changed:
+        raise ArcflowError(f"cannot resume {out}: these settings differ from the saved run: {', '.join(changed)}")
+    if previous_fingerprint not in (None, fingerprint):
+        raise ArcflowError(f"cannot resume {out}: the dataset's committed data differs from the data the run started on")
+    if found.path is None:
+        raise ArcflowError(f"{out} holds an exported student but no intact checkpoint to continue from; choose another --out")
+    return found
+
+
 def _read_saved_config(path: Path) -> tuple[DistillConfig, Optional[str]]:
     """A run's saved config and the dataset fingerprint it started on; one line if it is damaged."""
+    if path.is_symlink():
+        raise ArcflowError(f"{path} is a link; a run's files must be inside it, start a new --out")
     try:
         data = json.loads(path.read_text())
         if not isinstance(data, dict):

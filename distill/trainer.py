@@ -4,27 +4,32 @@ Read top-down from the CLI: :func:`distill` (the driver) checks everything a use
 plans the run (:func:`~arcflow.distill.run_plan.plan_run`), then :func:`_fit` runs
 :func:`~arcflow.distill.worker.ray_train_loop` on Ray Train's ``TorchTrainer`` (DDP over gloo on
 CPU, NCCL on GPU; one worker is the local default, the same code path as a cluster) while this
-process draws the one progress bar. Checkpoints go through ``ray.train.report`` and come back
-through ``ray.train.get_checkpoint`` (:mod:`arcflow.distill.checkpoint`).
+process draws the one progress bar. Rank 0 writes the checkpoints into the run directory itself and
+every worker continues from the newest intact one (:mod:`arcflow.distill.checkpoint`); Ray Train
+carries only the metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from arcflow.core.driver_watch import driver_identity
+from arcflow.core.errors import ArcflowError
 from arcflow.core.ray_runtime import check_cluster_gpus, ray_session
 
-from .checkpoint import CHECKPOINTS_DIR, KEEP_CHECKPOINTS, latest_checkpoint
+from .checkpoint import CHECKPOINTS_DIR, find_checkpoint, forget_ray_record
 from .config import DistillConfig
-from .run_plan import DISTILL_CONFIG_FILE, FINGERPRINT_KEY, RunPlan, plan_run
+from .run_plan import DISTILL_CONFIG_FILE, FINGERPRINT_KEY, RunPlan, find_resume, plan_run
+from .worker import METRICS_FILE
 
 if TYPE_CHECKING:
     from ray.util.queue import Queue
@@ -36,33 +41,52 @@ log = logging.getLogger(__name__)
 def distill(config: DistillConfig) -> Path:
     """Validate, then train on Ray Train (``config.num_workers`` DDP workers); returns the run dir.
 
-    Resuming a run that already reached ``iters`` (and exported) does nothing. A new run's
-    directory is claimed only for good: if the job fails before its first checkpoint, what it
-    wrote is removed again, so the corrected command can use the same ``--out``.
+    The run directory is held exclusively for the job (:func:`hold_run`): a second job on it is
+    refused in one line. Resuming a run that already reached ``iters`` (and exported) does nothing.
+    A run directory is claimed only for good: if the job fails or is interrupted before its first
+    checkpoint, what it wrote is removed again, so the corrected command can use the same ``--out``.
     """
     from .student import STUDENT_CONFIG_FILE
 
     config.validate()  # before _absolute_paths turns a URL --out into a local path
     config = _absolute_paths(config)
-    plan = plan_run(config)
+    plan = plan_run(config)  # everything a user can get wrong, before anything is written
     out = Path(config.out)
-    if plan.resume_step >= config.iters and (out / STUDENT_CONFIG_FILE).is_file():
-        log.info("%s already reached step %d of %d; nothing to do", out, plan.resume_step, config.iters)
-        return out
-    plan = dataclasses.replace(plan, driver=driver_identity())
     created = not out.exists()
-    fresh = not (out / DISTILL_CONFIG_FILE).is_file()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        if fresh:
-            saved = {**config.to_dict(), FINGERPRINT_KEY: plan.dataset_fingerprint}
-            (out / DISTILL_CONFIG_FILE).write_text(json.dumps(saved, indent=2))
-        _fit(config, plan)
-    except BaseException:
-        if fresh and latest_checkpoint(out) is None:
-            _discard(out, created)
-        raise
+    with hold_run(out):
+        found = find_resume(config, plan.dataset_fingerprint)  # again: another job may have ended meanwhile
+        if found.damaged:
+            log.warning("%s", found.describe())
+        plan = dataclasses.replace(plan, resume_step=found.step, driver=driver_identity(),
+                                   resume_checkpoint=str(found.path) if found.path is not None else None)
+        if plan.resume_step >= config.iters and (out / STUDENT_CONFIG_FILE).is_file():
+            log.info("%s already reached step %d of %d; nothing to do", out, plan.resume_step, config.iters)
+            return out
+        try:
+            if plan.resume_step == 0:
+                _start_afresh(out, {**config.to_dict(), FINGERPRINT_KEY: plan.dataset_fingerprint})
+            _fit(config, plan)
+        except BaseException:  # errors, Ctrl-C, and whatever a SIGTERM handler raises
+            if plan.resume_step == 0 and find_checkpoint(out).path is None:
+                _discard(out, created)
+            raise
     return out
+
+
+@contextlib.contextmanager
+def hold_run(out: Path) -> Iterator[None]:
+    """Hold ``out`` (a directory) exclusively while the block runs: ``flock`` on the directory
+    itself, so nothing is added to it and the OS releases the lock when the job dies."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArcflowError(f"another arcflow distill job is using {out}; wait for it to end or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _absolute_paths(config: DistillConfig) -> DistillConfig:
@@ -73,18 +97,40 @@ def _absolute_paths(config: DistillConfig) -> DistillConfig:
     return dataclasses.replace(config, **changes)
 
 
+#: What a distill job writes into its run directory before its first checkpoint.
+_RUN_FILES = (DISTILL_CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR)
+
+
+def _remove_run_files(out: Path) -> None:
+    """Remove what a job that never reached a checkpoint left in ``out`` (links, never their targets)."""
+    for name in _RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+
+
+def _start_afresh(out: Path, saved: dict[str, Any]) -> None:
+    """A new run in ``out``: what an earlier job left before its first checkpoint goes, then the
+    run's settings (compared on ``--resume``) are written atomically."""
+    _remove_run_files(out)
+    tmp = out / f".{DISTILL_CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(saved, indent=2))
+    os.replace(tmp, out / DISTILL_CONFIG_FILE)
+
+
 def _discard(out: Path, created: bool) -> None:
-    """Remove what a run that never reached a checkpoint wrote (``out`` was new or empty)."""
+    """Remove what a run that never reached a checkpoint wrote (the whole ``out`` if it was new)."""
     if created:
         shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in out.iterdir():
-        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    else:
+        _remove_run_files(out)
 
 
 def _fit(config: DistillConfig, plan: RunPlan) -> None:
     """Run the workers on Ray Train's ``TorchTrainer`` (a local cluster unless --ray-address)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
     from tqdm.auto import tqdm
@@ -92,6 +138,7 @@ def _fit(config: DistillConfig, plan: RunPlan) -> None:
     from .worker import ray_train_loop
 
     out = Path(config.out)
+    forget_ray_record(out)  # Ray Train must not restore or delete what an earlier job's record names
     cpus_per_worker = max(1, (os.cpu_count() or 1) // config.num_workers)
     with (
         ray_session(config.ray_address, max(os.cpu_count() or 1, config.num_workers)),
@@ -111,12 +158,11 @@ def _fit(config: DistillConfig, plan: RunPlan) -> None:
                 # Locally, split the machine's cores between the workers (torch threads follow).
                 resources_per_worker=None if config.ray_address or config.use_gpu else {"CPU": cpus_per_worker},
             ),
-            # Ray's run directory is RUN/checkpoints: checkpoints and Ray's record of them, which
-            # names them relative to it, so a moved or copied RUN resumes from its own.
+            # Ray's run directory is RUN/checkpoints, but arcflow writes, finds and prunes the
+            # checkpoints itself (checkpoint.py): Ray Train only carries the metrics.
             run_config=RunConfig(
                 name=CHECKPOINTS_DIR,
                 storage_path=str(out.resolve()),
-                checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                 failure_config=FailureConfig(max_failures=config.max_failures),
             ),
         )

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoints, LocalCheckpoints, RayCheckpoints, write_checkpoint
+from arcflow.core.errors import ArcflowError
+
+from .checkpoint import Checkpoints, LocalCheckpoints, RayCheckpoints, check_finite, write_checkpoint
 from .config import DistillConfig
 from .parallel import prepare_student
 from .run_plan import RunPlan
@@ -47,13 +50,14 @@ def ray_train_loop(payload: dict[str, Any]) -> None:
     watch_driver(plan.driver)
     context = ray.train.get_context()
     progress = payload["progress"]
+    config = DistillConfig.from_dict(payload["config"])
     train_worker(
-        DistillConfig.from_dict(payload["config"]),
+        config,
         plan,
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=ray.train.torch.get_device(),
-        checkpoints=RayCheckpoints(plan.resume_checkpoint),
+        checkpoints=RayCheckpoints(Path(config.out)),
         progress=progress.put_nowait if progress is not None else None,
     )
 
@@ -69,8 +73,8 @@ def train_worker(
 ) -> dict[str, Any]:
     """One worker's run: :func:`setup` (from the latest checkpoint when there is one), then
     :func:`train_step` up to ``config.iters`` with metrics and checkpoints on the way, then rank 0
-    runs :func:`export`. ``checkpoints`` is Ray Train's (:class:`RayCheckpoints`) inside a
-    Ray Train worker; the default writes the same checkpoint directories in this process.
+    runs :func:`export`. ``checkpoints`` is :class:`RayCheckpoints` inside a Ray Train
+    worker (it also reports to Ray); the default writes the same checkpoint directories in this process.
     ``progress`` is called with each row rank 0 logs (the driver's progress bar)."""
     checkpoints = checkpoints or LocalCheckpoints(Path(config.out), config.resume)
     run = setup(config, plan, rank, world_size, device or torch.device("cpu"), checkpoints.load())
@@ -101,7 +105,7 @@ class Training:
     checkpointed by :func:`checkpoint_files` and exported by :func:`export`."""
 
     config: DistillConfig
-    bounds: list[int]
+    num_segments: int
     device: torch.device
     rank: int
     world_size: int
@@ -146,7 +150,7 @@ def setup(
     ema = EMAModel(params.values(), decay=config.ema_decay) if config.ema_decay > 0 else None
     if ema is not None:
         ema.to(dtype=torch.float32)  # bf16 weights: average in float32 so small updates are not lost
-    stream = TrajectoryStream(config.dataset, segment_bounds=plan.segment_bounds, rank=rank, world_size=world_size,
+    stream = TrajectoryStream(config.dataset, segment_sigmas=plan.segment_sigmas, rank=rank, world_size=world_size,
                               seed=config.seed, shuffle_buffer=config.shuffle_buffer, shards=config.shards)
     step = 0
     if saved is not None:
@@ -165,7 +169,7 @@ def setup(
     model = prepare_student(student, config, world_size)
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers,
                                          pin_memory=device.type == "cuda")
-    return Training(config, plan.segment_bounds, device, rank, world_size, student, model, params, optimizer,
+    return Training(config, len(plan.segment_sigmas) - 1, device, rank, world_size, student, model, params, optimizer,
                     scheduler, ema, stream, iter(loader), step)
 
 
@@ -177,6 +181,8 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path, step: int) -> None:
+        if path.is_symlink():  # a run's files are its own: never append to a file elsewhere
+            path.unlink()
         if step > 0 and path.is_file():
             keep = []
             for line in path.read_text().splitlines():
@@ -212,11 +218,13 @@ def train_step(run: Training) -> dict[str, Any]:
     # the stream's items are (sample, segment) pairs: one copy to the device, none back in the loss
     batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        loss, per_segment = segment_loss(run.model, batch, len(run.bounds) - 1)
+        loss, per_segment = segment_loss(run.model, batch, run.num_segments)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
     lr = run.scheduler.get_last_lr()[0]
+    value = loss.item()
+    stop_if_diverged(run.step + 1, value, float(grad_norm), config.lr)
     run.optimizer.step()
     run.scheduler.step()
     if run.ema is not None:
@@ -224,12 +232,23 @@ def train_step(run: Training) -> dict[str, Any]:
     run.step += 1
     return {
         "step": run.step,
-        "loss": loss.item(),
+        "loss": value,
         # null where a segment was absent from the batch (NaN is not JSON)
         **{f"loss_segment_{i}": (None if v != v else v) for i, v in enumerate(per_segment.tolist())},
         "lr": lr,
         "grad_norm": float(grad_norm),
     }
+
+
+def stop_if_diverged(step: int, loss: float, grad_norm: float, lr: float) -> None:
+    """Stop a diverged run with one line naming the step, BEFORE its optimizer step touches the
+    weights: the last checkpoint stays the last good one and nothing is exported. Every rank agrees
+    (the gradients, and so their norm, are all-reduced)."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise ArcflowError(
+            f"the loss is not finite at step {step} (loss {loss}, gradient norm {grad_norm}): training diverged; "
+            f"the last good checkpoint is kept and no student was exported; lower --lr (now {lr:g}) and distill into a new --out"
+        )
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
@@ -263,4 +282,5 @@ def export(run: Training, plan: RunPlan) -> None:
     extra["segment_sigmas"] = plan.segment_sigmas
     if run.ema is not None:
         run.ema.copy_to(run.params.values())  # training is over: the export is the average
+    check_finite(dict(run.params), f"the student of {config.out} at step {run.step}")
     save_student(run.student, Path(config.out), extra_config=extra)

@@ -13,7 +13,7 @@ Design (docs/architecture.md, Generation):
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import logging
 import os
 import time
@@ -23,9 +23,10 @@ from typing import Any, Callable, Optional
 from arcflow.core.driver_watch import driver_identity
 from arcflow.core.errors import ArcflowError, quote
 from arcflow.core.ray_runtime import check_cluster_gpus, start_ray
+from arcflow.storage._io import absolute_url
 from arcflow.storage.format import GENERATION_KEY, DatasetSpec
 
-from .generation_config import GenerationConfig, default_threads, read_prompts
+from .generation_config import GenerationConfig, default_threads, prompts_digest, read_prompts
 from .plan import plan_shard, shard_length
 from .registry import check_prompts
 from .shard_worker import ShardWorker
@@ -107,16 +108,29 @@ def generate_trajectories(
     on_shard_committed: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> GenerationSummary:
     """Run (or resume) a generation job; returns a summary. See the module docstring."""
-    import ray
-
-    from arcflow.storage.writer import check_dataset_target, create_or_open_dataset
+    from arcflow.storage.writer import check_dataset_target, dataset_lock
 
     config.validate()
+    # Ray workers write the shards from their own working directory: give them an absolute --out
+    config = dataclasses.replace(config, out=absolute_url(config.out))
     prompts = read_prompts(config.prompts_file)
     if prompts is not None:
         check_prompts(config.teacher, prompts)
     # before any cluster starts; the writer applies the same rule again with the full spec
-    check_dataset_target(config.out, config.resume, generation=config.content_config())
+    check_dataset_target(config.out, config.resume, generation=config.content_config(prompts))
+    with dataset_lock(config.out):  # one writing job per dataset, for the whole job
+        return _generate(config, prompts, progress, on_shard_committed)
+
+
+def _generate(
+    config: GenerationConfig, prompts: Optional[list[str]], progress: bool,
+    on_shard_committed: Optional[Callable[[dict[str, Any]], None]],
+) -> GenerationSummary:
+    """The job itself, once its dataset is checked and held: start Ray, describe the teacher, write."""
+    import ray
+
+    from arcflow.storage.writer import create_or_open_dataset
+
     # claimed: the writer of a dataset this very job creates (removed again if no shard commits)
     claimed, actors = None, []
     # a local cluster has at least the cores the workers ask for
@@ -163,8 +177,9 @@ def generate_trajectories(
 
 
 def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float) -> DatasetSpec:
-    """The dataset header for a job: what the data is and how it was made (compared on resume)."""
-    prompts_blob = "\n".join(info["prompts"]).encode()
+    """The dataset header for a job: what the data is and how it was made (compared on resume). The
+    job settings are recorded with their defaults resolved (guidance, the prompts' hash)."""
+    prompts_sha256 = prompts_digest(info["prompts"])
     return DatasetSpec(
         teacher_id=info["teacher_id"],
         teacher_revision=info["revision"],
@@ -181,10 +196,11 @@ def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float
         keyframe_every=config.keyframe_every,
         compression="blosc-zstd" if config.compress else "none",
         extra={
-            "prompts_sha256": hashlib.sha256(prompts_blob).hexdigest(),
+            "prompts_sha256": prompts_sha256,
             "num_prompts": len(info["prompts"]),
             "true_cfg": info["true_cfg"],
-            GENERATION_KEY: config.content_config(),
+            GENERATION_KEY: {**config.content_config(info["prompts"]), "guidance": guidance,
+                             "prompts_sha256": prompts_sha256},
         },
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,8 +57,10 @@ class GenerationConfig:
     resume: bool = False
     teacher_options: dict[str, Any] = field(default_factory=dict)
 
-    #: Fields that do not change a dataset's contents (may differ on --resume).
-    RUNTIME_FIELDS = ("out", "workers", "cpus_per_worker", "gpus_per_worker", "threads", "ray_address", "resume")
+    #: Fields that do not change a dataset's contents (may differ on --resume); the prompts file is
+    #: compared by its content (``prompts_sha256``), not by the path that names it.
+    RUNTIME_FIELDS = ("out", "workers", "cpus_per_worker", "gpus_per_worker", "threads", "ray_address", "resume",
+                      "prompts_file")
 
     def validate(self) -> None:
         """Raise ``ArcflowError`` with one line for a value no run could use (before anything starts)."""
@@ -89,6 +92,7 @@ class GenerationConfig:
             raise ArcflowError(f"unknown --dtype {quote(self.dtype)}; choose one of {', '.join(STORAGE_DTYPES)}")
         if not self.out:
             raise ArcflowError("--out is required")
+        check_outlives_process(self.out)
         if isinstance(self.teacher, str):
             from .registry import check_teacher_id
 
@@ -106,12 +110,17 @@ class GenerationConfig:
                     f"(at most {MAX_SHARD_BYTES / 2**30:.0f} GiB); lower it"
                 )
 
-    def content_config(self) -> dict[str, Any]:
+    def content_config(self, prompts: Optional[Sequence[str]] = None) -> dict[str, Any]:
         """The configuration that determines the dataset's bytes (compared on resume); JSON-ready,
-        with a factory recorded by its ``teacher_id``."""
+        with a factory recorded by its ``teacher_id`` and the prompts (``prompts``, else those of
+        the prompts file) by their content hash. None stands for a default (the teacher's prompts,
+        its guidance) until the teacher resolves it."""
         config = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUNTIME_FIELDS}
         config["teacher"] = teacher_name(self.teacher)
         config["teacher_options"] = dict(self.teacher_options)
+        if prompts is None and self.prompts_file is not None:
+            prompts = read_prompts(self.prompts_file)
+        config["prompts_sha256"] = prompts_digest(prompts) if prompts is not None else None
         return config
 
 
@@ -119,6 +128,23 @@ def default_threads(cpus: float) -> int:
     """torch threads for a worker with ``cpus`` CPUs: all but one, which stays free for the shard
     being written while the next one computes (and for Ray's own processes)."""
     return max(1, int(cpus) - 1)
+
+
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """sha256 (hex) of a prompt list: what a dataset records of its prompts, wherever they came from."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def check_outlives_process(url: str) -> None:
+    """Refuse an output filesystem that lives in one process's memory (``memory://``): the Ray
+    workers would each write into their own, and every shard would vanish with its worker."""
+    from arcflow.storage._io import Location
+
+    if Location(url).is_process_local:
+        raise ArcflowError(
+            f"--out {url[:100]}: an in-memory filesystem lives in one process, but shards are written by Ray "
+            "workers and would be lost with them; use a directory or an object store URL (s3://...)"
+        )
 
 
 def read_prompts(path: Optional[str]) -> Optional[list[str]]:

@@ -23,6 +23,13 @@ from arcflow.core.errors import ArcflowError
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
 
 
+def absolute_url(url: str | os.PathLike) -> str:
+    """``url`` with a relative local path made absolute (another process, e.g. a Ray worker, may
+    have another working directory); URLs with a protocol are returned as they are."""
+    url = str(url)
+    return url if "://" in url or "::" in url else os.path.abspath(url)
+
+
 class Location:
     """A dataset root: an fsspec filesystem plus the root path inside it (picklable)."""
 
@@ -34,6 +41,9 @@ class Location:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self.is_object_store = not self.is_local and bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
+        #: Whether the data lives in this process's memory only (``memory://``): it does not outlive the
+        #: process, and no other process (a Ray worker) sees it.
+        self.is_process_local = "memory" in protocols
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])

@@ -36,6 +36,11 @@ conditioning in float16. Zarr 3.1 has neither bfloat16 nor float8, so those arra
 Format version 1 (still read, no longer written): ``x`` [n, S+1, *latent] holds every state,
 conditioning is per sample, chunks run along the sample axis only and carry no checksum.
 
+Each index part carries the shard's manifest (``MANIFEST_KEY`` in its Parquet key-value metadata:
+size and BLAKE2b digest of every object of the Zarr group), so a chunk is bound to its place; readers
+check objects against it when present (datasets written before it have none). A local dataset being
+written holds ``LOCK_FILE`` (``fcntl.flock``) for the writing job.
+
 The Parquet index has one row per (sample, step j in 0..S-1), columns ``INDEX_COLUMNS``. The
 statistics ``x_rms``, ``u_rms`` (root mean square of x_j and u_j) and ``u_cos_prev`` (cosine between
 u_j and u_{j-1}, NaN at j=0) are computed from the float32 arrays given to the writer, i.e. BEFORE
@@ -78,6 +83,17 @@ GENERATION_KEY = "generation"
 AUTO_CHUNK_BYTES = 1 << 20
 #: Default keyframe interval: NFE 2, 5 and 10 segment starts of 50 steps are stored exactly.
 DEFAULT_KEYFRAME_EVERY = 5
+#: Key of an index part's Parquet key-value metadata holding the shard's chunk manifest: JSON
+#: ``{zarr key: [size, BLAKE2b digest]}`` of every object of the shard's Zarr group, recorded while the group
+#: was written, so it commits with the part (see ``arcflow.storage.chunk_store``).
+MANIFEST_KEY = "arcflow.manifest"
+#: Lock file in a local dataset root, held (``fcntl.flock``) by the one job writing the dataset.
+LOCK_FILE = ".arcflow.lock"
+#: Fields that describe where the data came from, not what it is: not compared on resume (the
+#: prompts' content is, as ``extra["prompts_sha256"]``).
+DESCRIPTIVE_FIELDS = ("prompts_source",)
+#: Longest value a settings difference quotes.
+_DIFF_VALUE_CHARS = 40
 
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.(zarr|parquet)$")
 
@@ -203,6 +219,7 @@ class DatasetSpec:
             raise ArcflowError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         if len(self.sigmas) < 2:
             raise ArcflowError(f"sigmas must hold steps+1 >= 2 values, got {len(self.sigmas)}")
+        self._check_finite()
         if not self.latent_shape or min(self.latent_shape) <= 0:
             raise ArcflowError(f"latent shape must be non-empty and positive, got {self.latent_shape}")
         if self.shard_size <= 0:
@@ -219,6 +236,18 @@ class DatasetSpec:
             if name in RESERVED_ARRAYS:
                 raise ArcflowError(f"cond name {name!r} is reserved (reserved: {', '.join(RESERVED_ARRAYS)})")
         self._resolve_chunks()
+
+    def _check_finite(self) -> None:
+        """Refuse NaN or infinite sigmas or guidance (they would train a NaN student silently) and an
+        infinite or non-positive shift; a NaN shift is the teacher's "no static shift" (a schedule
+        no shift warp describes, see ``pipeline/diffusers_teachers.py``)."""
+        bad = [i for i, s in enumerate(self.sigmas) if not math.isfinite(s)]
+        if bad:
+            raise ArcflowError(f"sigmas hold NaN or infinite values (at step {bad[0]})")
+        if not math.isfinite(self.guidance):
+            raise ArcflowError(f"guidance is {self.guidance}, not a finite number")
+        if not (math.isnan(self.shift) or (math.isfinite(self.shift) and self.shift > 0)):
+            raise ArcflowError(f"shift is {self.shift}, not a positive number (or NaN for none)")
 
     def _resolve_chunks(self) -> None:
         """Fill in auto (0) chunk sizes. Zarr v3 stores an edge chunk at full size, so a shard is split
@@ -330,17 +359,40 @@ class DatasetSpec:
             raise ArcflowError("dataset.json must hold a JSON object")
         return cls.from_dict(d)
 
-    def diff(self, other: "DatasetSpec") -> list[str]:
-        """Human-readable differences ``field: mine != other`` (empty when the specs are the same)."""
-        a, b = self.to_dict(), other.to_dict()
+    def diff(self, other: "DatasetSpec", skip: tuple[str, ...] = ()) -> list[str]:
+        """Differences ``field: mine != other``, short (each value at most ~40 characters; dict fields
+        such as ``extra`` compared key by key, e.g. ``extra.prompts_sha256``). Descriptive fields and
+        the dotted names in ``skip`` are left out. Empty when the specs are the same."""
+        a, b = _flatten(self.to_dict()), _flatten(other.to_dict())
         out = []
         for k in sorted(a.keys() | b.keys()):
+            if k in DESCRIPTIVE_FIELDS or k in skip or any(k.startswith(s + ".") for s in skip):
+                continue
             if a.get(k) != b.get(k):
-                va, vb = a.get(k), b.get(k)
-                if k == "sigmas":
-                    va, vb = f"<{len(va)} values>", f"<{len(vb)} values, differing>"
-                out.append(f"{k}: {va!r} != {vb!r}")
+                mine, theirs = short_value(a.get(k)), short_value(b.get(k))
+                out.append(f"{k}: {mine} != {theirs}" + (" (values differ)" if mine == theirs else ""))
         return out
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"extra": {"a": 1}}`` -> ``{"extra.a": 1}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def short_value(v: Any) -> str:
+    """``repr(v)``, at most ~40 characters (a list longer than that as ``<N values>``)."""
+    text = repr(v)
+    if len(text) <= _DIFF_VALUE_CHARS:
+        return text
+    if isinstance(v, (list, tuple)):
+        return f"<{len(v)} values>"
+    return text[: _DIFF_VALUE_CHARS - 3] + "..."
 
 
 #: Array names of a shard group that conditioning fields may not use.

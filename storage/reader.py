@@ -16,11 +16,12 @@ import numpy as np
 
 from arcflow.storage import _io
 from arcflow.core.errors import ArcflowError, first_line
-from arcflow.storage.shards import ShardArrays, damaged_array
+from arcflow.storage.shards import INDEX_CHECKED, ShardArrays, damaged_shard
 from arcflow.storage.format import (
     DATASET_JSON,
     INDEX_COLUMNS,
     INDEX_DIR,
+    MANIFEST_KEY,
     SHARDS_DIR,
     DatasetSpec,
     index_part_name,
@@ -119,6 +120,7 @@ class TrajectoryReader:
         self.loc = loc
         self.spec = spec
         self._locator: dict[int, tuple[int, int]] | None = None
+        self._checked: set[int] = set()  # shards whose values and index were checked
 
     @property
     def url(self) -> str:
@@ -155,28 +157,54 @@ class TrajectoryReader:
         ids = sorted(self.committed_shards() if shards is None else shards)
         return {i: part_metadata(self.loc, i, self.spec.steps).num_rows // self.spec.steps for i in ids}
 
-    def _check_committed(self, shard_id: int) -> None:
-        if not self.loc.exists(INDEX_DIR, index_part_name(shard_id)):
-            raise ArcflowError(f"dataset {self.url}: shard {shard_id} is not committed")
+    def manifest(self, shard_id: int) -> dict[str, list] | None:
+        """The chunk manifest committed with a shard's index part (None: written before manifests);
+        one line naming the part when it is unreadable or its manifest malformed."""
+        from arcflow.storage.chunk_store import manifest_from_json
+
+        meta = part_metadata(self.loc, shard_id, self.spec.steps).metadata or {}
+        raw = meta.get(MANIFEST_KEY.encode())
+        if raw is None:
+            return None
+        try:
+            return manifest_from_json(raw)
+        except ValueError as exc:
+            raise damaged_part(self.loc, shard_id, exc) from None
 
     def shard(self, shard_id: int) -> ShardArrays:
         """Decoded, windowed access to a committed shard (``arcflow.storage.shards.ShardArrays``).
-        Format v2 shards are opened on a strict store: a missing chunk is an error, not zeros."""
+
+        Format v2 shards are opened on a strict store: a missing chunk is an error, not zeros, and
+        every object read must match the shard's manifest. The first time a reader opens a shard,
+        it checks the arrays' metadata and small arrays against dataset.json and the index part
+        against the arrays, so no reader ever reads a row the index misplaced."""
         import zarr
 
-        self._check_committed(shard_id)
+        manifest = self.manifest(shard_id)
         store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=True)
         if self.spec.format_version >= 2:
             from arcflow.storage.chunk_store import StrictStore
 
-            store = StrictStore(store)
+            store = StrictStore(store, manifest)
         try:
             group = zarr.open_group(store, mode="r", zarr_format=3)
         except FileNotFoundError:
             raise ArcflowError(f"dataset {self.url}: shard {shard_id} is committed but its Zarr group is missing") from None
-        except Exception as exc:  # a garbled group zarr.json
-            raise damaged_array(self.url, shard_id, "zarr.json", exc) from None
-        return ShardArrays.open(self.url, self.spec, shard_id, group)
+        except Exception as exc:  # a garbled or altered group zarr.json
+            raise damaged_shard(self.url, shard_id, f"group metadata zarr.json is damaged ({first_line(exc, 160)})") from None
+        shard = ShardArrays.open(self.url, self.spec, shard_id, group, self._array_names(shard_id, manifest))
+        if shard_id not in self._checked:
+            shard.check_values()
+            shard.check_index(self._read_part(shard_id, list(INDEX_CHECKED)))
+            self._checked.add(shard_id)
+        return shard
+
+    def _array_names(self, shard_id: int, manifest: dict | None) -> list[str]:
+        """The arrays of a shard: its group's sub-directories, and any its manifest lists (a
+        deleted array is then missing, not absent)."""
+        listed = set(self.loc.listdir_names(SHARDS_DIR, shard_zarr_name(shard_id))) - {"zarr.json"}
+        recorded = {k.split("/", 1)[0] for k in (manifest or {}) if k.count("/") == 1 and k.endswith("/zarr.json")}
+        return sorted(listed | recorded)
 
     def read_shard(self, shard_id: int, rows: Sequence[int] | None = None, dtype=np.float32) -> dict[str, np.ndarray]:
         """All data of a committed shard, as format v1 laid it out: ``x`` [n, S+1, *latent] (every
@@ -207,11 +235,14 @@ class TrajectoryReader:
         return out
 
     def locate(self, sample_id: int) -> tuple[int, int]:
-        """(shard, row) of a committed sample id."""
+        """(shard, row) of a committed sample id. The shard is the one whose index part lists it, not
+        the part's shard column: reading that shard then checks the whole part against its arrays."""
         if self._locator is None:
-            df = self.index(columns=["sample_id", "shard", "row", "step"])
-            df = df[df["step"] == 0]
-            self._locator = dict(zip(df["sample_id"].tolist(), zip(df["shard"].tolist(), df["row"].tolist())))
+            self._locator = {}
+            for i in sorted(self.committed_shards()):
+                df = self._read_part(i, ["sample_id", "row", "step"]).to_pandas()
+                df = df[df["step"] == 0]
+                self._locator.update(zip(df["sample_id"].tolist(), zip([i] * len(df), df["row"].tolist())))
         try:
             return self._locator[int(sample_id)]
         except KeyError:

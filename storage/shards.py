@@ -17,14 +17,68 @@ from arcflow.storage import _io
 from arcflow.core.errors import ArcflowError, first_line
 from arcflow.storage.format import DTYPE_ATTR, DatasetSpec
 
+#: Index columns ``ShardArrays.check_index`` compares with the arrays.
+INDEX_CHECKED = ("sample_id", "shard", "row", "step", "sigma", "seed", "guidance")
+
+
+def damaged_shard(url: str, shard_id: int, what: str) -> ArcflowError:
+    """The one-line error for a committed shard that is damaged or disagrees with itself or with
+    dataset.json; ``what`` completes "shard N ...". A resume alone would keep it (its index part
+    reads back), so the advice is verify --repair first."""
+    return ArcflowError(
+        f"dataset {url}: shard {shard_id} {what}; "
+        f"run `arcflow verify {url} --repair`, then generate-trajectories --resume"
+    )
+
 
 def damaged_array(url: str, shard_id: int, name: str, reason: object) -> ArcflowError:
     """The one-line error for a chunk or array of a committed shard that does not read back."""
     text = first_line(reason, 160) if isinstance(reason, BaseException) else str(reason)[:160]
-    return ArcflowError(
-        f"dataset {url}: shard {shard_id} array {name!r} is damaged ({text}); "
-        f"run `arcflow verify {url} --repair`, then generate-trajectories --resume"
-    )
+    return damaged_shard(url, shard_id, f"array {name!r} is damaged ({text})")
+
+
+def _stored_dtype(dtype: str) -> str:
+    """The zarr dtype an array of ``dtype`` is stored as (bfloat16 and float8 as raw bits)."""
+    return {"bfloat16": "uint16", "float8_e4m3": "uint8"}.get(dtype, dtype)
+
+
+def expected_layout(spec: DatasetSpec, n: int) -> dict[str, tuple[tuple[int | None, ...], str | None]]:
+    """name -> (shape, stored dtype) that dataset.json implies for a shard of ``n`` samples; None in a
+    shape is any length >= 1 (v2's unique conditioning rows), a None dtype is not checked (v1)."""
+    S, lat, v2 = spec.steps, spec.latent_shape, spec.format_version >= 2
+    states = _stored_dtype(spec.state_dtype) if v2 else None
+    out: dict[str, tuple[tuple[int | None, ...], str | None]] = {
+        "x": ((n, len(spec.keyframe_steps) if v2 else S + 1, *lat), states),
+        "u": ((n, S, *lat), _stored_dtype(spec.storage_dtype) if v2 else None),
+        "sigmas": ((S + 1,), "float64"),
+        "sample_id": ((n,), "int64"),
+        "seed": ((n,), "int64"),
+        "guidance": ((n,), "float32"),
+    }
+    if spec.storage_dtype == "float8_e4m3":
+        out["u_scale"] = ((n, S), "float32")
+    if v2:
+        out["cond_row"] = ((n,), "int32")
+    for name, f in spec.cond_spec.items():
+        dtype = states if f.is_floating else (f.dtype if v2 else None)
+        out[name] = ((None if v2 else n, *f.shape), dtype)
+    return out
+
+
+def layout_problem(spec: DatasetSpec, arrays: dict) -> str | None:
+    """What in the arrays' metadata disagrees with dataset.json (missing arrays, shapes, dtypes),
+    as "array 'x' ..." text; None when all agree."""
+    n = int(arrays["sample_id"].shape[0]) if "sample_id" in arrays else 0
+    for name, (shape, dtype) in expected_layout(spec, n).items():
+        if name not in arrays:
+            return f"array {name!r} is missing"
+        got = tuple(arrays[name].shape)
+        if len(got) != len(shape) or any(e is not None and g != e for g, e in zip(got, shape)) or 0 in got:
+            want = tuple("m" if e is None else e for e in shape)
+            return f"array {name!r} has shape {got} but dataset.json implies {want}"
+        if dtype is not None and str(arrays[name].dtype) != dtype:
+            return f"array {name!r} is stored as {arrays[name].dtype} but dataset.json implies {dtype}"
+    return None
 
 
 class ShardArrays:
@@ -39,19 +93,57 @@ class ShardArrays:
         self.step_sizes = sig[:-1] - sig[1:]  # float32: the recording sampler's own step sizes
 
     @classmethod
-    def open(cls, url: str, spec: DatasetSpec, shard_id: int, group) -> "ShardArrays":
+    def open(cls, url: str, spec: DatasetSpec, shard_id: int, group, names: Sequence[str]) -> "ShardArrays":
+        """The arrays ``names`` of a shard's zarr ``group``, their metadata checked against dataset.json."""
         arrays, kinds = {}, {}
-        for name in group.array_keys():
+        for name in names:
             try:
                 arr = group[name]
-            except Exception as exc:  # a deleted or garbled zarr.json
+            except Exception as exc:  # a deleted, garbled or altered zarr.json
                 raise damaged_array(url, shard_id, name, exc) from None
             arrays[name], kinds[name] = arr, arr.attrs.get(DTYPE_ATTR)
-        shard = cls(url, spec, shard_id, arrays, kinds)
-        for name in ("x", "u", "sample_id"):
-            if name not in arrays:
-                raise damaged_array(url, shard_id, name, "the array is missing")
-        return shard
+        problem = layout_problem(spec, arrays)
+        if problem is not None:
+            raise damaged_shard(url, shard_id, problem)
+        return cls(url, spec, shard_id, arrays, kinds)
+
+    def check_values(self) -> None:
+        """Read the shard's small arrays and refuse what disagrees with dataset.json or points
+        outside the shard: its sigmas, its conditioning rows."""
+        sigmas = self.read("sigmas")
+        if not np.allclose(sigmas, self.spec.sigmas, rtol=0, atol=1e-6):
+            raise damaged_shard(self.url, self.shard_id, "array 'sigmas' disagrees with dataset.json's sigmas")
+        if "cond_row" in self.arrays and self.spec.cond_spec:
+            rows = self.read("cond_row")
+            stored = min(int(self.arrays[name].shape[0]) for name in self.spec.cond_spec)
+            if rows.size and (rows.min() < 0 or rows.max() >= stored):
+                raise damaged_shard(self.url, self.shard_id, f"array 'cond_row' points outside the {stored} stored rows")
+
+    def check_index(self, part) -> None:
+        """Refuse an index part (a pyarrow table with at least ``INDEX_CHECKED`` columns) that does not
+        describe exactly this shard's samples: its shard column, (row, step) pairs in order, sample
+        ids, seeds, guidance and sigmas."""
+        S, n = self.spec.steps, self.num_samples
+        if part.num_rows != n * S:
+            raise damaged_shard(self.url, self.shard_id, f"index has {part.num_rows} rows for {n} samples of {S} steps")
+        step = np.tile(np.arange(S), n)
+        expected = {
+            "shard": np.full(n * S, self.shard_id),
+            "row": np.repeat(np.arange(n), S),
+            "step": step,
+            "sample_id": np.repeat(self.read("sample_id"), S),
+            "seed": np.repeat(self.read("seed"), S),
+            "guidance": np.repeat(self.read("guidance"), S),
+        }
+        for name, want in expected.items():
+            got = part.column(name).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(got != want)
+            if bad.size:
+                i = int(bad[0])
+                raise damaged_shard(self.url, self.shard_id, f"index row {i} has {name} {got[i]}, the arrays say {want[i]}")
+        sigma = part.column("sigma").to_numpy(zero_copy_only=False)
+        if not np.allclose(sigma, np.asarray(self.spec.sigmas)[step], rtol=0, atol=1e-6):
+            raise damaged_shard(self.url, self.shard_id, "index sigmas disagree with dataset.json's sigmas")
 
     @property
     def num_samples(self) -> int:

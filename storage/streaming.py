@@ -2,13 +2,18 @@
 
 Items. The stream yields what the offline loss uses: one item per (sample, segment), where the
 segments are the step ranges ``segment_bounds`` (``[0, 25, 50]`` for NFE 2 over 50 steps; default
-one segment over the whole trajectory). An item is a dict of CPU tensors:
+one segment over the whole trajectory) or, anywhere on the schedule, the sigma ranges
+``segment_sigmas`` (NFE 3 over 50 steps begins its second segment inside step 16). A boundary
+between two recorded steps is exact, not interpolated: the recorded path is the sampler's Euler
+path, linear in sigma within a step, so the state there is ``x_j - (sigma_j - s) u_j`` and the
+segment's first and last sub-steps are the parts of steps ``j`` inside it. An item is a dict of
+CPU tensors:
 
 - ``x`` [*latent] float32: the state at the segment start; ``sigma``: its sigma (float32 scalar);
 - ``u`` [W, *latent] float32: the recorded velocities of the segment's sub-steps, ``sigmas``
   [W+1]: the sub-step sigmas, ``weights`` [W]: sub-step length / segment length. ``W`` is the
-  longest segment, shorter ones are padded with zero-weight steps (and repeated end sigmas), so
-  items of different segments batch together;
+  most sub-steps of any segment, shorter ones are padded with zero-weight steps (and repeated end
+  sigmas), so items of different segments batch together;
 - ``segment`` (int64), each conditioning field (floating ones float32), ``sample_id``, ``seed``
   (int64), ``guidance`` (float32) and ``stream_pos`` (int64 [4]: worker id, worker count, epoch,
   position in the epoch: bookkeeping for resuming);
@@ -56,6 +61,7 @@ twice without ``load_state_dict`` replays the same sequence.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -78,7 +84,8 @@ class TrajectoryStream(IterableDataset):
     """An ``IterableDataset`` of (sample, segment) items over a dataset's COMMITTED shards.
 
     ``segment_bounds``: increasing step indices from 0 to the dataset's steps (default ``[0, S]``:
-    one segment per sample). ``rank``/``world_size`` default to ``torch.distributed``'s when it is
+    one segment per sample); or ``segment_sigmas``: decreasing sigmas from the dataset's first to its
+    last (boundaries anywhere on the schedule). ``rank``/``world_size`` default to ``torch.distributed``'s when it is
     initialized, else 0/1. ``epochs=None`` iterates forever; an int stops after that many epochs
     (per consumer). ``shards`` restricts the stream to some committed shards (default: all committed
     at construction). ``cond`` selects the conditioning fields to yield (default: all).
@@ -89,6 +96,7 @@ class TrajectoryStream(IterableDataset):
         url: str,
         *,
         segment_bounds: Sequence[int] | None = None,
+        segment_sigmas: Sequence[float] | None = None,
         endpoints: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
@@ -127,11 +135,8 @@ class TrajectoryStream(IterableDataset):
         if unknown:
             raise ArcflowError(f"dataset {self.url} has no conditioning field(s) {unknown}")
         self.cond_names = names
-        bounds = [0, self.spec.steps] if segment_bounds is None else [int(b) for b in segment_bounds]
-        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != self.spec.steps or any(b >= c for b, c in zip(bounds, bounds[1:])):
-            raise ArcflowError(f"segment bounds must increase from 0 to the dataset's {self.spec.steps} steps, got {bounds}")
-        self.segment_bounds = bounds
         self._sigmas = np.asarray(self.spec.sigmas, dtype=np.float32)  # the sampler's own float32 sigmas
+        self._cuts = _segment_cuts(np.asarray(self.spec.sigmas, dtype=np.float64), segment_bounds, segment_sigmas)
         self.endpoints = bool(endpoints)
         self.cache_bytes = int(cache_bytes)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -147,12 +152,12 @@ class TrajectoryStream(IterableDataset):
     # -- sizes ----------------------------------------------------------------------------------
     @property
     def num_segments(self) -> int:
-        return len(self.segment_bounds) - 1
+        return len(self._cuts)
 
     @property
     def width(self) -> int:
-        """Sub-steps per item (the longest segment; shorter ones are zero-weight padded)."""
-        return max(b - a for a, b in zip(self.segment_bounds, self.segment_bounds[1:]))
+        """Sub-steps per item (the most of any segment; shorter ones are zero-weight padded)."""
+        return max(cut.stop - cut.start for cut in self._cuts)
 
     # -- planning (pure functions of seed, epoch, consumer; no I/O) -------------------------------
     def _consumer_shards(self, epoch: int, consumer: int, consumers: int) -> list[int]:
@@ -272,20 +277,21 @@ class TrajectoryStream(IterableDataset):
     def _item(self, shard: ShardArrays, index: int) -> dict:
         """The training item ``index`` (sample row, segment) of a shard, as CPU tensors."""
         row, segment = divmod(index, self.num_segments)
-        a, b = self.segment_bounds[segment], self.segment_bounds[segment + 1]
-        x, u = shard.segment(row, a, b)
+        cut = self._cuts[segment]
+        x, u = shard.segment(row, cut.start, cut.stop)
+        if cut.lead:  # the segment starts inside step ``start``: the Euler path's state there
+            x -= cut.lead * u[0]
         width = self.width
         padded = np.zeros((width, *u.shape[1:]), np.float32)
-        padded[: b - a] = u
-        sig = self._sigmas
-        window = sig[np.minimum(np.arange(a, a + width + 1), b)]
+        padded[: cut.stop - cut.start] = u
+        window = self._window(cut, width)
         rows = slice(row, row + 1)
         item = {
             "x": torch.from_numpy(x),
             "sigma": torch.tensor(window[0]),
             "sigmas": torch.from_numpy(window),
             "u": torch.from_numpy(padded),
-            "weights": torch.from_numpy((window[:-1] - window[1:]) / (sig[a] - sig[b])),
+            "weights": torch.from_numpy((window[:-1] - window[1:]) / (window[0] - window[-1])),
             "segment": torch.tensor(segment, dtype=torch.int64),
         }
         if self.endpoints:
@@ -295,6 +301,13 @@ class TrajectoryStream(IterableDataset):
             value = np.array(value[0])
             item[name] = torch.from_numpy(value) if value.ndim else torch.tensor(value.item(), dtype=_torch_dtype(value.dtype))
         return item
+
+    def _window(self, cut: "_Cut", width: int) -> np.ndarray:
+        """The ``width + 1`` float32 sub-step sigmas of a segment: its start, the recorded sigmas
+        inside it, its end, then the end repeated (zero-length padding)."""
+        inner = self._sigmas[cut.start + 1: cut.stop]
+        window = np.concatenate([[cut.sigma_start], inner, np.full(width + 1 - len(inner) - 1, cut.sigma_end)])
+        return window.astype(np.float32)
 
     # -- resume ---------------------------------------------------------------------------------
     def mark_consumed(self, batch_or_sample) -> None:
@@ -352,6 +365,47 @@ class TrajectoryStream(IterableDataset):
         d = dict(self.__dict__)
         d["_reader"] = None  # each worker opens its own (zarr stores are not shared across processes)
         return d
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """One segment on the recorded schedule: velocities of steps ``start..stop-1``; the segment
+    starts ``lead`` sigma after step ``start`` begins (0 on a recorded step) and runs from
+    ``sigma_start`` to ``sigma_end`` (float32, as the sampler's own sigmas)."""
+
+    start: int
+    stop: int
+    lead: np.float32
+    sigma_start: np.float32
+    sigma_end: np.float32
+
+
+def _segment_cuts(recorded: np.ndarray, segment_bounds, segment_sigmas) -> list[_Cut]:
+    """The segments of a stream, from step indices or from sigmas (see :class:`TrajectoryStream`)."""
+    steps = len(recorded) - 1
+    if segment_bounds is not None and segment_sigmas is not None:
+        raise ArcflowError("give segment_bounds or segment_sigmas, not both")
+    if segment_sigmas is None:
+        bounds = [0, steps] if segment_bounds is None else [int(b) for b in segment_bounds]
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != steps or any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ArcflowError(f"segment bounds must increase from 0 to the dataset's {steps} steps, got {bounds}")
+        segment_sigmas = [recorded[b] for b in bounds]
+    cuts = [float(s) for s in segment_sigmas]
+    if (len(cuts) < 2 or cuts[0] != recorded[0] or cuts[-1] != recorded[-1]
+            or any(not a > b for a, b in zip(cuts, cuts[1:]))):
+        raise ArcflowError(
+            f"segment sigmas must decrease from the dataset's first sigma {recorded[0]} to its last {recorded[-1]}, "
+            f"got {cuts[:8]}"
+        )
+    # step j spans sigmas (recorded[j+1], recorded[j]]: find the step each boundary falls in
+    ascending = recorded[::-1]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        start = steps - int(np.searchsorted(ascending, a, side="left"))  # recorded[start] >= a > recorded[start+1]
+        stop = steps - int(np.searchsorted(ascending, b, side="right")) + 1  # the last step the segment touches, + 1
+        lead = np.float32(recorded[start]) - np.float32(a)
+        out.append(_Cut(start, stop, lead, np.float32(a), np.float32(b)))
+    return out
 
 
 def _next_pos(epoch: int, pos: int) -> tuple[int, int]:

@@ -8,9 +8,13 @@ from .reader import TrajectoryReader
 
 
 def dataset_summary(reader: TrajectoryReader) -> dict[str, Any]:
-    """Counts, bytes, sampler settings and per-step mean curvature / velocity size of committed data."""
+    """Counts, bytes, sampler settings and per-step mean curvature / velocity size of committed data.
+    The header is first checked against the first committed shard's arrays and index (one line,
+    advising verify, when they disagree)."""
     spec = reader.spec
     committed = sorted(reader.committed_shards())
+    if committed:  # dataset.json is printed below only if a shard's arrays agree with it
+        reader.shard(committed[0])
     uncommitted = sorted(reader.uncommitted_shards())
     sizes = reader.bytes_on_disk()
     samples = int(sizes.get("samples", 0))

@@ -7,7 +7,7 @@ Commit protocol, per shard (docs/architecture.md, Format):
 2. write the shard's Zarr group WHOLE, from this one process (zarr 3.1 loses data when two writers
    touch one group, so each shard must have exactly one writer at a time: the generator hands out
    shards, never samples, as units of work);
-3. write the Parquet part LAST and atomically: temp file + rename on local disks (the temp name starts
+3. write the Parquet part, with the manifest of every object step 2 wrote, LAST and atomically: temp file + rename on local disks (the temp name starts
    with ``.`` so neither pyarrow's directory discovery nor our readers ever see it), one object write
    on object stores (``s3://``, ``gs://``: a PUT is atomic; nothing is renamed there).
 
@@ -17,9 +17,12 @@ Nothing here knows about models: arrays in (numpy or CPU torch), files out.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import math
-from typing import Any, Mapping, Sequence
+import os
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -33,10 +36,13 @@ from arcflow.storage.format import (
     FORMAT_VERSION,
     GENERATION_KEY,
     INDEX_DIR,
+    LOCK_FILE,
+    MANIFEST_KEY,
     SHARDS_DIR,
     DatasetSpec,
     index_part_name,
     shard_zarr_name,
+    short_value,
 )
 from arcflow.storage.reader import index_schema, list_shards, read_spec, readable_parts
 
@@ -58,9 +64,12 @@ def check_dataset_target(
     - A dataset with different settings, an unreadable one, a file, or a non-empty directory that is
       not a dataset: ``ArcflowError`` (one line).
 
-    Settings are compared with ``spec`` (the whole header) and/or ``generation`` (the job settings
-    the generator recorded as ``extra["generation"]``): the latter lets a job be checked before its
-    teacher is loaded, i.e. before its full spec is known.
+    Settings are compared with ``spec`` (the whole header but its descriptive fields) and with
+    the job settings the generator records as ``extra["generation"]`` (``generation``, or those
+    of ``spec``): the former lets a job be checked before its teacher is loaded, i.e. before its
+    full spec is known. A requested setting of None is a default, resolved into the full spec and
+    compared there; a recorded None (older datasets) is compared as the header's effective value
+    of that name (e.g. ``guidance``). A refusal names the settings that differ, briefly.
     """
     loc = _io.Location(url, storage_options)
     loc.check_writable()
@@ -68,7 +77,7 @@ def check_dataset_target(
         if loc.fs.exists(loc.root):
             if loc.fs.isfile(loc.root):
                 raise ArcflowError(f"dataset path {url} is a file, not a directory")
-            if loc.listdir_names():
+            if set(loc.listdir_names()) - {LOCK_FILE}:
                 raise ArcflowError(
                     f"{url} exists and is not an arcflow dataset (no {DATASET_JSON}); refusing to write into it"
                 )
@@ -79,17 +88,16 @@ def check_dataset_target(
             f"dataset {url} is format v{existing.format_version}; this arcflow writes v{FORMAT_VERSION} only "
             "(it still reads it): write to a new path"
         )
-    diffs = existing.diff(spec) if spec is not None else []
-    recorded = existing.extra.get(GENERATION_KEY)
-    if generation is not None and isinstance(recorded, dict):
-        diffs += [
-            f"{k}: {recorded.get(k)!r} != {generation.get(k)!r}"
-            for k in sorted(recorded.keys() | generation.keys())
-            if recorded.get(k) != generation.get(k)
-        ]
+    if generation is None and spec is not None:
+        generation = spec.extra.get(GENERATION_KEY)
+    diffs = generation_diffs(existing, generation or {})
+    if spec is not None:
+        diffs += existing.diff(spec, skip=(f"extra.{GENERATION_KEY}",))
+    diffs = list(dict.fromkeys(diffs))  # a setting and the header field it makes, said once
     if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         raise ArcflowError(
-            f"dataset {url} already exists with different settings ({'; '.join(diffs)} [existing != requested]); "
+            f"dataset {url} already exists with different settings ({shown} [existing != requested]); "
             "use a new path, or the same settings to resume"
         )
     if not resume:
@@ -99,6 +107,81 @@ def check_dataset_target(
             "resume it (--resume) or choose a new path"
         )
     return existing
+
+
+def generation_diffs(existing: DatasetSpec, requested: Mapping[str, Any]) -> list[str]:
+    """``key: recorded != requested`` for each job setting that differs from the one ``existing``
+    recorded (nothing when it recorded none: a dataset not made by the generator)."""
+    recorded = existing.extra.get(GENERATION_KEY)
+    if not isinstance(recorded, dict):
+        return []
+    header = {**existing.extra, **existing.to_dict()}
+    out = []
+    for key in sorted(requested):
+        new = requested[key]
+        if new is None:  # a default: resolved in the full spec, and compared there
+            continue
+        old = recorded.get(key)
+        if old is None:  # recorded unresolved (older arcflow): the header holds the effective value
+            old = header.get(key)
+        if old != new:
+            out.append(f"{key}: {short_value(old)} != {short_value(new)}")
+    return out
+
+
+@contextlib.contextmanager
+def dataset_lock(url: str, storage_options: dict | None = None) -> Iterator[None]:
+    """Hold the dataset at ``url`` for one writing job: a second job on the same local dataset is
+    refused with one line while this one runs. ``fcntl.flock`` on ``LOCK_FILE`` in the root, so
+    the kernel releases it when the process dies, however it dies; the file is removed on release,
+    and a root this lock had to create is removed again if nothing else was put in it. Object
+    stores and other remote filesystems have no lock (their writers must not overlap: see
+    docs/dataset_format.md)."""
+    loc = _io.Location(url, storage_options)
+    if not loc.is_local:
+        yield
+        return
+    root = os.path.abspath(loc.root)
+    made_root = not os.path.exists(root)
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK_FILE)
+    fd = _acquire(path, url)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # while still held: a process waiting on this file then sees it replaced
+        os.close(fd)
+        if made_root:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)  # only if empty: nothing was written
+
+
+def _acquire(path: str, url: str) -> int:
+    """An open descriptor of the lock file ``path``, exclusively locked; ArcflowError when another
+    process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ArcflowError(
+            f"dataset {url} is being written by another job (pid {holder}); wait for it to finish, or stop it"
+        ) from None
+    if os.fstat(fd).st_ino != _inode(path):  # its holder removed it as we opened it: that job is done
+        os.close(fd)
+        return _acquire(path, url)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def create_or_open_dataset(
@@ -242,11 +325,15 @@ class DatasetWriter:
         # 1. un-commit and drop any stale/partial group of this shard
         self.loc.rm_file(INDEX_DIR, index_part_name(shard_id))
         self.loc.rm_tree(SHARDS_DIR, shard_zarr_name(shard_id))
-        # 2. the Zarr group, whole
-        self._write_zarr(shard_id, self._shard_arrays(x, u, ref, cond_np, prompts, ids, sds, g))
-        # 3. the Parquet part, last and atomically: this commits the shard
+        # 2. the Zarr group, whole, recording the manifest of what it wrote
+        manifest = self._write_zarr(shard_id, self._shard_arrays(x, u, ref, cond_np, prompts, ids, sds, g))
+        # 3. the Parquet part with the manifest, last and atomically: this commits the shard
         table = build_index_table(shard_id, x, u, ref, ids, sds, prompts, g)
         import pyarrow.parquet as pq
+
+        from arcflow.storage.chunk_store import manifest_to_json
+
+        table = table.replace_schema_metadata({MANIFEST_KEY: manifest_to_json(manifest)})
 
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
@@ -287,19 +374,22 @@ class DatasetWriter:
         arrays["guidance"] = (guidance, (n,), None)
         return arrays
 
-    def _write_zarr(self, shard_id: int, arrays: dict[str, tuple]) -> None:
+    def _write_zarr(self, shard_id: int, arrays: dict[str, tuple]) -> dict[str, list]:
         """The shard's group, all arrays created and written in ONE trip to zarr's event loop: each
         synchronous zarr call is a thread hand-off, and in a generation worker every one of them
         takes the GIL from the teacher computing the next shard. Every chunk is written (even a
-        constant one) and checksummed, so readers can tell damage from data."""
+        constant one) and checksummed, so readers can tell damage from data; returns the manifest
+        of every object written (``arcflow.storage.chunk_store``)."""
         import asyncio
 
         import zarr.api.asynchronous as zarr_async
         from zarr.core.sync import sync
 
+        from arcflow.storage.chunk_store import RecordingStore
+
         spec = self.spec
         codecs = _io.zarr_compressors(spec.compression, spec.compression_level, checksum=True)
-        store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=False)
+        store = RecordingStore(self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=False))
         n = len(arrays["sample_id"][0])
         attributes = {"format_version": FORMAT_VERSION, "shard": shard_id, "num_samples": n, "storage_dtype": spec.storage_dtype}
 
@@ -322,6 +412,7 @@ class DatasetWriter:
             await asyncio.gather(*(put(name, *args) for name, args in arrays.items()))
 
         sync(write())
+        return store.manifest
 
 
 def _bits_dtype(storage_dtype: str) -> str | None:
@@ -354,7 +445,7 @@ def unique_condition_rows(cond: Mapping[str, np.ndarray], prompts: Sequence[str]
     and identical conditioning share one stored row (several seeds per prompt is the usual set)."""
     rows = np.empty(len(prompts), np.int32)
     firsts: list[int] = []
-    by_prompt: dict[str, list[int]] = {}
+    by_prompt: dict[str, list] = {}
     for i, p in enumerate(prompts):
         for r in by_prompt.setdefault(p, []):
             if all(np.array_equal(a[firsts[r]], a[i]) for a in cond.values()):

@@ -146,7 +146,7 @@ def test_unknown_prompt_in_process(run, tmp_path, capsys):
 
 def test_samples_on_the_runs_recorded_segment_sigmas(run, loaded, tmp_path, capsys):
     """The student integrates over its scheduler's segment boundaries (recorded at training), not a
-    fresh schedule."""
+    fresh schedule (a run recorded at other boundaries: both files agree, as sampling requires)."""
     import shutil
 
     from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
@@ -156,8 +156,9 @@ def test_samples_on_the_runs_recorded_segment_sigmas(run, loaded, tmp_path, caps
     record = json.loads((moved / "arcflow_config.json").read_text())
     scheduler = json.loads((moved / SCHEDULER_CONFIG_NAME).read_text())
     assert len(record["segment_sigmas"]) == 3 and scheduler["segment_sigmas"] == record["segment_sigmas"]
-    scheduler["segment_sigmas"] = [1.0, 0.8, 0.0]
+    scheduler["segment_sigmas"] = record["segment_sigmas"] = [1.0, 0.8, 0.0]
     (moved / SCHEDULER_CONFIG_NAME).write_text(json.dumps(scheduler))
+    (moved / "arcflow_config.json").write_text(json.dumps(record))
     arr = sample(capsys, tmp_path / "m.npy", "--adapter", moved, "--prompt", PROMPT, "--num", 2, "--seed", 0)
     noise = loaded.teacher.noise([0, 1])
     cond = loaded.teacher.encode_prompts([PROMPT] * 2)

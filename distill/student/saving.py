@@ -20,11 +20,15 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 import safetensors.torch
+import torch
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from torch import Tensor, nn
 
@@ -60,6 +64,39 @@ def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_confi
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".export-tmp"
+    if tmp.is_symlink():
+        tmp.unlink()
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        record = _write_student(student, tmp, extra_config)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        converted = _as_os_error(exc, tmp)
+        if converted is exc:
+            raise
+        raise converted from exc
+    # Each file replaces its name (a link there is replaced, never followed); the record goes last.
+    for name in [*sorted(set(record["files"].values())), SCHEDULER_CONFIG_NAME, STUDENT_CONFIG_FILE]:
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    logger.info("saved student to %s", out)
+    return out
+
+
+def _as_os_error(exc: Exception, where: Path) -> Exception:
+    """safetensors' Rust I/O errors (``IoError(Os { code: 28, ...})``, a full disk) as the OSError
+    they are, naming ``where``; anything else unchanged."""
+    match = re.search(r"Os \{ code: (\d+)", str(exc))
+    if match is None:
+        return exc
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code), str(where))
+
+
+def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Write every file of the run directory into ``out``; returns the record written."""
     transformer, config, teacher = student.transformer, student.config, student.teacher
     files = {"head": HEAD_FILE}
     if student.has_lora:
@@ -92,11 +129,8 @@ def save_student(student: Student, out_dir: Union[str, os.PathLike], extra_confi
         raise ValueError(f"extra_config contradicts the student on {', '.join(clash)}")
     record.update(extra_config)
     _scheduler_for_record(record, teacher).save_config(str(out))
-    tmp = out / f".{STUDENT_CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / STUDENT_CONFIG_FILE)
-    logger.info("saved student to %s", out)
-    return out
+    (out / STUDENT_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
 
 
 def _scheduler_for_record(record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
@@ -139,7 +173,17 @@ def load_scheduler(run_dir: Union[str, os.PathLike], record: Mapping[str, Any], 
     differ = [key for key in shape if scheduler.config[key] != expected.config[key]]
     if differ:
         raise ArcflowError(f"{run_dir}/{SCHEDULER_CONFIG_NAME} does not fit the run's student ({', '.join(differ)} differ)")
+    if not _same_sigmas(scheduler.config["segment_sigmas"], expected.config["segment_sigmas"]):
+        raise ArcflowError(
+            f"{run_dir}/{SCHEDULER_CONFIG_NAME} is damaged: its segment_sigmas differ from the ones the run "
+            f"recorded in {STUDENT_CONFIG_FILE}"
+        )
     return scheduler
+
+
+def _same_sigmas(mine: Any, recorded: Any) -> bool:
+    """Two sigma schedules agree (to float32 rounding: the teacher's own schedule is float32)."""
+    return len(mine) == len(recorded) and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(mine, recorded))
 
 
 def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
@@ -196,12 +240,12 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
         if config.trainable == "lora+heads":
             _load_lora(transformer, run_file(run, files.get("lora", LORA_FILE)), adapter_name)
         if "trainable" in files:
-            weights = safetensors.torch.load_file(str(run_file(run, files["trainable"])))
+            weights = _finite_weights(run_file(run, files["trainable"]))
             result = transformer.load_state_dict(weights, strict=False)
             if result.unexpected_keys:
                 raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
         head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
-        head.load_state_dict(safetensors.torch.load_file(str(head_path)))
+        head.load_state_dict(_finite_weights(head_path))
     except ArcflowError:
         raise
     except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
@@ -212,10 +256,19 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
     return proj
 
 
+def _finite_weights(path: Path) -> dict[str, Tensor]:
+    """A run's weights file, refused as one line naming it where a weight is NaN or infinite."""
+    weights = safetensors.torch.load_file(str(path))
+    for name, value in weights.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ArcflowError(f"{path} holds a weight that is not finite ({name[:100]}): the run diverged or the file is damaged")
+    return weights
+
+
 def _load_lora(transformer: nn.Module, path: Path, adapter_name: str) -> None:
     """diffusers' ``load_lora_adapter`` from the run's file (older runs' prefixed keys too)."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        legacy = any(k.startswith(f"{LEGACY_LORA_PREFIX}.") for k in f.keys())
+    weights = _finite_weights(path)
+    legacy = any(k.startswith(f"{LEGACY_LORA_PREFIX}.") for k in weights)
     transformer.load_lora_adapter(
         str(path.parent), weight_name=path.name, adapter_name=adapter_name,
         prefix=LEGACY_LORA_PREFIX if legacy else None,
