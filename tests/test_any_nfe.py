@@ -115,7 +115,7 @@ def test_an_nfe_between_steps_of_a_schedule_without_a_static_shift_is_one_line(d
     header = json.loads((copy / "dataset.json").read_text())
     header["shift"] = float("nan")
     (copy / "dataset.json").write_text(json.dumps(header))
-    config = DistillConfig.from_dict(dict(dataset=str(copy), out=str(tmp_path / "run"), nfe=3))
+    config = DistillConfig.from_dict(dict(dataset=str(copy), out=str(tmp_path / "run"), nfe=3, batch_size=8))
     with pytest.raises(ArcflowError, match="--nfe 3 is not representable on this dataset: .*divides 10"):
         plan_run(config)
-    assert plan_run(DistillConfig.from_dict(dict(dataset=str(copy), out=str(tmp_path / "run"), nfe=5))).segment_sigmas
+    assert plan_run(DistillConfig.from_dict(dict(dataset=str(copy), out=str(tmp_path / "run"), nfe=5, batch_size=8))).segment_sigmas
