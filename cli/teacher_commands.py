@@ -46,7 +46,7 @@ def sample(
     ),
     steps: int = typer.Option(50, "--steps", min=1, max=10_000, help="Euler steps of the teacher sampler."),
     nfe: Optional[int] = typer.Option(
-        None, "--nfe", min=1, max=1000, help="Student network evaluations (default: the run's)."
+        None, "--nfe", min=1, max=1000, help="Student network evaluations (default: the run's; another NFE samples on the teacher's schedule and, measured on digits, loses quality: train for it with distill --nfe)."
     ),
     compare_teacher: bool = typer.Option(
         False, "--compare-teacher", help="With --adapter: add the teacher's --steps sample from the same noise."
