@@ -141,7 +141,9 @@ def test_a_full_disk_in_safetensors_is_an_os_error():
 
     rust = Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
     converted = _as_os_error(rust, Path("/runs/x/.export-tmp"))
-    assert describe(converted) == "/runs/x/.export-tmp: no space left on the device; free some space, then rerun with --resume"
+    assert describe(converted, resumable=True) == (
+        "/runs/x/.export-tmp: no space left on the device; free some space, then rerun with --resume"
+    )
     other = ValueError("something else")
     assert _as_os_error(other, Path("/x")) is other
 
