@@ -40,10 +40,11 @@ def distill(config: DistillConfig) -> Path:
     directory is claimed only for good: if the job fails before its first checkpoint, what it
     wrote is removed again, so the corrected command can use the same ``--out``.
     """
+    from .on_policy import resolve
     from .student import STUDENT_CONFIG_FILE
 
     config.validate()  # before _absolute_paths turns a URL --out into a local path
-    config = _absolute_paths(config)
+    config = resolve(_absolute_paths(config))  # a polish (--from RUN) trains RUN's student
     plan = plan_run(config)
     out = Path(config.out)
     if plan.resume_step >= config.iters and (out / STUDENT_CONFIG_FILE).is_file():
@@ -68,8 +69,10 @@ def distill(config: DistillConfig) -> Path:
 def _absolute_paths(config: DistillConfig) -> DistillConfig:
     """Ray Train workers run in their own working directory: pin local paths before starting."""
     changes = {"out": str(Path(config.out).resolve())}
-    if "://" not in config.dataset:
-        changes["dataset"] = str(Path(config.dataset).resolve())
+    for name in ("dataset", "from_run", "prompts"):
+        value = getattr(config, name)
+        if value is not None and "://" not in value:
+            changes[name] = str(Path(value).resolve())
     return dataclasses.replace(config, **changes)
 
 
