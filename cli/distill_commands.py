@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from click.core import ParameterSource
 
 from arcflow.distill.config import EMA_SCHEDULES, DistillConfig
 from arcflow.distill.student.config import TRAINABLE_MODES, StudentConfig
@@ -112,12 +111,18 @@ def distill_command(
     typer.echo(f"student written to {run}")
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the command line set ``name`` (by its source's name: typer may carry its own click)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def explicit_settings(ctx: typer.Context) -> dict[str, object]:
     """The settings a user gave on the command line (defaults are the dataclasses' own)."""
     given = {
         _FIELD.get(name, name): value
         for name, value in ctx.params.items()
-        if name not in _NOT_SETTINGS and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+        if name not in _NOT_SETTINGS and _given(ctx, name)
     }
     options = {name: ctx.params[name] for name in ("height", "width", "torch_dtype") if ctx.params.get(name) is not None}
     if options:

@@ -195,13 +195,15 @@ def rollout_loss(
     share: float,
     generator: torch.Generator,
     backward: bool = True,
+    trace: Optional[list[dict[str, Tensor]]] = None,
 ) -> tuple[Tensor, Tensor, int]:
     """One on-policy iteration (see the module docstring) over a batch of noises ``(B, N, C)``.
 
     With ``backward`` each segment's loss is back-propagated as soon as it is computed (under DDP's
     ``no_sync`` except the last), and the returned loss is detached. Returns the total loss, a
     ``(nfe,)`` tensor of per-segment losses (each the scaled MSE averaged over its states) and the
-    teacher network evaluations spent (per sample and state: 1, or 2 with true CFG).
+    teacher network evaluations spent (per sample and state: 1, or 2 with true CFG). ``trace``
+    (tests) receives every visited state: segment, sigmas, the state and the teacher's velocity.
     """
     device = noise.device
     batch = noise.shape[0]
@@ -237,6 +239,9 @@ def rollout_loss(
             pred = torch.where(short.reshape(-1, *([1] * (mean.dim() - 1))), instant, mean)
             preds.append(_to_tokens(pred))
             targets.append(target)
+            if trace is not None:
+                trace.append({"segment": seg, "s_src": s_src.float(), "s_a": s_a, "s_b": s_b, "s_end": s_end,
+                              "x_a": x_a.detach().clone(), "target": target, "pred": preds[-1].detach()})
             x = (x_a + target * (s_b - s_a).reshape(-1, 1, 1)).float()  # the teacher's Euler step
             raw = raw_b
         loss = settings.loss_scale * (torch.stack(preds) - torch.stack(targets)).pow(2).mean()
