@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {
     "demo-report": ROOT / "docs/demo/report.md",
     "ablation": ROOT / "benchmarks/results/ablation.md",
+    "method-comparison": ROOT / "benchmarks/results/method_comparison.md",
     "teacher-quality": ROOT / "benchmarks/results/teacher_quality.md",
     "builder": ROOT / "benchmarks/results/builder.md",
     "storage-bytes-formats": ROOT / "benchmarks/results/storage_bytes_formats.md",

@@ -265,3 +265,21 @@ def test_cli_on_policy_end_to_end(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run_in_process(capsys, "distill", "--on-policy", "--teacher", "digits", "--prompts", prompts, "--out", run)
     assert_one_line_error(code, err, "already holds a distill run")
+
+
+def test_optimizer_groups_and_the_karras_ema():
+    """The log-gamma head trains at lr x mult in its own group; the Karras decay is
+    (1 - 1/(t - start))^(gamma + 1), a plain copy until ``start``."""
+    from arcflow.distill.optim import karras_decay, make_ema, make_optimizer
+
+    student = build_student(load_teacher("digits"), StudentConfig(k=3, lora_rank=2))
+    params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    config = DistillConfig(dataset="d", out="o", lr=1e-3, log_gamma_lr_mult=0.1, adam_beta2=0.95)
+    optimizer = make_optimizer(params, config)
+    (rest, gamma) = optimizer.param_groups
+    assert gamma["lr"] == pytest.approx(1e-4) and rest["lr"] == 1e-3 and rest["betas"] == (0.9, 0.95)
+    assert {id(p) for p in gamma["params"]} == {id(p) for n, p in params.items() if "proj_out.log_gamma." in n}
+    assert karras_decay(5, 7.0, 10) == 0.0 and karras_decay(11, 7.0, 10) == 0.0
+    assert karras_decay(110, 7.0, 10) == pytest.approx((1 - 1 / 100) ** 8)
+    ema = make_ema(params.values(), DistillConfig(dataset="d", out="o", ema_schedule="karras", ema_start=0))
+    assert ema.get_decay(100) == pytest.approx((1 - 1 / 100) ** 8)
