@@ -47,12 +47,14 @@ class StudentConfig:
     besides the LoRA and the head (the official recipe trains ``norm_out``).
 
     These defaults are the ONE source: ``DistillConfig()`` and ``arcflow distill`` build this same
-    student when no flag says otherwise.
+    student when no flag says otherwise. Momentum is off by default: in benchmarks/method_comparison.py
+    (offline and on-policy, two guidance regimes) ArcFlow's curved steps never beat K constant
+    velocities on the digits teacher; ``momentum=True`` gives ArcFlow's.
     """
 
     k: int = 8
     weight_groups: int = 1
-    momentum: bool = True
+    momentum: bool = False
     lora_rank: int = 16
     lora_alpha: Optional[float] = None
     lora_dropout: float = 0.0
