@@ -117,13 +117,16 @@ class TiedTeacher:
         current = {name: transformer.get_submodule(name) for name in self.originals}
         lora = bool(getattr(transformer, "_hf_peft_config_loaded", False))
         trainable = [p for p in transformer.parameters() if p.requires_grad]
+        training = transformer.training
         for name, module in self.originals.items():
             _set_submodule(transformer, name, module)
         if lora:
             transformer.disable_adapters()
+        transformer.eval()  # the teacher runs without dropout (the official code's module_eval)
         try:
             yield
         finally:
+            transformer.train(training)
             if lora:
                 transformer.enable_adapters()
             for name, module in current.items():

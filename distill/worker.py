@@ -156,6 +156,7 @@ def setup(
     tied = on_policy.TiedTeacher.capture(teacher, config.student) if config.on_policy else None
     # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
     student = build_student(teacher, dataclasses.replace(config.student, init_seed=config.seed), inplace=True).to(device)
+    student.train()  # LoRA dropout (--lora-dropout) acts only in training mode
     if config.from_run is not None and saved is None:
         on_policy.parent_weights(student, config.from_run)
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}

@@ -57,15 +57,20 @@ def inputs(batch=4, sigma=0.7):
 def test_tied_teacher_velocity_is_the_untouched_teachers():
     """Adapters off, the original projection and norm_out swapped back: the plain teacher's velocity
     to float32 rounding (bit-for-bit here), and the student is itself again afterwards."""
-    config = StudentConfig(k=3, lora_rank=4, train_modules=["norm_out"])
+    config = StudentConfig(k=3, momentum=True, lora_rank=4, lora_dropout=0.5, train_modules=["norm_out"])
     _, tied, student = perturbed_student(config)
+    student.train()  # as in training: LoRA dropout active for the student, never for the teacher
     plain = load_teacher("digits")
     x, sigma, cond = inputs()
+    student.eval()
     before = student(x, sigma, cond).velocities.detach()
+    student.train()
     for guidance in (1.0, 1.5, 4.0):
         expected = plain.velocity(x, sigma, cond, guidance)
         got = tied.velocity(x, sigma, cond, guidance)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert student.training, "the student is back in training mode"
+    student.eval()
     assert not torch.allclose(velocity_at(student(x, sigma, cond), sigma, sigma).transpose(1, 2),
                               plain.velocity(x, sigma, cond, 1.0), atol=1e-3), "the perturbed student differs"
     assert torch.equal(student(x, sigma, cond).velocities.detach(), before), "the student is restored"
@@ -272,7 +277,7 @@ def test_optimizer_groups_and_the_karras_ema():
     (1 - 1/(t - start))^(gamma + 1), a plain copy until ``start``."""
     from arcflow.distill.optim import karras_decay, make_ema, make_optimizer
 
-    student = build_student(load_teacher("digits"), StudentConfig(k=3, lora_rank=2))
+    student = build_student(load_teacher("digits"), StudentConfig(k=3, lora_rank=2, momentum=True))
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
     config = DistillConfig(dataset="d", out="o", lr=1e-3, log_gamma_lr_mult=0.1, adam_beta2=0.95)
     optimizer = make_optimizer(params, config)
