@@ -288,3 +288,31 @@ def test_optimizer_groups_and_the_karras_ema():
     assert karras_decay(110, 7.0, 10) == pytest.approx((1 - 1 / 100) ** 8)
     ema = make_ema(params.values(), DistillConfig(dataset="d", out="o", ema_schedule="karras", ema_start=0))
     assert ema.get_decay(100) == pytest.approx((1 - 1 / 100) ** 8)
+
+
+def test_on_policy_on_a_flux_pipeline_samples_in_a_stock_pipeline(tmp_path):
+    """A tiny FluxPipeline (guidance-distilled: one evaluation per state) distilled on-policy from a
+    prompts file; the stock pipeline's own __call__ then samples the run in exactly 2 calls."""
+    from arcflow.distill.interop import arcflow_pipeline
+    from diffusers import FluxPipeline
+    from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline
+
+    flux_dir = save_tiny_flux_pipeline(tmp_path / "pipe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\n")
+    options = dict(height=32, width=32, max_sequence_length=T5_LENGTH)
+    run = tmp_path / "run"
+    train_tiny_on_policy(run, teacher=str(flux_dir), prompts=str(prompts), teacher_options=options, iters=2,
+                         batch_size=2, weight_groups=4, momentum=True)
+    record = json.loads((run / "arcflow_config.json").read_text())
+    assert record["teacher_evals"] == 2 * 2 * 2 * 4 * 1, "embedded guidance: one evaluation per state"
+    assert record["guidance"] == 3.5 and record["teacher_options"]["height"] == 32
+    teacher = load_teacher(str(flux_dir), **options)
+    torch.testing.assert_close(torch.tensor(record["segment_sigmas"]), teacher.sigmas(2).float(), rtol=0, atol=1e-6)
+    pipe = FluxPipeline.from_pretrained(str(flux_dir))
+    arcflow_pipeline(pipe, run)
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    out = pipe(["a photo of a cat"], num_inference_steps=2, guidance_scale=3.5, max_sequence_length=T5_LENGTH,
+               height=32, width=32, output_type="latent")
+    assert len(calls) == 2 and torch.isfinite(out.images).all()
