@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
@@ -14,27 +15,48 @@ from .student.config import StudentConfig
 #: run or dataset resumes: the data itself is compared by its fingerprint instead of its path.
 RESUMABLE_CHANGES = (
     "out", "dataset", "iters", "resume", "num_workers", "use_gpu", "ray_address", "checkpoint_every", "log_every",
-    "progress", "gradient_checkpointing", "fsdp", "max_failures", "threads",
+    "progress", "gradient_checkpointing", "fsdp", "max_failures", "threads", "preset",
 )
+
+
+#: ``ema_schedule`` values: a fixed decay (diffusers' ``EMAModel``, which warms it up) or the
+#: Karras power-function schedule of the official recipe (distill/optim.py).
+EMA_SCHEDULES = ("constant", "karras")
 
 
 @dataclass
 class DistillConfig:
-    """Everything `arcflow distill` needs; saved as ``distill_config.json`` in the run directory."""
+    """Everything `arcflow distill` needs; saved as ``distill_config.json`` in the run directory.
 
-    dataset: str
-    out: str
-    #: The student: K, weight groups, momentum, LoRA, what trains, and its NFE (segments). Momentum
-    #: is off by default here: on the digits testbed the ablation (benchmarks/ablation.py) found K
-    #: constant velocities at least as good as curved momentum steps; `--momentum` gives ArcFlow's.
-    student: StudentConfig = field(default_factory=lambda: StudentConfig(momentum=False))
+    Offline (the default) it fits the student to a trajectory ``dataset``. With ``on_policy`` there
+    is no dataset: the student rolls out from noise and the teacher, tied to the student's own frozen
+    base, gives the targets at the states the rollout visits (distill/on_policy.py); ``teacher``
+    names it, or ``from_run`` continues a finished run (its teacher, student and weights).
+    """
+
+    dataset: Optional[str] = None
+    out: str = ""
+    #: The student: K, weight groups, momentum, LoRA, what trains, and its NFE (segments). Its
+    #: defaults are StudentConfig's own (the one source the CLI reads as well).
+    student: StudentConfig = field(default_factory=StudentConfig)
     iters: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.0
+    #: AdamW's second-moment decay (the official recipe uses 0.95); beta1 is 0.9.
+    adam_beta2: float = 0.999
+    #: Learning-rate multiplier of the momentum head's log-gamma projection (official: 0.1).
+    log_gamma_lr_mult: float = 1.0
+    #: The loss is multiplied by this (the official recipe: MSE x 30); matters with --grad-clip.
+    loss_scale: float = 1.0
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    #: ``constant``: ``ema_decay`` (warmed up by diffusers' EMAModel); ``karras``: the decay at step
+    #: t is (1 - 1/(t - ema_start))^(ema_gamma + 1), the official recipe's schedule.
+    ema_schedule: str = "constant"
+    ema_gamma: float = 7.0
+    ema_start: int = 100
     bf16: bool = False
     #: Recompute each transformer block's activations in backward (diffusers' checkpointing):
     #: less activation memory for about one more forward per step; same loss and gradients.
@@ -59,16 +81,45 @@ class DistillConfig:
     max_failures: int = 0
     resume: bool = False
     progress: bool = True
+    #: The preset these settings started from (distill/presets.py), recorded for the run's reader.
+    preset: Optional[str] = None
+    # ----- on-policy (data-free) distillation: distill/on_policy.py --------------------------------
+    on_policy: bool = False
+    #: The teacher to distill on-policy (a registry id); None with ``from_run`` (its teacher).
+    teacher: Optional[str] = None
+    #: A text file of prompts, one per line (None: the teacher's own prompt set).
+    prompts: Optional[str] = None
+    #: Continue a finished run on-policy (a polish): its teacher, student settings and weights.
+    from_run: Optional[str] = None
+    #: The teacher's guidance for on-policy targets (None: ``from_run``'s, else the teacher's default).
+    guidance: Optional[float] = None
+    #: ``load_teacher`` options of an on-policy diffusers teacher (height, width, torch_dtype, ...).
+    teacher_options: Optional[dict] = None
+    #: The teacher's share of each segment decays linearly from 1 to 0 over these iterations.
+    teacher_mix_iters: int = 2000
+    #: States visited per segment (each one teacher evaluation per sample, x2 with true CFG).
+    intermediate_states: int = 4
+    #: Raw-time resolution of a segment and the prediction window in those sub-steps.
+    total_substeps: int = 128
+    window_substeps: int = 3
+    #: Probability of dropping each mixture component of the detached student rollout.
+    mixture_dropout: float = 0.1
 
     def validate(self) -> None:
         """One-line ``ArcflowError`` for values no run can use (dataset checks happen elsewhere)."""
         check_numbers(
             self,
-            positive=("iters", "batch_size", "checkpoint_every", "log_every", "num_workers"),
-            non_negative=("warmup", "loader_workers", "shuffle_buffer", "weight_decay", "max_failures"),
+            positive=("iters", "batch_size", "checkpoint_every", "log_every", "num_workers", "intermediate_states",
+                      "total_substeps"),
+            non_negative=("warmup", "loader_workers", "shuffle_buffer", "weight_decay", "max_failures",
+                          "teacher_mix_iters", "window_substeps", "ema_start"),
             at_most={"iters": 10**9, "batch_size": 10**6, "num_workers": 10_000,
-                     "loader_workers": 256, "shuffle_buffer": 10**6, "max_failures": 10**6},
+                     "loader_workers": 256, "shuffle_buffer": 10**6, "max_failures": 10**6,
+                     "intermediate_states": 1000, "total_substeps": 10**6},
         )
+        if not self.out:
+            raise ArcflowError("--out is required: the run directory")
+        self._validate_source()
         if self.threads is not None and not 1 <= self.threads <= 1024:
             raise ArcflowError(f"--threads must be from 1 to 1024, got {self.threads}")
         if "://" in str(self.out):  # pathlib would make "s3://b/run" a local "s3:/b/run"
@@ -88,6 +139,41 @@ class DistillConfig:
             raise ArcflowError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.fsdp and self.student.trainable == "full":
             raise ArcflowError("--fsdp shards the frozen weights; with --trainable full nothing is frozen")
+        if not 0.0 <= self.adam_beta2 < 1.0:
+            raise ArcflowError(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
+        if self.log_gamma_lr_mult < 0 or self.loss_scale <= 0:
+            raise ArcflowError("--log-gamma-lr-mult must be >= 0 and --loss-scale > 0")
+        if self.ema_schedule not in EMA_SCHEDULES:
+            raise ArcflowError(f"--ema-schedule must be one of {', '.join(EMA_SCHEDULES)}, got {self.ema_schedule!r}")
+        if self.ema_gamma <= 0:
+            raise ArcflowError(f"--ema-gamma must be > 0, got {self.ema_gamma}")
+
+    def _validate_source(self) -> None:
+        """Where the training data comes from: a dataset, or (on-policy) a teacher or a finished run."""
+        if not self.on_policy:
+            given = [f for f, v in (("--teacher", self.teacher), ("--prompts", self.prompts), ("--from", self.from_run),
+                                    ("--guidance", self.guidance), ("teacher options", self.teacher_options)) if v]
+            if given:
+                raise ArcflowError(f"{', '.join(given)} only apply with --on-policy (offline runs take them from the dataset)")
+            if not self.dataset:
+                raise ArcflowError("a DATASET is required (or --on-policy with --teacher ID or --from RUN)")
+            return
+        if self.dataset:
+            raise ArcflowError("--on-policy trains without a dataset: drop DATASET (use --teacher ID or --from RUN)")
+        if self.shards is not None:
+            raise ArcflowError("--on-policy has no dataset shards to select")
+        if (self.teacher is None) == (self.from_run is None):
+            raise ArcflowError("--on-policy needs exactly one of --teacher ID (from scratch) or --from RUN (a polish)")
+        if self.fsdp:
+            raise ArcflowError("--on-policy does not support --fsdp yet (the tied teacher swaps the output head in place)")
+        if self.student.trainable == "full":
+            raise ArcflowError("--on-policy ties the teacher to the student's frozen base; --trainable full leaves none")
+        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
+            raise ArcflowError(f"--guidance must be a finite number >= 0, got {self.guidance}")
+        if not 0.0 <= self.mixture_dropout < 1.0:
+            raise ArcflowError(f"--mixture-dropout must be in [0, 1), got {self.mixture_dropout}")
+        if "://" in str(self.from_run or "") or "://" in str(self.prompts or ""):
+            raise ArcflowError("--from and --prompts must be local paths")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +186,6 @@ class DistillConfig:
         student_names = {f.name for f in fields(StudentConfig)}
         student = dict(data.get("student") or {})
         student.update({k: v for k, v in data.items() if k in student_names})
-        student.setdefault("momentum", False)  # this stage's default (see the field's comment)
         return cls(**{k: v for k, v in data.items() if k in names}, student=StudentConfig.from_dict(student))
 
     def differences(self, other: "DistillConfig") -> list[str]:

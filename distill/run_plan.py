@@ -44,10 +44,18 @@ class RunPlan:
     resume_checkpoint: Optional[str] = None
     #: The driver process Ray workers watch (:func:`~arcflow.core.driver_watch.driver_identity`).
     driver: Optional[dict[str, object]] = None
+    #: The teacher's guidance: the dataset's, or the on-policy run's (None: the teacher's default).
+    guidance: Optional[float] = None
+    #: Teacher network evaluations spent before training: the dataset's (samples x steps x 2 with
+    #: true CFG), or for an on-policy polish the run it continues; on-policy runs add their own.
+    teacher_evals: int = 0
 
 
 def plan_run(config: DistillConfig) -> RunPlan:
     """Validate the config, the dataset and the output directory, and plan the run.
+
+    An on-policy run has no dataset: :func:`~arcflow.distill.on_policy.plan_source` checks its
+    teacher, prompts and the run it continues instead.
 
     Raises ``ArcflowError`` (one line) for: bad values, a missing dataset, a dataset with no
     committed shards or a damaged index part, more Ray Train workers than shards, weight groups
@@ -56,11 +64,33 @@ def plan_run(config: DistillConfig) -> RunPlan:
     other settings or other data; a run directory may be moved or copied and resumed there).
     Everything a training worker would reject is refused here, before anything is written.
     """
-    from arcflow.pipeline.registry import check_teacher_id, teacher_options_for_dataset
     from arcflow.storage import _io
-    from arcflow.storage.reader import open_dataset
 
     config.validate()
+    if config.on_policy:
+        from .on_policy import plan_source
+
+        source = plan_source(config)
+        facts: dict[str, Any] = dict(
+            teacher_id=source.teacher_id, teacher_options=source.teacher_options, segment_sigmas=[],
+            dataset_fingerprint=source.fingerprint, guidance=source.guidance, teacher_evals=source.teacher_evals_before)
+    else:
+        facts = _dataset_facts(config)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ArcflowError(f"--out {out} exists and is not a directory")
+    _io.Location(str(out)).check_writable()
+    found = find_resume(config, facts["dataset_fingerprint"])
+    return RunPlan(**facts, resume_step=found.step,
+                   resume_checkpoint=str(found.path) if found.path is not None else None)
+
+
+def _dataset_facts(config: DistillConfig) -> dict[str, Any]:
+    """An offline run's dataset checks and what the workers need from the dataset."""
+    from arcflow.pipeline.registry import check_teacher_id, is_diffusers_teacher, teacher_options_for_dataset
+    from arcflow.pipeline.teacher import velocity_evaluations
+    from arcflow.storage.reader import open_dataset
+
     reader = open_dataset(config.dataset)
     selected = reader.require_committed_shards(config.shards)
     if not selected:  # an empty selection
@@ -72,27 +102,25 @@ def plan_run(config: DistillConfig) -> RunPlan:
             f"(each worker streams its own); the dataset has {len(selected)}"
         )
     _check_batch_size(config, sum(sizes.values()))
-    channels = int(reader.spec.latent_shape[-1])
+    spec = reader.spec
+    channels = int(spec.latent_shape[-1])
     if channels % config.student.weight_groups:
         raise ArcflowError(f"--weight-groups {config.student.weight_groups} does not divide the {channels} latent channels")
-    check_teacher_id(reader.spec.teacher_id)
+    check_teacher_id(spec.teacher_id)
     try:
-        sigmas = segment_sigmas(reader.spec.sigmas, float(reader.spec.shift), config.student.nfe)
+        sigmas = segment_sigmas(spec.sigmas, float(spec.shift), config.student.nfe)
     except ValueError as exc:
         raise ArcflowError(f"--nfe {config.student.nfe} is not representable on this dataset: {exc}") from None
-    fingerprint = reader.fingerprint()
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ArcflowError(f"--out {out} exists and is not a directory")
-    _io.Location(str(out)).check_writable()
-    found = find_resume(config, fingerprint)
-    return RunPlan(
-        teacher_id=reader.spec.teacher_id,
-        teacher_options=teacher_options_for_dataset(reader.spec),
+    per_velocity = velocity_evaluations(bool((spec.extra or {}).get("true_cfg", True)), float(spec.guidance),
+                                        cfg_below_one=not is_diffusers_teacher(spec.teacher_id))
+    return dict(
+        teacher_id=spec.teacher_id,
+        teacher_options=teacher_options_for_dataset(spec),
         segment_sigmas=sigmas,
-        dataset_fingerprint=fingerprint,
-        resume_step=found.step,
-        resume_checkpoint=str(found.path) if found.path is not None else None,
+        dataset_fingerprint=reader.fingerprint(),
+        guidance=float(spec.guidance),
+        # what the data cost: every selected trajectory is `steps` guided velocities
+        teacher_evals=sum(sizes[s] for s in selected) * int(spec.steps) * per_velocity,
     )
 
 

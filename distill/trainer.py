@@ -46,10 +46,11 @@ def distill(config: DistillConfig) -> Path:
     A run directory is claimed only for good: if the job fails or is interrupted before its first
     checkpoint, what it wrote is removed again, so the corrected command can use the same ``--out``.
     """
+    from .on_policy import resolve
     from .student import STUDENT_CONFIG_FILE
 
     config.validate()  # before _absolute_paths turns a URL --out into a local path
-    config = _absolute_paths(config)
+    config = resolve(_absolute_paths(config))  # a polish (--from RUN) trains RUN's student
     plan = plan_run(config)  # everything a user can get wrong, before anything is written
     out = Path(config.out)
     created = not out.exists()
@@ -92,8 +93,10 @@ def hold_run(out: Path) -> Iterator[None]:
 def _absolute_paths(config: DistillConfig) -> DistillConfig:
     """Ray Train workers run in their own working directory: pin local paths before starting."""
     changes = {"out": str(Path(config.out).resolve())}
-    if "://" not in config.dataset:
-        changes["dataset"] = str(Path(config.dataset).resolve())
+    for name in ("dataset", "from_run", "prompts"):
+        value = getattr(config, name)
+        if value is not None and "://" not in value:
+            changes[name] = str(Path(value).resolve())
     return dataclasses.replace(config, **changes)
 
 

@@ -3,8 +3,9 @@
 :func:`ray_train_loop` (Ray Train's entry) calls :func:`train_worker`: :func:`setup` (from the
 latest checkpoint when there is one), then :func:`train_step` (the loss is
 :func:`arcflow.distill.loss.segment_loss`) up to ``--iters`` with rank 0 logging ``metrics.jsonl``
-and every rank checkpointing on the way, then rank 0 runs :func:`export`. The teacher's velocity is
-never evaluated: its transformer only provides the frozen base weights under the LoRA adapters.
+and every rank checkpointing on the way, then rank 0 runs :func:`export`. Offline the teacher's
+velocity is never evaluated: its transformer only provides the frozen base weights under the LoRA
+adapters; on-policy (:mod:`arcflow.distill.on_policy`) that same base, tied, gives the targets.
 Tests and benchmarks call :func:`train_worker` in their own process (no Ray).
 """
 
@@ -115,9 +116,20 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: Optional[EMAModel]
-    stream: Any  # arcflow.storage.streaming.TrajectoryStream of this rank
+    stream: Any  # arcflow.storage.streaming.TrajectoryStream of this rank (on-policy: on_policy.PromptStream)
     batches: Iterator[dict[str, Any]]
     step: int = 0
+    #: On-policy: the tied teacher and the rollout's settings (None offline).
+    on_policy: Optional[tuple[Any, Any]] = None
+    #: The student's sampling schedule (the export's ``segment_sigmas``).
+    segment_sigmas: Optional[list[float]] = None
+    #: Teacher evaluations spent before this run's own (the dataset's, or the parent run's).
+    teacher_evals_before: int = 0
+
+    @property
+    def teacher_evals(self) -> int:
+        """Teacher network evaluations so far: the data's cost plus (on-policy) the rollouts'."""
+        return self.teacher_evals_before + int(getattr(self.stream, "teacher_evals", 0))
 
 
 def setup(
@@ -132,26 +144,38 @@ def setup(
     rank's data stream; continue from ``saved`` (a
     :func:`~arcflow.distill.checkpoint.read_checkpoint` result) if given."""
     from diffusers.optimization import get_constant_schedule_with_warmup
-    from diffusers.training_utils import EMAModel
 
     from arcflow.pipeline.registry import load_teacher
     from arcflow.storage.streaming import TrajectoryStream
 
+    from . import on_policy
+    from .optim import make_ema, make_optimizer
     from .student import build_student
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     teacher = load_teacher(plan.teacher_id, device=str(device), **plan.teacher_options)
+    # on-policy, the teacher's velocity comes from the student's own base: capture its output projection first
+    tied = on_policy.TiedTeacher.capture(teacher, config.student) if config.on_policy else None
     # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
     student = build_student(teacher, dataclasses.replace(config.student, init_seed=config.seed), inplace=True).to(device)
+    student.train()  # LoRA dropout (--lora-dropout) acts only in training mode
+    if config.from_run is not None and saved is None:
+        on_policy.parent_weights(student, config.from_run)
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMAModel(params.values(), decay=config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None:
-        ema.to(dtype=torch.float32)  # bf16 weights: average in float32 so small updates are not lost
-    stream = TrajectoryStream(config.dataset, segment_sigmas=plan.segment_sigmas, rank=rank, world_size=world_size,
-                              seed=config.seed, shuffle_buffer=config.shuffle_buffer, shards=config.shards)
+    optimizer = make_optimizer(params, config)
+    ema = make_ema(params.values(), config)
+    if tied is None:
+        stream = TrajectoryStream(config.dataset, segment_sigmas=plan.segment_sigmas, rank=rank, world_size=world_size,
+                                  seed=config.seed, shuffle_buffer=config.shuffle_buffer, shards=config.shards)
+        sigmas, rollout = plan.segment_sigmas, None
+    else:
+        stream = on_policy.PromptStream(teacher, on_policy.read_prompts(config.prompts, teacher), config.batch_size,
+                                        config.seed, rank, device)
+        guidance = plan.guidance if plan.guidance is not None else teacher.default_guidance
+        sigmas = on_policy.segment_sigmas(config.student.nfe, teacher.shift)
+        rollout = (tied, on_policy.RolloutSettings.of(config, teacher.shift, guidance))
     step = 0
     if saved is not None:
         step = int(saved["state"]["step"])
@@ -167,10 +191,11 @@ def setup(
     # The LR is a function of the step alone (so --resume may extend --iters): rebuilt at ``step``.
     scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup, last_epoch=step - 1)
     model = prepare_student(student, config, world_size)
-    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.loader_workers,
-                                         pin_memory=device.type == "cuda")
-    return Training(config, len(plan.segment_sigmas) - 1, device, rank, world_size, student, model, params, optimizer,
-                    scheduler, ema, stream, iter(loader), step)
+    loader = stream if tied is not None else torch.utils.data.DataLoader(
+        stream, batch_size=config.batch_size, num_workers=config.loader_workers, pin_memory=device.type == "cuda")
+    return Training(config, config.student.nfe, device, rank, world_size, student, model, params, optimizer,
+                    scheduler, ema, stream, iter(loader), step, on_policy=rollout, segment_sigmas=sigmas,
+                    teacher_evals_before=plan.teacher_evals)
 
 
 class MetricsLog:
@@ -211,16 +236,24 @@ class MetricsLog:
 def train_step(run: Training) -> dict[str, Any]:
     """One optimizer step on the next batch; returns the step's metrics row (JSON-able)."""
     from .loss import segment_loss
+    from .on_policy import rollout_loss, teacher_share
 
     config = run.config
     batch = next(run.batches)
     run.stream.mark_consumed(batch)  # the data position a checkpoint records
     # the stream's items are (sample, segment) pairs: one copy to the device, none back in the loss
     batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-        loss, per_segment = segment_loss(run.model, batch, run.num_segments)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        if run.on_policy is None:
+            loss, per_segment = segment_loss(run.model, batch, run.num_segments)
+            loss = loss * config.loss_scale
+        else:  # the rollout back-propagates each segment itself (they share no gradient)
+            loss, per_segment, evals = rollout_loss(run.model, *run.on_policy, batch["noise"], batch["cond"],
+                                                    teacher_share(run.step, config.teacher_mix_iters), batch["generator"])
+            run.stream.teacher_evals += evals * run.world_size  # every rank spends the same
+    if loss.requires_grad:
+        loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
     lr = run.scheduler.get_last_lr()[0]
     value = loss.item()
@@ -237,6 +270,8 @@ def train_step(run: Training) -> dict[str, Any]:
         **{f"loss_segment_{i}": (None if v != v else v) for i, v in enumerate(per_segment.tolist())},
         "lr": lr,
         "grad_norm": float(grad_norm),
+        "teacher_evals": run.teacher_evals,
+        **({"teacher_share": teacher_share(run.step - 1, config.teacher_mix_iters)} if run.on_policy else {}),
     }
 
 
@@ -279,7 +314,11 @@ def export(run: Training, plan: RunPlan) -> None:
     extra = {"dataset_fingerprint": plan.dataset_fingerprint, "nfe": config.student.nfe, "training": config.to_dict()}
     # what `arcflow sample` / distill.interop need to rebuild the teacher and the schedule
     extra["teacher_options"] = {k: v for k, v in plan.teacher_options.items() if k != "text_encoders"}
-    extra["segment_sigmas"] = plan.segment_sigmas
+    extra["segment_sigmas"] = run.segment_sigmas
+    extra["guidance"] = plan.guidance if plan.guidance is not None else run.student.teacher.default_guidance
+    # what the run cost in teacher network evaluations (data + rollouts, parent runs included)
+    extra["teacher_evals"] = run.teacher_evals
+    extra["teacher_evals_own"] = run.teacher_evals - (plan.teacher_evals if config.on_policy else 0)
     if run.ema is not None:
         run.ema.copy_to(run.params.values())  # training is over: the export is the average
     check_finite(dict(run.params), f"the student of {config.out} at step {run.step}")

@@ -124,6 +124,8 @@ class DiffusersTeacher(Teacher):
 
     #: The diffusers pipeline class this teacher wraps.
     pipeline_class: str = ""
+    #: The pipelines run CFG only for guidance > 1.
+    cfg_below_one = False
 
     def __init__(
         self,

@@ -20,6 +20,14 @@ from arcflow.pipeline.sigmas import shifted_schedule
 Conditioning = dict[str, Tensor]
 
 
+def velocity_evaluations(true_cfg: bool, guidance: float, cfg_below_one: bool = True) -> int:
+    """Network evaluations per sample in one guided velocity: 2 where true CFG runs (guidance != 1,
+    or only guidance > 1 for teachers that skip CFG below 1: ``cfg_below_one=False``), else 1."""
+    if not true_cfg or guidance == 1.0 or (guidance < 1.0 and not cfg_below_one):
+        return 1
+    return 2
+
+
 def transformer_output(out: Any) -> Tensor:
     """The tensor a transformer call returns: item 0 of a ``return_dict=False`` tuple, else ``.sample``."""
     return out[0] if isinstance(out, (tuple, list)) else out.sample
@@ -40,6 +48,8 @@ class Teacher(ABC):
     default_guidance: float
     #: Whether guidance > 1 runs true CFG (two halves in one batched forward) or embedded guidance.
     true_cfg: bool = True
+    #: Whether a guidance below 1 still runs CFG (the digits teacher) or the conditional velocity alone.
+    cfg_below_one: bool = True
 
     @property
     @abstractmethod
@@ -103,6 +113,10 @@ class Teacher(ABC):
         u = self.conditional_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         u_cond, u_uncond = u.chunk(2)
         return u_uncond + guidance * (u_cond - u_uncond)
+
+    def velocity_evaluations(self, guidance: float) -> int:
+        """Network evaluations per sample that :meth:`velocity` costs at ``guidance``."""
+        return velocity_evaluations(self.true_cfg, guidance, self.cfg_below_one)
 
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ SOURCES = {
     "demo-report": ROOT / "docs/demo/report.md",
     "ablation": ROOT / "benchmarks/results/ablation.md",
     "nfe-transfer": ROOT / "benchmarks/results/nfe_transfer.md",
+    "method-comparison": ROOT / "benchmarks/results/method_comparison.md",
     "teacher-quality": ROOT / "benchmarks/results/teacher_quality.md",
     "builder": ROOT / "benchmarks/results/builder.md",
     "storage-bytes-formats": ROOT / "benchmarks/results/storage_bytes_formats.md",

@@ -36,6 +36,27 @@ TINY_RUN = dict(iters=4, batch_size=8, lr=1e-3, warmup=1, checkpoint_every=4, lo
                 progress=False)
 
 
+#: A tiny on-policy run on the digits teacher: a few rollouts of a K=2, rank-2 student.
+TINY_ON_POLICY = dict(TINY_RUN, batch_size=4, teacher_mix_iters=2)
+
+
+def train_tiny_on_policy(out: Path, **overrides) -> DistillConfig:
+    """An on-policy run (``--teacher digits`` unless ``from_run`` is given) in ``out``, trained in this
+    process by the Ray Train worker's loop, with the driver's own resolution of a polish."""
+    from arcflow.distill.on_policy import resolve
+
+    settings = {"out": str(out), "on_policy": True, **TINY_ON_POLICY, **overrides}
+    if "from_run" not in settings:
+        settings.setdefault("teacher", "digits")
+    config = resolve(DistillConfig.from_dict(settings))
+    plan = plan_run(config)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if not (Path(out) / DISTILL_CONFIG_FILE).is_file():
+        (Path(out) / DISTILL_CONFIG_FILE).write_text(json.dumps(config.to_dict()))
+    train_worker(config, plan)
+    return config
+
+
 def train_tiny_run(dataset: Path, out: Path, **overrides) -> DistillConfig:
     """A real student run in ``out``, trained in this process by the loop each Ray Train worker runs:
     ``TINY_RUN`` with ``overrides`` (``resume=True`` continues it). Returns its config."""

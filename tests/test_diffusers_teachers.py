@@ -200,14 +200,14 @@ def test_qwen_image_cfg_is_one_batched_forward_with_norm_rescale(qwen):
 def test_students_build_on_both_transformers(family, flux, qwen):
     teacher = flux if family == "flux" else qwen
     cond = teacher.encode_prompts(PROMPTS) if family == "flux" else qwen_cond(qwen)[2]
-    student = build_student(teacher, StudentConfig(k=4, lora_rank=2))
+    student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=2))
     wrapped = [n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A")]
     assert wrapped and "proj_out" not in wrapped
     assert type(student.transformer.proj_out).__name__ == "MomentumHead"
     out = reference_sample(student, teacher.noise([0, 1]), cond, sigmas=teacher.sigmas(2))
     assert out.shape == (2, 64, 16) and torch.isfinite(out).all()
     # K=1 at init is the teacher's Euler step over the scheduler's 1-step schedule (guidance 1 for Qwen).
-    k1 = build_student(teacher, StudentConfig(k=1, lora_rank=2))
+    k1 = build_student(teacher, StudentConfig(momentum=True, k=1, lora_rank=2))
     noise = teacher.noise([5, 6])
     with torch.no_grad():
         g = teacher.default_guidance if family == "flux" else 1.0
@@ -231,7 +231,7 @@ def test_qwen_image_real_config_trains_under_five_percent():
 
     with torch.device("meta"):
         Meta.transformer = QwenImageTransformer2DModel(**real)
-        student = build_student(Meta(), StudentConfig(k=8, lora_rank=16), inplace=True)
+        student = build_student(Meta(), StudentConfig(momentum=True, k=8, lora_rank=16), inplace=True)
     total = sum(p.numel() for p in student.transformer.parameters())
     assert 19e9 < total < 22e9  # ~20B parameters
     assert 0 < student.trainable_share() < 0.05
@@ -240,7 +240,7 @@ def test_qwen_image_real_config_trains_under_five_percent():
 
 # ----- stock diffusers interop --------------------------------------------------------------------
 def _trained_run(teacher, out, **extra):
-    student = build_student(teacher, StudentConfig(k=4, lora_rank=4, lora_alpha=8.0))
+    student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=4, lora_alpha=8.0))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in student.trainable_parameters():

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from arcflow.distill.config import DistillConfig
+from arcflow.distill.student.config import StudentConfig
 from arcflow.distill.run_plan import plan_run
 from arcflow.distill.worker import METRICS_FILE
 from cli_helpers import assert_process_failed_one_line, run_subprocess
@@ -141,7 +142,8 @@ def test_two_worker_ray_train_trains_and_saves_once(dataset, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 4, "rank 0 alone logs each step once"
     assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "momentum_head.safetensors").is_file()
     record = json.loads((run / "arcflow_config.json").read_text())
-    assert record["student"]["momentum"] is False, "the CLI default is the ablation's pick: no momentum"
+    assert record["student"] == {**StudentConfig(k=2, lora_rank=2).to_dict(), "init_seed": 0}, \
+        "the CLI builds StudentConfig's own default student"
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir()) == ["step-0000002", "step-0000004"]
     state = json.loads((run / "checkpoints/step-0000004/state.json").read_text())
     assert len(state["data"]) == 2 and {s["rank"] for s in state["data"]} == {0, 1}

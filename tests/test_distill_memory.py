@@ -50,7 +50,7 @@ def _loss_and_grads(checkpointing: bool, fsdp: bool = False, rank: int = 0, worl
     from arcflow.pipeline.registry import load_teacher
 
     torch.manual_seed(0)
-    student = build_student(load_teacher("digits"), StudentConfig(k=4, lora_rank=4), inplace=True)
+    student = build_student(load_teacher("digits"), StudentConfig(momentum=True, k=4, lora_rank=4), inplace=True)
     options = types.SimpleNamespace(gradient_checkpointing=checkpointing, fsdp=fsdp)
     model = prepare_student(student, options, world_size)
     per_rank = 4 // world_size
@@ -78,7 +78,7 @@ def test_gradient_checkpointing_recomputes_blocks(one_thread):
 
     calls = {}
     for checkpointing in (False, True):
-        student = build_student(load_teacher("digits"), StudentConfig(k=2, lora_rank=2), inplace=True)
+        student = build_student(load_teacher("digits"), StudentConfig(momentum=True, k=2, lora_rank=2), inplace=True)
         model = prepare_student(student, types.SimpleNamespace(gradient_checkpointing=checkpointing, fsdp=False), 1)
         block = student.transformer.transformer_blocks[0]
         count, forward = [0], block.forward

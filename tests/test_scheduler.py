@@ -55,7 +55,7 @@ def _count_calls(module):
 def digits_run(tmp_path_factory):
     teacher = load_teacher("digits")
     out = tmp_path_factory.mktemp("scheduler") / "run"
-    return _save_trained_run(teacher, out, StudentConfig(k=3, lora_rank=2, weight_groups=2), segment_sigmas=SEGMENTS)
+    return _save_trained_run(teacher, out, StudentConfig(momentum=True, k=3, lora_rank=2, weight_groups=2), segment_sigmas=SEGMENTS)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_the_stock_flux_pipeline_samples_the_run_in_nfe_calls(flux_dir, tmp_path
 
     teacher = load_teacher(str(flux_dir), **FLUX_OPTS)
     sigmas = teacher.sigmas(2)
-    run = _save_trained_run(teacher, tmp_path / "run", StudentConfig(k=4, lora_rank=4, lora_alpha=8.0),
+    run = _save_trained_run(teacher, tmp_path / "run", StudentConfig(momentum=True, k=4, lora_rank=4, lora_alpha=8.0),
                             teacher_options=dict(FLUX_OPTS), segment_sigmas=sigmas.tolist())
     reference = load_student(load_teacher(str(flux_dir), **FLUX_OPTS), run).eval()
     cond, noise = teacher.encode_prompts(FLUX_PROMPTS), teacher.noise([0, 1])

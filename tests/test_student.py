@@ -52,7 +52,7 @@ def _perturb(student, scale=0.05, seed=1):
 
 
 def test_k1_student_at_init_is_the_teachers_euler_step(teacher, cond, noise):
-    student = build_student(teacher, StudentConfig(k=1))
+    student = build_student(teacher, StudentConfig(momentum=True, k=1))
     with torch.no_grad():
         u = teacher.velocity(noise, torch.ones(3), cond, guidance=1.0)
         out = reference_sample(student, noise, cond, nfe=1)
@@ -64,7 +64,7 @@ def test_k1_student_at_init_is_the_teachers_euler_step(teacher, cond, noise):
 
 
 def test_k8_student_at_init_is_close_to_the_teacher(teacher, cond, noise):
-    student = build_student(teacher, StudentConfig(k=8))
+    student = build_student(teacher, StudentConfig(k=8, momentum=True))
     with torch.no_grad():
         u = teacher.velocity(noise, torch.ones(3), cond, guidance=1.0)
         params = student(noise, torch.ones(3), cond)
@@ -80,7 +80,7 @@ def test_k8_student_at_init_is_close_to_the_teacher(teacher, cond, noise):
 
 
 def test_prediction_layout_and_weight_groups(teacher, cond, noise):
-    student = build_student(teacher, StudentConfig(k=3, weight_groups=2))
+    student = build_student(teacher, StudentConfig(momentum=True, k=3, weight_groups=2))
     params = student(noise, torch.ones(3), cond)
     assert params.velocities.shape == (3, 3, 4, 16)
     assert params.logits.shape == (3, 3, 2, 16)
@@ -97,7 +97,7 @@ def test_no_momentum_student_has_zero_log_gammas(teacher, cond, noise):
 
 
 def test_log_gammas_are_soft_clamped(teacher, cond, noise):
-    student = build_student(teacher, StudentConfig(k=4, log_gamma_bound=3.0))
+    student = build_student(teacher, StudentConfig(k=4, momentum=True, log_gamma_bound=3.0))
     with torch.no_grad():
         student.head.log_gamma.weight.fill_(1e6)
         student.head.log_gamma.bias.fill_(-1e7)
@@ -110,7 +110,7 @@ def test_log_gammas_are_soft_clamped(teacher, cond, noise):
 
 
 def test_trainable_parameters_per_mode(teacher):
-    default = build_student(teacher, StudentConfig(k=4))
+    default = build_student(teacher, StudentConfig(k=4, momentum=True))
     names = {n for n, p in default.named_parameters() if p.requires_grad}
     assert names and all(".lora_" in n or n.startswith("transformer.proj_out.") for n in names)
     assert {n for n in names if n.startswith("transformer.proj_out.")} == {
@@ -131,12 +131,12 @@ def test_trainable_parameters_per_mode(teacher):
         "time_text_embed.timestep_embedder.linear_1",
         "time_text_embed.timestep_embedder.linear_2",
     }
-    heads = build_student(teacher, StudentConfig(k=4, trainable="heads"))
+    heads = build_student(teacher, StudentConfig(momentum=True, k=4, trainable="heads"))
     assert {n for n, p in heads.named_parameters() if p.requires_grad} == {
         n for n, _ in heads.named_parameters() if n.startswith("transformer.proj_out.")
     }
     assert not any(".lora_" in n for n, _ in heads.named_parameters())
-    full = build_student(teacher, StudentConfig(k=4, trainable="full"))
+    full = build_student(teacher, StudentConfig(momentum=True, k=4, trainable="full"))
     assert all(p.requires_grad for p in full.parameters())
     assert not any(".lora_" in n for n, _ in full.named_parameters())
     assert 0 < heads.trainable_share() < default.trainable_share() < full.trainable_share() == 1.0
@@ -148,11 +148,11 @@ def test_trainable_parameters_per_mode(teacher):
 
 def test_inplace_build_adapts_the_teachers_own_transformer():
     own = TinyFluxTeacher(seed=3)
-    student = build_student(own, StudentConfig(k=2), inplace=True)
+    student = build_student(own, StudentConfig(momentum=True, k=2), inplace=True)
     assert student.transformer is own.transformer
     assert isinstance(own.transformer.proj_out, MomentumHead)
     with pytest.raises(ArcflowError, match="weight_groups"):
-        build_student(TinyFluxTeacher(seed=3), StudentConfig(k=2, weight_groups=3))
+        build_student(TinyFluxTeacher(seed=3), StudentConfig(momentum=True, k=2, weight_groups=3))
 
 
 def test_flux_dev_default_recipe_trains_under_five_percent():
@@ -183,7 +183,7 @@ def _items(batch, bounds, segments):
 
 def test_segment_loss_matches_a_direct_per_sample_computation(teacher):
     batch = _trajectory_batch(teacher, n=4)
-    student = build_student(teacher, StudentConfig(k=3))
+    student = build_student(teacher, StudentConfig(momentum=True, k=3))
     _perturb(student)
     bounds = [0, 2, 8]  # unequal segments exercise the padding
     segments = torch.tensor([1, 0, 1, 0])
@@ -215,7 +215,7 @@ def test_segment_loss_matches_a_direct_per_sample_computation(teacher):
 def test_loss_decreases_with_adamw(teacher):
     batch = _trajectory_batch(teacher, n=8)
     torch.manual_seed(0)
-    student = build_student(teacher, StudentConfig(k=4, lora_rank=4))
+    student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=4))
     opt = torch.optim.AdamW(student.trainable_parameters(), lr=3e-3)
     segments = torch.arange(8) % 2
     losses = []
@@ -232,7 +232,7 @@ def test_loss_decreases_with_adamw(teacher):
 
 @pytest.mark.parametrize("trainable", ["lora+heads", "heads", "full"])
 def test_save_load_round_trip_is_exact(teacher, cond, noise, tmp_path, trainable):
-    config = StudentConfig(k=4, weight_groups=2, lora_rank=4, lora_alpha=8.0, trainable=trainable)
+    config = StudentConfig(momentum=True, k=4, weight_groups=2, lora_rank=4, lora_alpha=8.0, trainable=trainable)
     student = build_student(teacher, config)
     _perturb(student)
     run = save_student(student, tmp_path / "run", {"dataset": {"fingerprint": "abc"}, "training": {"lr": 1e-3}})
@@ -258,16 +258,16 @@ def test_save_load_round_trip_is_exact(teacher, cond, noise, tmp_path, trainable
 def test_load_student_errors(teacher, tmp_path):
     with pytest.raises(ArcflowError, match="not a student run directory"):
         load_student(teacher, tmp_path)
-    run = save_student(build_student(teacher, StudentConfig(k=2)), tmp_path / "run", {})
+    run = save_student(build_student(teacher, StudentConfig(momentum=True, k=2)), tmp_path / "run", {})
     with pytest.raises(ArcflowError, match="revision"):
         load_student(TinyFluxTeacher(seed=1), run)
     with pytest.raises(ValueError, match="contradicts"):
-        save_student(build_student(teacher, StudentConfig(k=2)), tmp_path / "other", {"k": 3})
-    save_student(build_student(teacher, StudentConfig(k=2)), tmp_path / "same", {"k": 2, "nfe": 2})
+        save_student(build_student(teacher, StudentConfig(momentum=True, k=2)), tmp_path / "other", {"k": 3})
+    save_student(build_student(teacher, StudentConfig(momentum=True, k=2)), tmp_path / "same", {"k": 2, "nfe": 2})
 
 
 def test_saved_lora_loads_through_diffusers_with_alpha(teacher, cond, noise, tmp_path):
-    config = StudentConfig(k=2, lora_rank=4, lora_alpha=8.0)
+    config = StudentConfig(momentum=True, k=2, lora_rank=4, lora_alpha=8.0)
     student = build_student(teacher, config)
     _perturb(student)
     run = save_student(student, tmp_path / "run", {})
@@ -289,7 +289,7 @@ def test_saved_lora_loads_through_diffusers_with_alpha(teacher, cond, noise, tmp
 
 
 def test_student_config_round_trip_and_validation():
-    config = StudentConfig(k=3, lora_rank=8, lora_targets=["ff.net.2"])
+    config = StudentConfig(momentum=True, k=3, lora_rank=8, lora_targets=["ff.net.2"])
     assert config.lora_alpha == 8.0
     data = json.loads(json.dumps(config.to_dict()))
     assert StudentConfig.from_dict(data) == config

@@ -43,15 +43,23 @@ class StudentConfig:
     names, or a list of module-name suffixes); None picks the transformer family's default.
     ``lora_alpha``: None means equal to ``lora_rank``. ``momentum=False`` fixes every log-gamma at 0
     (the no-momentum control). ``nfe`` is the number of segments the student is trained for.
+    ``train_modules``: transformer submodules (by name, e.g. ``["norm_out"]``) trained outright
+    besides the LoRA and the head (the official recipe trains ``norm_out``).
+
+    These defaults are the ONE source: ``DistillConfig()`` and ``arcflow distill`` build this same
+    student when no flag says otherwise. Momentum is off by default: in benchmarks/method_comparison.py
+    (offline and on-policy, two guidance regimes) ArcFlow's curved steps never beat K constant
+    velocities on the digits teacher; ``momentum=True`` gives ArcFlow's.
     """
 
     k: int = 8
     weight_groups: int = 1
-    momentum: bool = True
+    momentum: bool = False
     lora_rank: int = 16
     lora_alpha: Optional[float] = None
     lora_dropout: float = 0.0
     lora_targets: Optional[Union[str, list[str]]] = None
+    train_modules: Optional[list[str]] = None
     trainable: str = "lora+heads"
     log_gamma_bound: float = 6.0
     nfe: int = 2
@@ -62,6 +70,10 @@ class StudentConfig:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, tuple):
             self.lora_targets = list(self.lora_targets)
+        if self.train_modules is not None:
+            self.train_modules = [str(m) for m in self.train_modules]
+            if any(m == HEAD_ATTRIBUTE or not m for m in self.train_modules):
+                raise ArcflowError(f"train_modules must name transformer submodules other than the head, got {self.train_modules}")
         check_numbers(self, positive=("k", "weight_groups", "nfe"),
                       at_most={"k": 1024, "nfe": 1000, "lora_rank": 65_536, "weight_groups": 65_536})
         if self.trainable not in TRAINABLE_MODES:

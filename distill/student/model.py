@@ -114,6 +114,11 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
         transformer.requires_grad_(True)
     # After add_adapter: peft marks only adapter weights trainable.
     head.requires_grad_(True)
+    for name in config.train_modules or ():
+        try:
+            transformer.get_submodule(name).requires_grad_(True)
+        except AttributeError:
+            raise ArcflowError(f"train_modules: {type(transformer).__name__} has no submodule {name!r}") from None
 
     student = Student(teacher, transformer, config)
     logger.info(student.describe_trainable())
