@@ -10,6 +10,7 @@ import pytest
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow  # the benchmark's --quick smoke run (its real run is committed in benchmarks/results)
 def test_quick_comparison_has_every_row_and_the_teacher_evals(tmp_path, monkeypatch):
     results = tmp_path / "results"
     monkeypatch.setattr(sys, "argv", ["method_comparison.py", "--quick", "--work", str(tmp_path / "work"),

@@ -144,6 +144,7 @@ def test_fsdp_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(result["grads"][name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # FSDP numerics: test_fsdp_two_ranks_match_one_process; two Ray Train workers: test_distill
 def test_fsdp_two_workers_train_and_export_once(dataset, tmp_path):
     from arcflow.distill.student import load_student
     from arcflow.pipeline.registry import load_teacher

@@ -258,6 +258,7 @@ def test_a_worker_s_object_store_error_is_one_line(s3_server):  # noqa: F811
     assert describe(RayTaskError(info.value)).startswith("bucket 'arcflow-gone-bucket' does not exist; create it")
 
 
+@pytest.mark.slow  # verify/--repair: test_format_v2 and test_dataset_trust locally; S3 reads: the tests above
 def test_verify_finds_and_repairs_a_damaged_chunk_on_s3(s3_server, tmp_path):  # noqa: F811
     from arcflow.storage import open_dataset
     from dataset_factory import make_dataset
