@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from arcflow.core.errors import ArcflowError
+from arcflow.pipeline.sigmas import shift_sigmas, shifted_schedule
 
 from .momentum import MomentumParams, average_velocities, integrate, velocity_at
 from .student.config import HEAD_ATTRIBUTE, StudentConfig
@@ -59,15 +60,10 @@ ENCODE_BATCH = 64
 
 
 # ----- time ---------------------------------------------------------------------------------------
-def warp(raw: Tensor, shift: float) -> Tensor:
-    """Raw time -> sigma with the teacher's shift: ``s = shift r / (1 + (shift - 1) r)``."""
-    return shift * raw / (1.0 + (shift - 1.0) * raw)
-
-
 def segment_sigmas(nfe: int, shift: float) -> list[float]:
-    """Sigmas of ``nfe`` segments equal in raw time (1 -> 0): the student's sampling schedule."""
-    raw = torch.tensor([1.0 - i / nfe for i in range(nfe)] + [0.0], dtype=torch.float64)
-    return warp(raw, shift).tolist()
+    """Sigmas of ``nfe`` segments equal in raw time (1 -> 0): the student's sampling schedule,
+    the teacher's own ``nfe``-step schedule."""
+    return shifted_schedule(nfe, shift).tolist()
 
 
 def teacher_share(step: int, mix_iters: int) -> float:
@@ -221,7 +217,7 @@ def rollout_loss(
         raw_dst = max(raw_src - size, 0.0) if seg < n - 1 else 0.0
         substeps = max(round(size * settings.total_substeps), 1)
         window = min(settings.window_substeps * size / substeps, size)
-        s_src = warp(torch.full((batch,), raw_src, dtype=torch.float64), settings.shift)
+        s_src = shift_sigmas(torch.full((batch,), raw_src, dtype=torch.float64), settings.shift)
         params = model(x, s_src.float().to(device), cond)
         rollout = detached_with_dropout(params, settings.mixture_dropout, generator)
         student_iv, teacher_iv = _intervals(batch, states, share, torch.tensor(size - window, dtype=torch.float64), generator)
@@ -231,7 +227,7 @@ def rollout_loss(
             raw_a = (raw - student_iv[:, j]).clamp(min=0)
             raw_b = (raw_a - teacher_iv[:, j]).clamp(min=0)
             raw_end = (raw_b - window).clamp(min=raw_dst)
-            s_now, s_a, s_b, s_end = (warp(r, settings.shift).float().to(device) for r in (raw, raw_a, raw_b, raw_end))
+            s_now, s_a, s_b, s_end = (shift_sigmas(r, settings.shift).float().to(device) for r in (raw, raw_a, raw_b, raw_end))
             with torch.no_grad():
                 x_a = _step(x, rollout, s_src.float().to(device), s_now, s_a)
                 target = tied.velocity(x_a, s_a, cond, settings.guidance)
@@ -257,9 +253,9 @@ def rollout_loss(
         total = total + weighted.detach()
         per_segment[seg] = loss.detach()
         with torch.no_grad():  # where the detached student rollout ends the segment
-            s_now = warp(raw, settings.shift).float().to(device)
+            s_now = shift_sigmas(raw, settings.shift).float().to(device)
             x = _step(x, rollout, s_src.float().to(device), s_now,
-                      torch.full((batch,), float(warp(torch.tensor(raw_dst, dtype=torch.float64), settings.shift)),
+                      torch.full((batch,), float(shift_sigmas(torch.tensor(raw_dst, dtype=torch.float64), settings.shift)),
                                  device=device))
     return total, per_segment, evals
 

@@ -379,8 +379,8 @@ def test_existing_dataset_is_refused_before_any_worker_starts(case, base_run, no
     assert tree_hash(out) == before
 
 
-def test_unknown_prompt_found_by_a_worker_is_one_line(local_ray, tmp_path):
-    """Raised inside a Ray actor (the teacher validates prompts): unwrapped to one line + exit 2."""
+def test_unknown_prompt_is_one_line(local_ray, tmp_path):
+    """A prompt the teacher cannot condition on (checked by the driver before any shard runs): one line + exit 2."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit 7\nclass 1\n")
     out = tmp_path / "ds"

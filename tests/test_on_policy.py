@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from arcflow.core.errors import ArcflowError
 from arcflow.distill.config import DistillConfig
 from arcflow.distill.momentum import velocity_at
 from arcflow.distill.on_policy import (
@@ -16,9 +15,9 @@ from arcflow.distill.on_policy import (
     rollout_loss,
     segment_sigmas,
     teacher_share,
-    warp,
 )
 from arcflow.distill.presets import PRESETS, build_config
+from arcflow.pipeline.sigmas import shift_sigmas as warp
 from arcflow.distill.student import build_student, load_student
 from arcflow.distill.student.config import StudentConfig
 from arcflow.distill.worker import METRICS_FILE
