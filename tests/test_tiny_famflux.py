@@ -127,3 +127,72 @@ def test_klein_save_load_round_trip(tmp_path):
     assert torch.equal(_klein(pipe, image=ref, output_type="latent"), _klein(loaded, image=ref, output_type="latent"))
     # the prompt path (chat template + tokenizer) survives the round trip
     assert loaded.tokenizer.chat_template == pipe.tokenizer.chat_template
+
+
+def _record(pipe, **kw):
+    """Transformer kwargs (forward pre-hook), transformer outputs and scheduler.step arguments."""
+    calls, outs, steps = [], [], []
+    h1 = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)) or None, with_kwargs=True)
+    h2 = pipe.transformer.register_forward_hook(lambda m, a, k, o: outs.append(o[0]) or None, with_kwargs=True)
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda mo, t, s, *a, **k: steps.append((mo, t, s)) or step(mo, t, s, *a, **k)
+    try:
+        images = pipe(**kw).images
+    finally:
+        h1.remove(), h2.remove()
+        del pipe.scheduler.step
+    return images, calls, outs, steps
+
+
+def test_kontext_recorder_facts():
+    """What facts-famflux.md states for a generic recorder: noise layout, timestep, velocity slice."""
+    pipe = tiny_flux_kontext_pipeline()
+    B, C, h = 2, 4, 16
+    gens = [torch.Generator().manual_seed(i) for i in range(B)]
+    latents, calls, outs, steps = _record(
+        pipe, image=image(0), prompt=["a cat", "a dog"], num_inference_steps=2, generator=gens, output_type="latent",
+        **KONTEXT_TINY_CALL,
+    )
+    noise = torch.cat([torch.randn((1, C, h, h), generator=torch.Generator().manual_seed(i)) for i in range(B)])
+    packed = noise.view(B, C, h // 2, 2, h // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) ** 2, C * 4)
+    assert torch.equal(steps[0][2], packed)
+    assert len(calls) == len(steps) == 2
+    for kw, out, (model_output, t, sample) in zip(calls, outs, steps):
+        n = sample.shape[1]
+        assert torch.equal(kw["timestep"], t.expand(B) / 1000)
+        assert torch.equal(kw["hidden_states"][:, :n], sample) and kw["hidden_states"].shape[1] == 2 * n
+        assert torch.equal(model_output, out[:, :n])
+        assert kw["img_ids"].shape == (2 * n, 3) and kw["txt_ids"].ndim == 2  # shared ids, no batch dim
+    assert torch.equal(pipe(image=image(0), prompt=["a cat", "a dog"], num_inference_steps=2, latents=packed,
+                            output_type="latent", **KONTEXT_TINY_CALL).images, latents)
+
+
+def test_klein_recorder_facts():
+    pipe = tiny_flux2_klein_pipeline()
+    B, Cp, hp = 2, 16, 8
+    gens = [torch.Generator().manual_seed(i) for i in range(B)]
+    fin = {}
+
+    def keep(p, i, t, kw):
+        fin["x"] = kw["latents"]
+        return {}
+
+    latents, calls, outs, steps = _record(
+        pipe, prompt=["a cat", "a dog"], height=32, width=32, num_inference_steps=2, generator=gens,
+        max_sequence_length=16, output_type="latent", callback_on_step_end=keep, image=image(0, (64, 64)),
+    )
+    noise = torch.cat([torch.randn((1, Cp, hp, hp), generator=torch.Generator().manual_seed(i)) for i in range(B)])
+    assert torch.equal(steps[0][2], noise.reshape(B, Cp, hp * hp).permute(0, 2, 1))
+    assert len(calls) == 2 * len(steps)  # base klein with guidance_scale 4: cond call, then uncond call
+    for i, (model_output, t, sample) in enumerate(steps):
+        n = sample.shape[1]
+        cond, uncond = outs[2 * i][:, :n], outs[2 * i + 1][:, :n]
+        assert torch.equal(calls[2 * i]["timestep"], t.expand(B) / 1000) and calls[2 * i]["guidance"] is None
+        assert torch.allclose(model_output, uncond + 4.0 * (cond - uncond))
+        assert calls[2 * i]["img_ids"].shape == (B, n + 256, 4)  # 64x64 reference -> 256 tokens
+    # output_type="latent" is unpacked, de-normalized and unpatchified
+    bn, x = pipe.vae.bn, fin["x"]
+    z = x.permute(0, 2, 1).reshape(B, Cp, hp, hp)
+    z = z * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps) + bn.running_mean.view(1, -1, 1, 1)
+    z = z.reshape(B, Cp // 4, 2, 2, hp, hp).permute(0, 1, 4, 2, 5, 3).reshape(B, Cp // 4, 2 * hp, 2 * hp)
+    assert torch.allclose(z, latents, atol=1e-6)
