@@ -12,14 +12,16 @@ step over the whole batch), e.g. on GPUs where throughput matters more.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:  # the teacher's default samplers import this module
-    from arcflow.pipeline.teacher import Conditioning, Teacher
+# Teachers (pipeline/teacher.py) use these functions as their default samplers, so this module
+# takes any teacher by duck type rather than importing the interface.
+Teacher = Any
+Conditioning = dict[str, Tensor]
 from arcflow.core.errors import ArcflowError
 
 #: Samples per network call; the CPU batch-invariance unit (see module docstring).
