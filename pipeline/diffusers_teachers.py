@@ -214,9 +214,10 @@ class DiffusersTeacher(Teacher):
             "height": self.height,
             "width": self.width,
             "num_inference_steps": steps,
-            "latents": latents.to(self.device),
+            "latents": self.family.latents_argument(latents.to(self.device), self.grid),
             "output_type": "latent",
             **self.family.guidance_kwargs(self.pipe, guidance, self.negative_prompt),
+            **self.family.extra_call_kwargs(self.pipe, self.height, self.width),
         }
         extra = {"max_sequence_length": self.max_sequence_length}
         if images:

@@ -62,6 +62,8 @@ class Family:
     name: str = ""
     #: diffusers pipeline class names this family drives.
     pipeline_classes: tuple[str, ...] = ()
+    #: diffusers class name of the family's transformer (default LoRA targets are looked up by it).
+    transformer_class: str = ""
     #: peft target regex (full match) of the default LoRA; never the head module.
     lora_targets: str = ""
     #: Dotted path of the output projection the momentum head replaces.
@@ -161,6 +163,14 @@ class Family:
         """Make the call's shapes independent of the batch (e.g. pad text to a fixed length)."""
         return call
 
+    def extra_call_kwargs(self, pipe: Any, height: int, width: int) -> dict[str, Any]:
+        """More ``__call__`` arguments the family needs to sample at ``height`` x ``width``."""
+        return {}
+
+    def latents_argument(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Scheduler-layout latents -> the ``latents=`` argument ``__call__`` takes (the same here)."""
+        return x
+
     def prepare_images(self, images: list[Any], height: int, width: int) -> Any:
         """Reference images as ``__call__`` takes them, resized to the output size so every prompt
         of a dataset has the same number of reference tokens."""
@@ -196,6 +206,7 @@ class FluxFamily(Family):
 
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    transformer_class = "FluxTransformer2DModel"
     lora_targets = (
         r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
         r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
@@ -249,6 +260,7 @@ class QwenImageFamily(Family):
 
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
+    transformer_class = "QwenImageTransformer2DModel"
     lora_targets = (
         r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
         r"|time_text_embed\.timestep_embedder\.linear_[12]"
@@ -306,15 +318,22 @@ class QwenImageFamily(Family):
         return vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
 
 
-#: Every family arcflow drives, by pipeline class name.
-FAMILIES: dict[str, Family] = {}
-for _family in (FluxFamily(), QwenImageFamily()):
-    for _cls in _family.pipeline_classes:
-        FAMILIES[_cls] = _family
+#: Every family arcflow drives (one instance each).
+ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily())
+#: The families by pipeline class name.
+FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in family.pipeline_classes}
 
 
 def supported_pipelines() -> list[str]:
     return sorted(FAMILIES)
+
+
+def lora_targets_for(transformer_class: str) -> Optional[str]:
+    """The default LoRA targets of the family whose transformer class is ``transformer_class``."""
+    for family in ALL_FAMILIES:
+        if family.transformer_class == transformer_class:
+            return family.lora_targets
+    return None
 
 
 def family_for(class_name: str) -> Family:
