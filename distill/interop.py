@@ -84,6 +84,7 @@ class ArcFlowPipeline:
             "height": teacher.height,
             "width": teacher.width,
             **teacher.family.guidance_kwargs(self.pipe, self.guidance, teacher.negative_prompt),
+            **teacher.family.extra_call_kwargs(self.pipe, teacher.height, teacher.width),
         }
         defaults.update(optional_kwargs(self.pipe, {"max_sequence_length": teacher.max_sequence_length}))
         return defaults
@@ -95,7 +96,7 @@ class ArcFlowPipeline:
 
     def __call__(self, prompt: Union[str, Sequence[str], None] = None, **kwargs: Any) -> Any:
         """``pipe(prompt, **kwargs)`` with :meth:`call_defaults` filled in; returns the pipeline's output."""
-        return self.pipe(prompt, **{**self.call_defaults(), **kwargs})
+        return self.pipe(prompt=prompt, **{**self.call_defaults(), **kwargs})  # by name: an edit pipeline's first argument is the image
 
     @torch.no_grad()
     def latents(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
