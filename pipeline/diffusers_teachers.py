@@ -196,7 +196,7 @@ class DiffusersTeacher(Teacher):
                 f"a {self.pipeline_class} edits images: every prompt needs one "
                 "(a JSON Lines prompts file with \"image\", or sample --image)"
             )
-        if not self.family.edit and any(edits):
+        if not (self.family.edit or self.family.images_optional) and any(edits):
             raise ArcflowError(f"a {self.pipeline_class} takes no reference images; drop \"image\" from the prompts")
 
     def has_text_encoders(self) -> bool:

@@ -19,10 +19,11 @@ from .family_base import (  # noqa: F401 (re-exported: the families' public name
     pack_2x2,
     unpack_2x2,
 )
+from .family_flux2 import Flux2KleinFamily
 from .family_kontext import FluxKontextFamily
 
 #: Every family arcflow drives (one instance each).
-ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), FluxKontextFamily())
+ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), FluxKontextFamily(), Flux2KleinFamily())
 #: The families by pipeline class name.
 FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in family.pipeline_classes}
 

@@ -77,8 +77,11 @@ class Family:
     timestep_arg: str = "timestep"
     #: Transformer arguments that are shared tensors without a batch axis.
     shared_args: tuple[str, ...] = ()
-    #: Whether the pipeline takes reference images (``image=``).
+    #: Whether the pipeline edits: every prompt needs reference images (``image=``).
     edit: bool = False
+    #: Whether a text-to-image pipeline also takes reference images (FLUX.2): prompts with and
+    #: without images are both accepted (``edit`` stays False: text prompts need none).
+    images_optional: bool = False
     #: Whether CFG runs only for guidance > 1 (every diffusers pipeline here) or also below.
     cfg_below_one: bool = False
     #: Noise is drawn per sample in this shape's layout with the channels of ``latent_channels``.
@@ -123,8 +126,9 @@ class Family:
                         dtype=torch.float32)
         return pack_2x2(z)[0]
 
-    def to_pipeline_latents(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Scheduler-layout latents -> what ``output_type="latent"`` returns (the same here)."""
+    def to_pipeline_latents(self, x: Tensor, grid: tuple[int, int], pipe: Any = None) -> Tensor:
+        """Scheduler-layout latents -> what ``output_type="latent"`` returns (the same here; ``pipe``
+        for families whose output is de-normalized with the VAE's statistics)."""
         return x
 
     def decode(self, pipe: Any, latents: Tensor, grid: tuple[int, int]) -> Tensor:

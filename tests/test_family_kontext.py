@@ -25,6 +25,8 @@ OPTS = dict(height=32, width=32, max_sequence_length=T5_LENGTH)
 TEXTS = ["a photo of a cat", "a red car", "a small house"]
 SEEDS = [0, 1, 2]
 STEPS = 4
+# Tiny models: one intra-op thread (a second one spin-waits on a busy machine; tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
