@@ -81,7 +81,9 @@ def test_flux_teacher_reproduces_the_pipeline(flux):
     assert flux.latent_shape == (64, 16) and not flux.true_cfg and flux.default_guidance == 3.5
     cond = flux.encode_prompts(PROMPTS)
     assert cond["encoder_hidden_states"].shape == (2, T5_LENGTH, 32) and cond["pooled_projections"].shape == (2, 32)
-    assert flux.layout["guidance"] == {"kind": "batched", "dtype": "model"}
+    # The embedded guidance is stored per row under a name that is not the dataset's own "guidance".
+    assert flux.layout["guidance"] == {"kind": "batched", "dtype": "model", "key": "arg_guidance"}
+    assert cond["arg_guidance"].tolist() == [3.5, 3.5]
     latents = sample_teacher(flux, PROMPTS, [0, 1], steps=4, guidance=3.5)
     out = flux.pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
                     max_sequence_length=T5_LENGTH, generator=_generators([0, 1]), output_type="latent")
