@@ -2,7 +2,7 @@
 
 Everything runs on tiny pipelines built from configs (tests/tiny_pipelines.py). Here the Qwen-Image
 pipeline has no text encoder: its teacher passes seeded random ``prompt_embeds`` / masks to the
-pipeline's own ``__call__`` (tests/test_families.py drives one with a real tiny text encoder).
+pipeline's own ``__call__`` (tests/test_family_qwen_image.py drives one with a real tiny text encoder).
 """
 
 from __future__ import annotations
