@@ -100,7 +100,7 @@ def test_kontext_teacher_reproduces_the_pipeline(kontext, refs, prompts, guidanc
     assert torch.equal(cond["reference_latents"][0], cond["reference_latents"][2])
     assert not torch.allclose(cond["reference_latents"][0], cond["reference_latents"][1])
     assert kontext.layout["img_ids"]["kind"] == "shared" and cond["img_ids"].shape == (3, 128, 3)
-    assert torch.equal(cond["guidance"], torch.full((3,), guidance))
+    assert torch.equal(cond["arg_guidance"], torch.full((3,), guidance))  # stored as arg_guidance
     with torch.no_grad():
         for j in (0, STEPS - 1):
             torch.testing.assert_close(kontext.conditional_velocity(x[:, j], sigmas[j].expand(3), cond), u[:, j],
@@ -109,7 +109,7 @@ def test_kontext_teacher_reproduces_the_pipeline(kontext, refs, prompts, guidanc
     encoded = kontext.encode_prompts(prompts)
     assert sorted(encoded) == sorted(cond)
     for k in cond:
-        if k != "guidance":
+        if k != "arg_guidance":
             torch.testing.assert_close(encoded[k].float(), cond[k], rtol=0, atol=1e-6)
     if guidance == 3.5:
         torch.testing.assert_close(sample_teacher(kontext, prompts, SEEDS, steps=STEPS, guidance=guidance), expected,
@@ -134,7 +134,7 @@ def test_kontext_true_cfg_without_guidance_embedding(refs, prompts):
     x, u, sigmas, cond = teacher.record(prompts, SEEDS, STEPS, 4.0)
     expected = _stock(teacher.pipe, refs, SEEDS, true_cfg_scale=4.0, negative_prompt="")
     torch.testing.assert_close(x[:, -1], expected, rtol=0, atol=1e-5)
-    assert "guidance" not in cond
+    assert "arg_guidance" not in cond
     x1, u1, s1, cond1 = teacher.record(prompts, SEEDS, STEPS, 1.0)
     torch.testing.assert_close(x1[:, -1], _stock(teacher.pipe, refs, SEEDS), rtol=0, atol=1e-5)
     with torch.no_grad():
