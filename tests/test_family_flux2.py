@@ -194,6 +194,13 @@ def test_klein_student_on_a_stock_pipeline(with_refs, ref_prompts, tmp_path):
     got = generator.latents(prompts, SEEDS)  # the stock __call__ with the ArcFlowScheduler: 2 calls, no CFG
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(got, teacher.sample(prompts, SEEDS, 2, 1.0), atol=1e-3)
+    # arcflow's own run sampler (what `arcflow sample --adapter` runs) cuts the reference tokens too.
+    from arcflow.distill.runs import sample_latents
+    from arcflow.distill.student import load_scheduler, read_student_config
+
+    scheduler = load_scheduler(tmp_path / "run", read_student_config(tmp_path / "run"), reference_teacher)
+    own = sample_latents(load_student(reference_teacher, tmp_path / "run"), scheduler, reference_teacher.noise(SEEDS), cond)
+    torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
     if not with_refs:
         images = generator(TEXTS[0], output_type="pt").images
         assert images.shape == (1, 3, 32, 32)
@@ -217,3 +224,38 @@ def test_what_klein_cannot_drive_is_one_line(klein, refs):
     assert "no negative prompt" in one_line(lambda: _teacher(negative_prompt="blurry").encode_prompts(["a cat"]))
     mixed = _teacher(64)
     assert "changed shape" in one_line(lambda: mixed.encode_prompts(["a cat", edit_prompt("a dog", refs[:1])]))
+
+
+@pytest.mark.slow  # ~1-2 minutes: local Ray clusters for generation and for Ray Train
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_cli_end_to_end_on_a_tiny_klein_directory(with_refs, tmp_path):
+    import json
+
+    from tiny_flux_family import save_tiny_flux2_klein_pipeline
+    from test_diffusers_teachers import _arcflow
+
+    pipe_dir = save_tiny_flux2_klein_pipeline(tmp_path / "klein")
+    size = "64" if with_refs else "32"
+    if with_refs:
+        (tmp_path / "refs").mkdir()
+        image(0, (64, 64)).save(tmp_path / "refs" / "r0.png")
+        image(1, (96, 72)).save(tmp_path / "refs" / "r1.png")
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": t, "image": ["refs/r0.png", "refs/r1.png"]}) + "\n" for t in TEXTS))
+        image_args = ["--image", str(tmp_path / "refs" / "r0.png"), "--image", str(tmp_path / "refs" / "r1.png")]
+    else:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(TEXTS) + "\n")
+        image_args = []
+    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
+    _arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", size, "--width", size,
+             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
+             "--out", str(ds), "--no-progress", cwd=tmp_path)
+    _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
+    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+             "--no-progress", cwd=tmp_path)
+    record = json.loads((run / "arcflow_config.json").read_text())
+    assert record["teacher_options"]["height"] == int(size) and len(record["segment_sigmas"]) == 3
+    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", *image_args, "--num", "2", "--out", str(png),
+             cwd=tmp_path)
+    assert png.is_file()

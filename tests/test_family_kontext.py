@@ -167,6 +167,13 @@ def test_kontext_student_on_a_stock_pipeline(kontext, prompts, refs, tmp_path):
     got = generator.latents(prompts, SEEDS)  # the stock __call__ with the ArcFlowScheduler, 2 calls
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(got, kontext.sample(prompts, SEEDS, 2), atol=1e-3)
+    # arcflow's own run sampler (what `arcflow sample --adapter` runs) cuts the reference tokens too.
+    from arcflow.distill.runs import sample_latents
+    from arcflow.distill.student import load_scheduler, read_student_config
+
+    scheduler = load_scheduler(tmp_path / "run", read_student_config(tmp_path / "run"), reference_teacher)
+    own = sample_latents(load_student(reference_teacher, tmp_path / "run"), scheduler, reference_teacher.noise(SEEDS), cond)
+    torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
     # Calling the wrapper keeps the run's size (max_area / _auto_resize come with the call defaults).
     images = generator(TEXTS[1], image=load_image(refs[1]), output_type="pt").images
     assert images.shape == (1, 3, 32, 32)
@@ -188,3 +195,30 @@ def test_what_kontext_cannot_drive_is_one_line(kontext, refs):
     assert "FluxKontextPipeline" in message and "FlowMatchHeunDiscreteScheduler" in message
     assert "exactly one reference image" in one_line(lambda: kontext.encode_prompts([edit_prompt("a cat", refs)]))
     assert "edits images" in one_line(lambda: kontext.encode_prompts(["a cat"]))
+
+
+@pytest.mark.slow  # ~1-2 minutes: local Ray clusters for generation and for Ray Train
+def test_cli_end_to_end_on_a_tiny_kontext_directory(tmp_path):
+    import json
+
+    from tiny_flux_family import save_tiny_flux_kontext_pipeline
+    from test_diffusers_teachers import _arcflow
+
+    pipe_dir = save_tiny_flux_kontext_pipeline(tmp_path / "kontext")
+    (tmp_path / "refs").mkdir()
+    for i in range(2):
+        image(i, (40, 48)).save(tmp_path / "refs" / f"r{i}.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t, "image": f"refs/r{i % 2}.png"}) + "\n" for i, t in enumerate(TEXTS)))
+    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
+    _arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", "32", "--width", "32",
+             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
+             "--out", str(ds), "--no-progress", cwd=tmp_path)
+    _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
+    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+             "--no-progress", cwd=tmp_path)
+    record = json.loads((run / "arcflow_config.json").read_text())
+    assert record["teacher_options"]["height"] == 32 and len(record["segment_sigmas"]) == 3
+    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--image", str(tmp_path / "refs" / "r1.png"),
+             "--num", "2", "--out", str(png), cwd=tmp_path)
+    assert png.is_file()
