@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from arcflow.core.errors import ArcflowError, first_line, quote
 
-from .conditioning_layout import Layout, replay, split_call, stored_key
+from .conditioning_layout import REFERENCE_KEY, Layout, replay, split_call, stored_key
 from .edit_inputs import load_image, parse_prompt
 from .families import Family, family_for
 from .pipeline_capture import optional_kwargs, run_pipeline
@@ -155,6 +155,7 @@ class DiffusersTeacher(Teacher):
         self.max_sequence_length = max_sequence_length
         self.layout: Optional[Layout] = dict(conditioning_layout) if conditioning_layout else None
         self._negative: Optional[Conditioning] = None
+        self._reference_tokens: Optional[int] = None
         self.mu = self.family.mu(pipe, self.latent_shape[0], REFERENCE_STEPS)
         self.shift = self.family.static_shift(pipe, self.mu)
         self.default_guidance = float(guidance) if guidance is not None else self.family.default_guidance(pipe)
@@ -257,6 +258,15 @@ class DiffusersTeacher(Teacher):
                 f"the {self.pipeline_class} conditioning changed shape between calls "
                 f"({sorted(layout)} vs {sorted(self.layout)}); reference images must all give the same token count"
             )
+        if REFERENCE_KEY in tensors:  # every prompt's reference tokens are stored in one array
+            tokens = int(tensors[REFERENCE_KEY].shape[1])
+            if self._reference_tokens is None:
+                self._reference_tokens = tokens
+            elif tokens != self._reference_tokens:
+                raise ArcflowError(
+                    f"the {self.pipeline_class} reference images give {tokens} tokens here and {self._reference_tokens} "
+                    "before; every prompt needs as many reference images"
+                )
         return tensors
 
     def _check_schedule(self, sigmas: list[float], steps: int) -> None:

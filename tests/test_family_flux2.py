@@ -224,6 +224,8 @@ def test_what_klein_cannot_drive_is_one_line(klein, refs):
     assert "no negative prompt" in one_line(lambda: _teacher(negative_prompt="blurry").encode_prompts(["a cat"]))
     mixed = _teacher(64)
     assert "changed shape" in one_line(lambda: mixed.encode_prompts(["a cat", edit_prompt("a dog", refs[:1])]))
+    assert "as many reference images" in one_line(
+        lambda: _teacher(64).encode_prompts([edit_prompt("a cat", refs), edit_prompt("a dog", refs[:1])]))
 
 
 @pytest.mark.slow  # ~1-2 minutes: local Ray clusters for generation and for Ray Train
