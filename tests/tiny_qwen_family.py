@@ -9,7 +9,7 @@ prompt templates is ONE token, so the templates' system prefixes tokenize to exa
 as with the real Qwen tokenizer: the drop index removes exactly the system prefix.
 
 ``tiny_qwen_image_edit_plus_pipeline()``: a stock ``QwenImageEditPlusPipeline`` with the same
-tokenizer (plus vision special tokens), a ``Qwen2VLProcessor`` whose image processor resizes every
+tokenizer (plus vision special tokens), a Qwen2-VL processor whose image processor resizes a square
 condition image to 56x56 pixels (4x4 patches of 14 -> 4 vision tokens after the 2x2 merge) and the
 tiny Qwen2.5-VL with a 2-block vision tower.
 
@@ -49,7 +49,9 @@ SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
     "<|video_pad|>",
 )
-CONDITION_PIXELS = 56 * 56  # the processor resizes every condition image to 56x56 -> 4 vision tokens
+# The VL image processor's pixel bounds: a square condition image becomes 56x56 pixels = 4x4 patches of 14 = 4
+# vision tokens after the 2x2 merge (smart_resize floors to multiples of 28 within [56*56, 64*64]).
+CONDITION_MIN_PIXELS, CONDITION_MAX_PIXELS = 56 * 56, 64 * 64
 VAE_PIXELS = 32 * 32  # tiny_edit_plus_sizes' default VAE_IMAGE_SIZE
 
 
@@ -161,14 +163,14 @@ from transformers import ProcessorMixin  # noqa: E402,F401
 
 
 def tiny_qwen_vl_processor(tokenizer):
-    """The Qwen2-VL processor (PIL-backend image processor when torchvision is absent) pinned to 56x56
-    pixels per condition image + the tiny tokenizer."""
+    """The Qwen2-VL processor (PIL-backend image processor when torchvision is absent) bounded to
+    56*56..64*64 pixels per condition image + the tiny tokenizer."""
     try:  # transformers >= 5 without torchvision: the PIL backend (Qwen2VLImageProcessor falls back to it too)
         from transformers import Qwen2VLImageProcessorPil as ImageProcessor
     except ImportError:  # pragma: no cover - older transformers
         from transformers import Qwen2VLImageProcessor as ImageProcessor
     image_processor = ImageProcessor(
-        size={"shortest_edge": CONDITION_PIXELS, "longest_edge": CONDITION_PIXELS},
+        size={"shortest_edge": CONDITION_MIN_PIXELS, "longest_edge": CONDITION_MAX_PIXELS},
         patch_size=14, temporal_patch_size=2, merge_size=2,
     )
     cls = _processor_class()
