@@ -220,7 +220,9 @@ def test_cli_end_to_end_on_a_tiny_qwen_image_directory(tmp_path):
              "--num-samples", "4", "--steps", "4", "--guidance", "4.0", "--shard-size", "2",
              "--prompts", str(prompts), "--out", str(ds), "--no-progress", cwd=tmp_path)
     spec = json.loads((ds / "dataset.json").read_text())
-    assert "QwenImagePipeline" in json.dumps(spec)
+    # Text padded to the pipeline's default max_sequence_length (512), with its mask.
+    assert spec["cond_spec"]["encoder_hidden_states"]["shape"][-2:] == [512, 32], spec["cond_spec"]
+    assert "encoder_hidden_states_mask" in spec["cond_spec"]
     verified = _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
     assert "damaged" not in verified.stdout.lower() or " 0 " in verified.stdout
     _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
