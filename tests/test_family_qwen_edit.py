@@ -205,6 +205,13 @@ def test_student_in_the_stock_pipeline_equals_arcflows_sampler(teacher, prompts,
     got = generator.latents(prompts, SEEDS)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (got - teacher.sample(prompts, SEEDS, 2, 1.0)).abs().max() > 1e-3
+    # `arcflow sample --adapter`'s loop (distill/runs.py) cuts the reference tokens off too.
+    from arcflow.distill.runs import sample_latents
+    from arcflow.distill.student import load_scheduler, read_student_config
+
+    scheduler = load_scheduler(tmp_path / "run", read_student_config(tmp_path / "run"), teacher)
+    ours = sample_latents(load_student(teacher, tmp_path / "run"), scheduler, noise, cond)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
 def _one_line(fn, *needles):
@@ -235,3 +242,88 @@ def test_undrivable_edit_pipelines_are_refused_in_one_line(teacher, images, tmp_
               "cannot read image")
     _one_line(lambda: teacher.encode_prompts([edit_prompt("a cat", [str(tmp_path / "missing.png")])]),
               "image not found")
+
+
+# ----- the CLI end to end on a saved pipeline directory ------------------------------------------
+#: Put on PYTHONPATH of the CLI and its Ray workers: once diffusers imports the EditPlus module, its
+#: VAE_IMAGE_SIZE becomes the tiny one (what tiny_edit_plus_sizes does in this process) and the
+#: module of the tiny processor class the saved pipeline names is imported.
+SITECUSTOMIZE = '''
+import importlib.abc, sys
+
+NAME = "diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus"
+
+
+class _Patch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != NAME:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            import importlib.util
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.VAE_IMAGE_SIZE = %d
+            import tiny_qwen_family  # noqa: F401 - diffusers loads the saved processor class only once imported
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Patch())
+'''
+
+
+def _arcflow(*args, cwd, pythonpath):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(pythonpath))
+    result = subprocess.run([sys.executable, "-m", "arcflow.cli", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow  # ~2 minutes: local Ray clusters for generation and training
+def test_cli_end_to_end_on_a_tiny_edit_plus_directory(tmp_path):
+    import json
+    from pathlib import Path
+
+    from tiny_qwen_family import VAE_PIXELS, save_tiny_qwen_image_edit_plus_pipeline
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE % VAE_PIXELS)
+    # The saved processor's class lives in tests/tiny_qwen_family.py (no torchvision here).
+    path = [str(site), str(Path(__file__).parent)]
+    directory = save_tiny_qwen_image_edit_plus_pipeline(tmp_path / "pipe")
+    refs = tmp_path / "data" / "refs"
+    refs.mkdir(parents=True)
+    for i, size in enumerate([(32, 32), (40, 24), (64, 96)]):
+        tiny_image(20 + i, size).save(refs / f"{i}.png")
+    prompts = tmp_path / "data" / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "make the cat red", "image": ["refs/0.png", "refs/1.png"]},
+        {"prompt": "a big house on the river", "image": ["refs/2.png", "refs/0.png"]},
+        {"prompt": "paint the sky blue", "image": ["refs/1.png", "refs/2.png"]},
+    ]) + "\n")
+    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
+    _arcflow("generate-trajectories", "--teacher", str(directory), "--height", str(HEIGHT), "--width", str(WIDTH),
+             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
+             "--out", str(ds), "--no-progress", cwd=tmp_path, pythonpath=path)
+    spec = json.loads((ds / "dataset.json").read_text())
+    assert "reference_latents" in json.dumps(spec["cond_spec"])
+    _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path, pythonpath=path)
+    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+             "--no-progress", cwd=tmp_path, pythonpath=path)
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    _arcflow("sample", "--adapter", str(run), "--prompt", "make the cat red", "--image", str(refs / "0.png"),
+             "--image", str(refs / "2.png"), "--num", "2", "--out", str(png), cwd=tmp_path, pythonpath=path)
+    assert png.is_file()
