@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from arcflow.core.errors import ArcflowError
-from arcflow.pipeline.teacher import transformer_output
 
 from .arcflow_scheduler import ArcFlowScheduler
 from .student import Student, load_scheduler, load_student, read_student_config
@@ -52,7 +51,8 @@ def sample_latents(student: Student, scheduler: ArcFlowScheduler, noise: Tensor,
     scheduler.set_timesteps(device=x.device)
     for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
         inputs = teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond)
-        x = scheduler.step(transformer_output(student.transformer(**inputs)), t, x, return_dict=False)[0]
+        out = teacher.network_output(student.transformer(**inputs), x.shape[1])  # edit pipelines: reference tokens cut
+        x = scheduler.step(out, t, x, return_dict=False)[0]
     return x
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from arcflow.core.errors import ArcflowError
 
+from .family_qwen_edit import QwenImageEditPlusMixin
 from .teacher import transformer_output
 
 
@@ -80,6 +81,12 @@ class Family:
     cfg_below_one: bool = False
     #: Noise is drawn per sample in this shape's layout with the channels of ``latent_channels``.
     packed: bool = True
+    #: Most prompts one ``__call__`` takes (None: any number; the teacher splits larger groups).
+    max_prompts_per_call: Optional[int] = None
+
+    def undrivable(self, pipe: Any) -> Optional[str]:
+        """Why this family cannot drive ``pipe`` beyond the generic checks (None: it can)."""
+        return None
 
     # ----- guidance ----------------------------------------------------------------------------
     def embedded_guidance(self, pipe: Any) -> bool:
@@ -319,8 +326,13 @@ class QwenImageFamily(Family):
         return vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
 
 
+class QwenImageEditPlusFamily(QwenImageEditPlusMixin, QwenImageFamily):
+    """``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / -2511): Qwen-Image plus one or more
+    reference images per prompt (pipeline/family_qwen_edit.py)."""
+
+
 #: Every family arcflow drives (one instance each).
-ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily())
+ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), QwenImageEditPlusFamily())
 #: The families by pipeline class name.
 FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in family.pipeline_classes}
 
@@ -367,3 +379,4 @@ def _init_parameters(cls: Any) -> list[Any]:
         return list(inspect.signature(cls.__init__).parameters.values())
     except (TypeError, ValueError):
         return []
+
