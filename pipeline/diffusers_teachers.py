@@ -325,7 +325,8 @@ class DiffusersTeacher(Teacher):
         prompts = list(prompts)
         latents = self.noise([0] * len(prompts))
         out: dict[str, Tensor] = {}
-        for rows, capture in self._run(prompts, latents, 1, self.default_guidance, stub=True):
+        # Two steps, not one: a one-step schedule is degenerate for some schedulers (shift_terminal).
+        for rows, capture in self._run(prompts, latents, 2, self.default_guidance, stub=True):
             for k, v in self._conditioning(capture, len(rows)).items():
                 out.setdefault(k, torch.empty((len(prompts), *v.shape[1:]), dtype=v.dtype, device=self.device))[rows] = v
         return out
