@@ -10,8 +10,8 @@ tokens x 64 channels; a T5 encoder of width 4096 (``prompt_embeds`` 512 x 4096) 
 768 (``pooled_prompt_embeds`` 768); embedded guidance as FLUX.1-dev. Everything else is tiny (1 + 1
 transformer blocks of 2 heads x 8, 2-layer text encoders, word-level tokenizers from
 tests/tiny_pipelines.py), so a 50-step trajectory costs seconds on a CPU. The weights are random:
-the trajectories have the right shapes and come from arcflow's own generator (``FluxTeacher``,
-``record_trajectories``, the Ray builder, the v1 writer), but their content is not FLUX's, so
+the trajectories have the right shapes and come from arcflow's own generator (``DiffusersTeacher``,
+the pipeline's own ``__call__``, the Ray builder, the v1 writer), but their content is not FLUX's, so
 compression ratios measured on them say little about real FLUX latents (see the report of
 benchmarks/storage_bytes.py); I/O volumes and shapes are what they are for.
 

@@ -51,8 +51,7 @@ def sample_latents(student: Student, scheduler: ArcFlowScheduler, noise: Tensor,
     scheduler.set_timesteps(device=x.device)
     for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
         inputs = teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond)
-        # The sample's own tokens (an edit pipeline's transformer also returns its reference tokens).
-        out = teacher.network_output(student.transformer(**inputs), x.shape[1])
+        out = teacher.network_output(student.transformer(**inputs), x.shape[1])  # edit pipelines: reference tokens cut
         x = scheduler.step(out, t, x, return_dict=False)[0]
     return x
 

@@ -229,14 +229,17 @@ class DiffusersTeacher(Teacher):
         return kwargs
 
     def _groups(self, prompts: Sequence[str]) -> list[tuple[list[int], list[str], list[str]]]:
-        """Rows sharing one reference-image set, called together: ``(indices, texts, images)``."""
+        """Rows sharing one reference-image set, called together (at most the family's
+        ``max_prompts_per_call`` per call): ``(indices, texts, images)``."""
         groups: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}
         for i, p in enumerate(prompts):
             text, images = parse_prompt(p)
             rows, texts = groups.setdefault(tuple(images), ([], []))
             rows.append(i)
             texts.append(text)
-        return [(rows, texts, list(images)) for images, (rows, texts) in groups.items()]
+        size = self.family.max_prompts_per_call
+        return [(rows[i:i + (size or len(rows))], texts[i:i + (size or len(rows))], list(images))
+                for images, (rows, texts) in groups.items() for i in range(0, len(rows), size or len(rows))]
 
     def _run(self, prompts: Sequence[str], latents: Tensor, steps: int, guidance: float, *, stub: bool = False,
              record: bool = True):
@@ -332,7 +335,8 @@ class DiffusersTeacher(Teacher):
         prompts = list(prompts)
         latents = self.noise([0] * len(prompts))
         out: dict[str, Tensor] = {}
-        for rows, capture in self._run(prompts, latents, 1, self.default_guidance, stub=True):
+        # Two steps, not one: a one-step schedule is degenerate for some schedulers (shift_terminal).
+        for rows, capture in self._run(prompts, latents, 2, self.default_guidance, stub=True):
             for k, v in self._conditioning(capture, len(rows)).items():
                 out.setdefault(k, torch.empty((len(prompts), *v.shape[1:]), dtype=v.dtype, device=self.device))[rows] = v
         return out
@@ -463,6 +467,9 @@ def check_drivable(pipe: Any, family: Family) -> None:
     if not isinstance(head, nn.Linear) and type(head).__name__ != "MomentumHead":
         raise ArcflowError(f"arcflow cannot drive a {name}: its transformer has no linear output projection "
                            f"{family.head_module!r} to replace")
+    reason = family.undrivable(pipe)
+    if reason:
+        raise ArcflowError(f"arcflow cannot drive a {name}: {reason}")
 
 
 def text_component_names(config: Mapping[str, Any]) -> list[str]:

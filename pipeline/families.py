@@ -21,9 +21,16 @@ from .family_base import (  # noqa: F401 (re-exported: the families' public name
 )
 from .family_flux2 import Flux2KleinFamily
 from .family_kontext import FluxKontextFamily
+from .family_qwen_edit import QwenImageEditPlusMixin
+
+
+class QwenImageEditPlusFamily(QwenImageEditPlusMixin, QwenImageFamily):
+    """``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / -2511): Qwen-Image plus one or more
+    reference images per prompt (pipeline/family_qwen_edit.py)."""
+
 
 #: Every family arcflow drives (one instance each).
-ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), FluxKontextFamily(), Flux2KleinFamily())
+ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), QwenImageEditPlusFamily(), FluxKontextFamily(), Flux2KleinFamily())
 #: The families by pipeline class name.
 FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in family.pipeline_classes}
 

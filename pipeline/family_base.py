@@ -87,6 +87,12 @@ class Family:
     cfg_below_one: bool = False
     #: Noise is drawn per sample in this shape's layout with the channels of ``latent_channels``.
     packed: bool = True
+    #: Most prompts one ``__call__`` takes (None: any number; the teacher splits larger groups).
+    max_prompts_per_call: Optional[int] = None
+
+    def undrivable(self, pipe: Any) -> Optional[str]:
+        """Why this family cannot drive ``pipe`` beyond the generic checks (None: it can)."""
+        return None
 
     # ----- guidance ----------------------------------------------------------------------------
     def embedded_guidance(self, pipe: Any) -> bool:
