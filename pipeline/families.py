@@ -10,27 +10,16 @@ from typing import Any, Optional
 
 from arcflow.core.errors import ArcflowError
 
-from .family_base import (  # noqa: F401 (re-exported: the families' public names)
-    QWEN_MAX_SEQUENCE_LENGTH,
-    Family,
-    FluxFamily,
-    QwenImageFamily,
-    exponential_shift_mu,
-    pack_2x2,
-    unpack_2x2,
-)
+from .family_base import Family, FluxFamily, QwenImageFamily
 from .family_flux2 import Flux2KleinFamily
 from .family_kontext import FluxKontextFamily
-from .family_qwen_edit import QwenImageEditPlusMixin
-
-
-class QwenImageEditPlusFamily(QwenImageEditPlusMixin, QwenImageFamily):
-    """``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / -2511): Qwen-Image plus one or more
-    reference images per prompt (pipeline/family_qwen_edit.py)."""
+from .family_qwen_edit import QwenImageEditPlusFamily
 
 
 #: Every family arcflow drives (one instance each).
-ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), QwenImageEditPlusFamily(), FluxKontextFamily(), Flux2KleinFamily())
+ALL_FAMILIES: tuple[Family, ...] = (
+    FluxFamily(), FluxKontextFamily(), Flux2KleinFamily(), QwenImageFamily(), QwenImageEditPlusFamily(),
+)
 #: The families by pipeline class name.
 FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in family.pipeline_classes}
 

@@ -276,6 +276,8 @@ class QwenImageFamily(Family):
     name = "qwen-image"
     pipeline_classes = ("QwenImagePipeline",)
     transformer_class = "QwenImageTransformer2DModel"
+    #: Text length rows are padded to when the teacher sets no ``max_sequence_length``.
+    default_text_length = QWEN_MAX_SEQUENCE_LENGTH
     lora_targets = (
         r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
         r"|time_text_embed\.timestep_embedder\.linear_[12]"
@@ -302,7 +304,7 @@ class QwenImageFamily(Family):
         batch, length, dim = embeds.shape
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        full = int(teacher.max_sequence_length or QWEN_MAX_SEQUENCE_LENGTH)
+        full = int(teacher.max_sequence_length or self.default_text_length)
         if length > full:
             raise ArcflowError(f"prompt embeddings of length {length} exceed max_sequence_length {full}")
         pad = full - length

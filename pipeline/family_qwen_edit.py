@@ -3,8 +3,8 @@ reference images per prompt.
 
 The transformer, latents, timestep, CFG (true CFG through ``true_cfg_scale`` and a negative
 prompt, rescaled to the conditional velocity's norm per token), decode and LoRA targets are
-Qwen-Image's (:class:`~arcflow.pipeline.families.QwenImageFamily`; pipeline/families.py composes
-:class:`QwenImageEditPlusMixin` with it into ``QwenImageEditPlusFamily``). What differs:
+Qwen-Image's (:class:`QwenImageEditPlusFamily` subclasses
+:class:`~arcflow.pipeline.family_base.QwenImageFamily`). What differs:
 
 * every reference image is VAE-encoded and its tokens are appended to the latent argument
   (``cat([latents, image_latents], 1)``); the recorder stores them as ``reference_latents`` and
@@ -20,7 +20,7 @@ Qwen-Image's (:class:`~arcflow.pipeline.families.QwenImageFamily`; pipeline/fami
   depend on the images and their length on the image count. The pipeline does not truncate them;
   arcflow pads them to ``max_sequence_length`` (default 1024, the pipeline's bound) with a mask;
 * ``__call__`` takes one prompt per call (``batch_size > 1`` raises): the teacher calls it once per
-  prompt (:attr:`~arcflow.pipeline.families.Family.max_prompts_per_call`).
+  prompt (:attr:`~arcflow.pipeline.family_base.Family.max_prompts_per_call`).
 
 True CFG outside the pipeline's own sampler (the teacher's ``velocity`` at guidance > 1) would need
 the negative prompt encoded with each sample's images; it is refused (the recorded velocities
@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import math
 from typing import Any, Optional
+
+from .family_base import QwenImageFamily
 
 #: The pipeline's bound on ``max_sequence_length``, arcflow's default text length for it.
 QWEN_EDIT_MAX_SEQUENCE_LENGTH = 1024
@@ -53,17 +55,15 @@ def area_dimensions(area: int, ratio: float) -> tuple[int, int]:
     return round(width / 32) * 32, round(height / 32) * 32
 
 
-class QwenImageEditPlusMixin:
-    """What ``QwenImageEditPlusPipeline`` changes over Qwen-Image (see the module docstring).
-
-    A mixin so that this module imports nothing from pipeline/families.py, which composes it with
-    :class:`~arcflow.pipeline.families.QwenImageFamily` into ``QwenImageEditPlusFamily`` and
-    registers that (no import cycle)."""
+class QwenImageEditPlusFamily(QwenImageFamily):
+    """``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / -2511): Qwen-Image plus one or more
+    reference images per prompt (see the module docstring)."""
 
     name = "qwen-image-edit-plus"
     pipeline_classes = ("QwenImageEditPlusPipeline",)
     edit = True
     max_prompts_per_call = 1
+    default_text_length = QWEN_EDIT_MAX_SEQUENCE_LENGTH
 
     def prepare_images(self, images: list[Any], height: int, width: int) -> Any:
         """Each image resized to the output's aspect ratio at the pipeline's VAE area, so the
@@ -73,12 +73,6 @@ class QwenImageEditPlusMixin:
         size = area_dimensions(vae_image_area(), width / height)
         return [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
 
-    def normalize_call(self, teacher: Any, call: dict[str, Any]) -> dict[str, Any]:
-        """Text (with its vision tokens) right-padded to ``max_sequence_length``, default 1024."""
-        if teacher.max_sequence_length is None:
-            teacher = _WithTextLength(teacher, QWEN_EDIT_MAX_SEQUENCE_LENGTH)
-        return super().normalize_call(teacher, call)  # type: ignore[misc]
-
     def legacy_layout(self, teacher: Any, cond: Any) -> Optional[dict[str, dict[str, Any]]]:
         return None  # no edit dataset predates recorded layouts
 
@@ -86,14 +80,3 @@ class QwenImageEditPlusMixin:
         if pipe.transformer.config.get("guidance_embeds", False):
             return "its transformer embeds guidance (guidance_embeds), which the Qwen-Image families do not drive"
         return None
-
-
-class _WithTextLength:
-    """A teacher view with another ``max_sequence_length`` (what ``normalize_call`` reads)."""
-
-    def __init__(self, teacher: Any, length: int) -> None:
-        self._teacher = teacher
-        self.max_sequence_length = length
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._teacher, name)
