@@ -3,8 +3,8 @@
 ``random-flux-dev`` and ``random-qwen-image`` are the real diffusers transformer classes with the
 published configurations (FLUX.1-dev: 19 double + 38 single blocks, 24 heads x 128, T5 512x4096 +
 pooled 768, embedded guidance; Qwen-Image: 60 blocks, 24 heads x 128, 3584-dim text, true CFG) and
-the real scheduler configurations, wrapped by the same :class:`FluxTeacher` /
-:class:`QwenImageTeacher` code the hub models use. Their weights are random: they cost the same
+the real scheduler configurations, driven through their pipelines' ``__call__`` by the same
+:class:`DiffusersTeacher` code the hub models use. Their weights are random: they cost the same
 compute and memory per call as the real ones and nothing else about them is meaningful. No file
 is read or written: the model is built on the meta device, allocated with ``to_empty`` on the
 target device and filled in place.
@@ -27,8 +27,7 @@ import ray.cloudpickle
 import torch
 from torch import nn
 
-from arcflow.pipeline.diffusers_teachers import FluxTeacher, QwenImageTeacher, resolve_torch_dtype
-from arcflow.pipeline.teacher import Conditioning
+from arcflow.pipeline.diffusers_teachers import DiffusersTeacher, resolve_torch_dtype
 
 # This module is not installed: Ray ships its classes to the workers by value, so they need no
 # benchmarks/ directory on their import path.
@@ -117,39 +116,37 @@ def _prompt_seed(prompt: str) -> int:
     return int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little") % 2**63
 
 
-class _RandomEmbeddings:
-    """Prompt -> random embeddings of the family's stored shapes (seeded by the prompt)."""
+class RandomTeacher(DiffusersTeacher):
+    """A random-weight FLUX.1-dev (embedded guidance 3.5) or Qwen-Image (true CFG, scale 4) teacher
+    driven through its pipeline's ``__call__``, prompts passed as random embeddings (seeded by the
+    prompt) of the real encoders' shapes, since there are no text encoders."""
 
-    family: str
+    def has_text_encoders(self) -> bool:
+        return True
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        self.validate_prompts(prompts)
+    def _embed(self, prompts: Sequence[str], pooled: bool) -> list[torch.Tensor]:
         cfg = self.transformer.config
-        rows = []
+        embeds, pools = [], []
         for prompt in prompts:
             gen = torch.Generator().manual_seed(_prompt_seed(prompt))
-            row = {"prompt_embeds": torch.randn(self.max_sequence_length, cfg.joint_attention_dim, generator=gen)}
-            if self.family == "flux":
-                row["pooled_prompt_embeds"] = torch.randn(cfg.pooled_projection_dim, generator=gen)
-            else:
-                row["prompt_embeds_mask"] = torch.ones(self.max_sequence_length)
-            rows.append(row)
-        return {k: torch.stack([r[k] for r in rows]).to(self.device, self.dtype) for k in rows[0]}
+            embeds.append(torch.randn(self.max_sequence_length, cfg.joint_attention_dim, generator=gen))
+            if pooled:
+                pools.append(torch.randn(cfg.pooled_projection_dim, generator=gen))
+        out = [torch.stack(embeds).to(self.device, self.dtype)]
+        return out + ([torch.stack(pools).to(self.device, self.dtype)] if pooled else [])
+
+    def prompt_kwargs(self, texts: list[str]) -> dict[str, Any]:
+        if self.pipeline_class == "FluxPipeline":
+            embeds, pooled = self._embed(texts, pooled=True)
+            return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        (embeds,) = self._embed(texts, pooled=False)
+        (negative,) = self._embed([self.negative_prompt] * len(texts), pooled=False)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask,
+                "negative_prompt_embeds": negative, "negative_prompt_embeds_mask": mask}
 
     def prompt_set(self) -> list[str]:
         return [f"random prompt {i}" for i in range(64)]
-
-
-class RandomFluxTeacher(_RandomEmbeddings, FluxTeacher):
-    """FLUX.1-dev architecture and schedule with random weights (embedded guidance 3.5)."""
-
-    family = "flux"
-
-
-class RandomQwenImageTeacher(_RandomEmbeddings, QwenImageTeacher):
-    """Qwen-Image architecture and schedule with random weights (true CFG, scale 4)."""
-
-    family = "qwen"
 
 
 def load_random_teacher(
@@ -164,16 +161,15 @@ def load_random_teacher(
     text_tokens: int = TEXT_TOKENS,
     weight_scale: float = 1.0,
     transformer: Optional[nn.Module] = None,
-) -> RandomFluxTeacher | RandomQwenImageTeacher:
+) -> RandomTeacher:
     """A random-weight teacher (see the module docstring); ``transformer`` reuses an already built
     one (e.g. the same weights at another resolution)."""
     family = TEACHER_FAMILIES[teacher_id]
     dtype = resolve_torch_dtype(torch_dtype)
     if transformer is None:
         transformer = random_transformer(family, reduced, device, dtype, seed, weight_scale)
-    cls = RandomFluxTeacher if family == "flux" else RandomQwenImageTeacher
     size = "reduced" if reduced else "full"
-    return cls(_pipeline(family, transformer), teacher_id=teacher_id,
+    return RandomTeacher(_pipeline(family, transformer), teacher_id=teacher_id,
                revision=f"random-{family}-{size}-seed{seed}-scale{weight_scale:g}", height=height, width=width,
                max_sequence_length=text_tokens)
 
@@ -185,5 +181,5 @@ class RandomTeacherFactory:
 
     teacher_id: str
 
-    def __call__(self, *, device: str, **options: Any) -> RandomFluxTeacher | RandomQwenImageTeacher:
+    def __call__(self, *, device: str, **options: Any) -> RandomTeacher:
         return load_random_teacher(self.teacher_id, device, **options)

@@ -1,4 +1,4 @@
-"""Stock diffusers interop: a ``FluxPipeline`` / ``QwenImagePipeline`` carrying an arcflow run
+"""Stock diffusers interop: a supported pipeline (pipeline/families.py) carrying an arcflow run
 samples with its OWN ``__call__`` in NFE network calls, and other LoRAs keep working alongside.
 
     from diffusers import FluxPipeline
@@ -76,16 +76,22 @@ class ArcFlowPipeline:
         """What ``pipe(...)`` needs to sample as the run was trained: its NFE, resolution and text
         length; no true CFG (the student's one call per segment already carries the guidance) and,
         for guidance-embedding FLUX, the guidance the data was recorded with."""
+        from arcflow.pipeline.pipeline_capture import optional_kwargs
+
+        teacher = self.teacher
         defaults: dict[str, Any] = {
             "num_inference_steps": self.nfe,
-            "height": self.teacher.height,
-            "width": self.teacher.width,
-            "true_cfg_scale": 1.0,
-            "max_sequence_length": self.teacher.max_sequence_length,
+            "height": teacher.height,
+            "width": teacher.width,
+            **teacher.family.guidance_kwargs(self.pipe, self.guidance, teacher.negative_prompt),
         }
-        if getattr(self.teacher, "guidance_embeds", False):
-            defaults["guidance_scale"] = self.teacher.default_guidance
+        defaults.update(optional_kwargs(self.pipe, {"max_sequence_length": teacher.max_sequence_length}))
         return defaults
+
+    @property
+    def guidance(self) -> float:
+        """The guidance the student samples with: embedded guidance as recorded, else 1 (no CFG)."""
+        return self.teacher.default_guidance if self.teacher.guidance_embeds else 1.0
 
     def __call__(self, prompt: Union[str, Sequence[str], None] = None, **kwargs: Any) -> Any:
         """``pipe(prompt, **kwargs)`` with :meth:`call_defaults` filled in; returns the pipeline's output."""
@@ -93,11 +99,12 @@ class ArcFlowPipeline:
 
     @torch.no_grad()
     def latents(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
-        """Final packed latents ``(B, tokens, channels)`` from per-seed noise (as ``arcflow sample``
-        draws it): the stock call with ``output_type="latent"``, NFE network calls."""
+        """Final latents (scheduler layout) from per-seed noise (as ``arcflow sample`` draws it):
+        the stock call with ``output_type="latent"``, NFE network calls. Edit prompts carry their
+        reference images (pipeline/edit_inputs.py)."""
         if len(prompts) != len(seeds):
             raise ArcflowError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        return self(list(prompts), latents=self.teacher.noise(list(seeds)), output_type="latent").images
+        return self.teacher.sample(list(prompts), list(seeds), self.nfe, self.guidance)
 
     def set_adapters(self, others: Mapping[str, float], arcflow_weight: float = 1.0) -> None:
         """Activate the arcflow adapter plus ``others`` ({adapter name: weight}) on the transformer."""
@@ -128,7 +135,7 @@ def arcflow_pipeline(
     adapter_name: str = ARCFLOW_ADAPTER,
     strict_revision: bool = False,
 ) -> ArcFlowPipeline:
-    """Load a run onto a stock ``FluxPipeline`` / ``QwenImagePipeline``: LoRA, momentum head and
+    """Load a run onto a stock pipeline of the run's class: LoRA, momentum head and
     ``pipe.scheduler = ArcFlowScheduler`` from the run directory, in place.
 
     ``height``/``width`` (the returned wrapper's call defaults) default to the resolution the run

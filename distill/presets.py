@@ -59,16 +59,17 @@ ON_POLICY_ONLY = ("guidance",)
 
 
 def teacher_family(teacher_id: str) -> str:
-    """``digits``, ``flux`` or ``qwen-image`` for a teacher id (a local pipeline's class decides;
-    a hub id by its name)."""
+    """``digits`` or a pipeline family's name (``flux``, ``qwen-image``, ...) for a teacher id (a
+    local pipeline's class decides; a hub id by its name)."""
     import os
 
     if teacher_id == "digits":
         return "digits"
     if os.path.isdir(teacher_id):
         from arcflow.pipeline.diffusers_teachers import pipeline_class_name
+        from arcflow.pipeline.families import family_for
 
-        return {"FluxPipeline": "flux", "QwenImagePipeline": "qwen-image"}[pipeline_class_name(teacher_id)]
+        return family_for(pipeline_class_name(teacher_id)).name
     name = teacher_id.lower()
     for key, family in (("qwen", "qwen-image"), ("flux", "flux")):
         if key in name:

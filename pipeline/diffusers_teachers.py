@@ -1,40 +1,21 @@
-"""Diffusers teachers: FLUX.1-dev (``FluxPipeline``) and Qwen-Image (``QwenImagePipeline``).
+"""Diffusers teachers: any supported flow-matching pipeline, driven through its own ``__call__``.
 
-Both load by hub id or local directory through one code path (:func:`load_diffusers_teacher`):
+Every teacher loads by hub id or local directory through one code path (:func:`load_diffusers_teacher`):
 a hub id is first resolved to its local snapshot (``DiffusionPipeline.download``), then the
 directory's ``model_index.json`` picks the pipeline class, which ``from_pretrained`` loads.
 
-What each teacher reproduces from its pipeline's ``__call__`` (diffusers 0.42):
-
-* prompts go through the pipeline's own ``encode_prompt`` once; the outputs are the conditioning
-  the dataset stores (FLUX: ``prompt_embeds`` ``(B, 512, 4096)`` + ``pooled_prompt_embeds``
-  ``(B, 768)``; ``text_ids`` are constant zeros and rebuilt; Qwen-Image: ``prompt_embeds``
-  padded to ``max_sequence_length`` + ``prompt_embeds_mask`` (1 = real token));
-* latents are the pipeline's packed 2x2-patch tokens, ``latent_shape = (tokens, channels)``, and
-  the initial noise for seed ``s`` equals what the pipeline draws with
-  ``torch.Generator().manual_seed(s)`` (float32, CPU);
-* ``sigmas(steps)`` is the pipeline's scheduler schedule: ``set_timesteps(sigmas=linspace(1, 1/S, S),
-  mu=calculate_shift(tokens, ...))``, then the trailing 0 (S+1 values). For the exponential dynamic
-  shift FLUX and Qwen-Image use, ``exp(mu) / (exp(mu) + 1/t - 1)`` is exactly the static shift
-  ``shift * t / (1 + (shift - 1) t)`` with ``shift = exp(mu)``, so :attr:`shift` is ``exp(mu)``
-  at the teacher's resolution and ``shifted_schedule(S, teacher.shift)`` equals ``sigmas(S)`` up to
-  float32 rounding; ``sigmas`` stays the reference;
-* the network gets ``timestep = (sigma * 1000 in float32 -> model dtype) / 1000`` as the pipeline
-  passes ``t / 1000``; the recording sampler's ``x - (s_j - s_{j+1}) u`` is the scheduler's
-  ``step`` (``sample + (sigma_next - sigma) * model_output`` in float32);
-* guidance: FLUX.1-dev is guidance-distilled (``guidance_embeds``): ONE evaluation per step with a
-  ``guidance`` tensor; a FLUX checkpoint without guidance embedding uses true CFG against the
-  negative prompt (as ``FluxPipeline``'s ``true_cfg_scale``). Qwen-Image uses true CFG (two halves
-  in one batched forward) followed by the pipeline's norm rescale
-  ``comb * ||cond|| / ||comb||`` over channels per token;
-* ``decode`` unpacks and runs the VAE with the pipeline's scaling/shift (FLUX) or
-  latents_mean/std (Qwen-Image) normalisation; images come back in [0, 1].
+:class:`DiffusersTeacher` records, samples and encodes by calling the pipeline itself
+(pipeline/pipeline_capture.py): the latents, the schedule, CFG, reference images and the
+conditioning are the pipeline's. What differs between pipeline classes is small and lives in
+pipeline/families.py (timestep mapping, output sign and reference tokens, head module, noise
+layout, decode, default LoRA targets).
 
 Options (``load_teacher(id, **options)`` / ``GenerationConfig.teacher_options``): ``height``,
-``width`` (default: the pipeline's default, 1024), ``torch_dtype`` ("bfloat16", ...),
-``guidance`` (FLUX embedded guidance used when a caller does not pass one, e.g. the student),
-``negative_prompt`` (default ""), ``max_sequence_length``, ``text_encoders`` (False: do not load
-them; the student never needs them), ``revision`` (hub revision), ``local_files_only``.
+``width`` (default: the pipeline's default), ``torch_dtype`` ("bfloat16", ...), ``guidance``
+(used when a caller does not pass one, e.g. the student), ``negative_prompt`` (default ""),
+``max_sequence_length``, ``text_encoders`` (False: do not load them; the student never needs
+them), ``conditioning_layout`` (how stored conditioning replays; datasets record it),
+``revision`` (hub revision), ``local_files_only``.
 """
 
 from __future__ import annotations
@@ -43,22 +24,29 @@ import copy
 import gc
 import hashlib
 import json
-import math
 import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from arcflow.pipeline.teacher import Conditioning, Teacher
+from tqdm.auto import tqdm
+
 from arcflow.core.errors import ArcflowError, first_line, quote
 
-#: Pipeline classes (``model_index.json`` ``_class_name``) a diffusers teacher can wrap.
-SUPPORTED_PIPELINES = ("FluxPipeline", "QwenImagePipeline")
+from .conditioning_layout import Layout, replay, split_call
+from .edit_inputs import load_image, parse_prompt
+from .families import Family, family_for
+from .pipeline_capture import optional_kwargs, run_pipeline
+from .recording import chunks, pad
+from .teacher import Conditioning, Teacher
+
+#: Steps at which a teacher's static ``shift`` is quoted (schedules whose mu depends on the step
+#: count, FLUX.2's, use it; the sampler itself always uses the pipeline's schedule for its steps).
+REFERENCE_STEPS = 50
 TORCH_DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -86,10 +74,9 @@ def pipeline_class_name(directory: str | os.PathLike) -> str:
         name = json.loads(index.read_text()).get("_class_name")
     except (json.JSONDecodeError, AttributeError) as exc:
         raise ArcflowError(f"{index} is not valid JSON: {exc}") from None
-    if name not in SUPPORTED_PIPELINES:
-        raise ArcflowError(
-            f"{directory} holds a {name!r} pipeline; supported teachers: {', '.join(SUPPORTED_PIPELINES)}"
-        )
+    if not isinstance(name, str):
+        raise ArcflowError(f"{index} names no pipeline class (_class_name)")
+    family_for(name)
     return name
 
 
@@ -120,12 +107,15 @@ def directory_revision(directory: str | os.PathLike) -> str:
 
 
 class DiffusersTeacher(Teacher):
-    """Shared machinery of the diffusers teachers; subclasses add the family's conditioning."""
+    """Any diffusers flow-matching pipeline as a teacher, driven through its own ``__call__``.
 
-    #: The diffusers pipeline class this teacher wraps.
-    pipeline_class: str = ""
-    #: The pipelines run CFG only for guidance > 1.
-    cfg_below_one = False
+    Sampling and recording call the pipeline (``output_type="latent"``) with a
+    :class:`~arcflow.pipeline.pipeline_capture.StepRecorder` in place of its scheduler; encoding
+    prompts calls it with the transformer stubbed out. The conditional transformer call's arguments
+    become the stored conditioning (:mod:`~arcflow.pipeline.conditioning_layout`), and
+    :meth:`transformer_inputs` replays them for the student. What differs between pipeline classes
+    is the :class:`~arcflow.pipeline.families.Family`.
+    """
 
     def __init__(
         self,
@@ -138,75 +128,44 @@ class DiffusersTeacher(Teacher):
         guidance: Optional[float] = None,
         negative_prompt: str = "",
         max_sequence_length: Optional[int] = None,
-        negative_cond: Optional[Conditioning] = None,
+        conditioning_layout: Optional[Layout] = None,
+        family: Optional[Family] = None,
     ) -> None:
         self.pipe = pipe
+        self.pipeline_class = type(pipe).__name__
+        self.family = family or family_for(self.pipeline_class)
+        check_drivable(pipe, self.family)
         self.teacher_id = teacher_id
         self.revision = revision
-        vsf = int(pipe.vae_scale_factor)
-        default = int(getattr(pipe, "default_sample_size", 128)) * vsf
+        default = self.family.default_size(pipe)
         self.height = int(height) if height is not None else default
         self.width = int(width) if width is not None else default
-        unit = vsf * 2
+        unit = self.family.size_unit(pipe)
         if self.height < unit or self.width < unit or self.height % unit or self.width % unit:
             raise ArcflowError(
-                f"height and width must be positive multiples of {unit} (VAE scale {vsf} x 2x2 packing), "
+                f"height and width must be positive multiples of {unit} for a {self.pipeline_class}, "
                 f"got {self.height}x{self.width}"
             )
-        self.vae_scale_factor = vsf
-        self.grid = (self.height // unit, self.width // unit)  # packed token grid
-        self.latent_shape = (self.grid[0] * self.grid[1], int(self.transformer.config.in_channels))
+        self.grid = self.family.grid(pipe, self.height, self.width)
+        self.latent_shape = tuple(self.family.latent_shape(pipe, self.height, self.width))
+        self.guidance_embeds = self.family.embedded_guidance(pipe)
+        self.true_cfg = not self.guidance_embeds
+        self.cfg_below_one = self.family.cfg_below_one
         self.negative_prompt = negative_prompt
         self.max_sequence_length = max_sequence_length
-        self._negative = negative_cond
-        self.mu = self._mu()
-        self.shift = self._static_shift()
-        self.default_guidance = float(guidance) if guidance is not None else self._default_guidance()
+        self.layout: Optional[Layout] = dict(conditioning_layout) if conditioning_layout else None
+        self._negative: Optional[Conditioning] = None
+        self.mu = self.family.mu(pipe, self.latent_shape[0], REFERENCE_STEPS)
+        self.shift = self.family.static_shift(pipe, self.mu)
+        self.default_guidance = float(guidance) if guidance is not None else self.family.default_guidance(pipe)
 
     # ----- schedule -------------------------------------------------------------------------
-    def _mu(self) -> Optional[float]:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        cfg = self.pipe.scheduler.config
-        if not cfg.get("use_dynamic_shifting", False):
-            return None
-        return float(
-            calculate_shift(
-                self.latent_shape[0],
-                cfg.get("base_image_seq_len", 256),
-                cfg.get("max_image_seq_len", 4096),
-                cfg.get("base_shift", 0.5),
-                cfg.get("max_shift", 1.15),
-            )
-        )
-
-    def _static_shift(self) -> float:
-        """The static shift equivalent to the scheduler's warp (NaN where none exists)."""
-        cfg = self.pipe.scheduler.config
-        exotic = any(
-            cfg.get(k) for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-                                 "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
-        )
-        if exotic:
-            return float("nan")
-        if self.mu is None:
-            return float(cfg.get("shift", 1.0))
-        if cfg.get("time_shift_type", "exponential") == "exponential":
-            return math.exp(self.mu)
-        return float(self.mu)  # linear: mu / (mu + 1/t - 1) is the static shift mu
-
-    def scheduler(self, steps: int):
-        """A fresh copy of the pipeline's scheduler set up exactly as the pipeline's ``__call__``."""
-        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
-
+    def scheduler(self, steps: int) -> Any:
+        """A copy of the pipeline's scheduler set up for ``steps`` as its ``__call__`` does."""
         if steps < 1:
             raise ArcflowError(f"steps must be >= 1, got {steps}")
         sched = copy.deepcopy(self.pipe.scheduler)
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        if getattr(sched.config, "use_flow_sigmas", False):
-            sigmas = None
-        kwargs = {"mu": self.mu} if self.mu is not None else {}
-        retrieve_timesteps(sched, steps, "cpu", sigmas=sigmas, **kwargs)
+        self.family.set_timesteps(self.pipe, sched, steps, self.latent_shape[0])
         return sched
 
     def sigmas(self, steps: int) -> Tensor:
@@ -222,65 +181,221 @@ class DiffusersTeacher(Teacher):
         return self.pipe.transformer
 
     def noise(self, seeds: Sequence[int]) -> Tensor:
-        """Per-seed packed noise, equal to the pipeline's ``prepare_latents`` with that seed."""
-        tokens, channels = self.latent_shape
-        h, w = 2 * self.grid[0], 2 * self.grid[1]
-        out = []
-        for s in seeds:
-            gen = torch.Generator().manual_seed(int(s))
-            z = torch.randn(self._noise_shape(channels // 4, h, w), generator=gen, dtype=torch.float32)
-            out.append(self.pipe._pack_latents(z, 1, channels // 4, h, w)[0])
+        """Per-seed noise in the scheduler's layout, equal to what the pipeline draws for that seed."""
+        out = [self.family.noise(self.pipe, self.latent_shape, self.grid, int(s)) for s in seeds]
         return torch.stack(out).to(self.device)
 
-    def _noise_shape(self, c: int, h: int, w: int) -> tuple[int, ...]:
-        return (1, c, h, w)
-
-    def timestep(self, sigma: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
-        """What the pipeline feeds as ``timestep``: ``t / 1000`` with ``t = sigma * 1000`` in float32."""
-        n = float(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
-        t = torch.as_tensor(sigma, device=self.device).to(torch.float32).reshape(-1).expand(batch) * n
-        return t.to(dtype) / n
-
-    # ----- conditioning -------------------------------------------------------------------------
+    # ----- calling the pipeline ---------------------------------------------------------------
     def validate_prompts(self, prompts: Sequence[str]) -> None:
         for p in prompts:
             if not isinstance(p, str):
                 raise ArcflowError(f"prompts must be strings, got {type(p).__name__}")
+        edits = [bool(parse_prompt(p)[1]) for p in prompts]
+        if self.family.edit and not all(edits):
+            raise ArcflowError(
+                f"a {self.pipeline_class} edits images: every prompt needs one "
+                "(a JSON Lines prompts file with \"image\", or sample --image)"
+            )
+        if not self.family.edit and any(edits):
+            raise ArcflowError(f"a {self.pipeline_class} takes no reference images; drop \"image\" from the prompts")
 
     def has_text_encoders(self) -> bool:
         return getattr(self.pipe, "text_encoder", None) is not None
 
-    def _require_text_encoders(self) -> None:
+    def prompt_kwargs(self, texts: list[str]) -> dict[str, Any]:
+        """How prompts reach ``__call__`` (benchmarks' stand-in teachers pass embeddings instead)."""
         if not self.has_text_encoders():
+            raise ArcflowError(f"teacher {self.teacher_id} was loaded without text encoders; it cannot encode prompts")
+        return {"prompt": texts}
+
+    def _call_kwargs(self, texts: list[str], images: list[str], latents: Tensor, steps: int, guidance: float) -> dict:
+        kwargs = {
+            **self.prompt_kwargs(texts),
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": steps,
+            "latents": self.family.latents_argument(latents.to(self.device), self.grid),
+            "output_type": "latent",
+            **self.family.guidance_kwargs(self.pipe, guidance, self.negative_prompt),
+            **self.family.extra_call_kwargs(self.pipe, self.height, self.width),
+        }
+        extra = {"max_sequence_length": self.max_sequence_length}
+        if images:
+            extra["image"] = self.family.prepare_images([load_image(p) for p in images], self.height, self.width)
+        kwargs.update(optional_kwargs(self.pipe, extra))
+        if "negative_prompt_embeds" in kwargs:  # a subclass passing embeddings sets the negative too
+            kwargs.pop("negative_prompt", None)
+        return kwargs
+
+    def _groups(self, prompts: Sequence[str]) -> list[tuple[list[int], list[str], list[str]]]:
+        """Rows sharing one reference-image set, called together: ``(indices, texts, images)``."""
+        groups: dict[tuple[str, ...], tuple[list[int], list[str]]] = {}
+        for i, p in enumerate(prompts):
+            text, images = parse_prompt(p)
+            rows, texts = groups.setdefault(tuple(images), ([], []))
+            rows.append(i)
+            texts.append(text)
+        return [(rows, texts, list(images)) for images, (rows, texts) in groups.items()]
+
+    def _run(self, prompts: Sequence[str], latents: Tensor, steps: int, guidance: float, *, stub: bool = False,
+             record: bool = True):
+        """Call the pipeline per image group; yields ``(rows, capture)``."""
+        self.validate_prompts(prompts)
+        for rows, texts, images in self._groups(prompts):
+            kwargs = self._call_kwargs(texts, images, latents[rows], steps, guidance)
+            yield rows, run_pipeline(self.pipe, kwargs, self.family.latent_arg, stub=stub, record=record)
+
+    def _conditioning(self, capture: Any, batch: int) -> Conditioning:
+        """Stored tensors of the conditional call (and the layout, checked against the teacher's)."""
+        call = self.family.normalize_call(self, self.family.conditional_call(capture.calls, batch))
+        tensors, layout = split_call(call, batch, self.latent_shape[0], self.family.latent_arg,
+                                     self.family.timestep_arg, self.dtype, self.family.shared_args)
+        if self.layout is None:
+            self.layout = layout
+        elif layout != self.layout:
             raise ArcflowError(
-                f"teacher {self.teacher_id} was loaded without text encoders; it cannot encode prompts"
+                f"the {self.pipeline_class} conditioning changed shape between calls "
+                f"({sorted(layout)} vs {sorted(self.layout)}); reference images must all give the same token count"
             )
+        return tensors
+
+    def _check_schedule(self, sigmas: list[float], steps: int) -> None:
+        expected = self.sigmas(steps).tolist()
+        if len(sigmas) != len(expected) or any(abs(a - b) > 1e-6 for a, b in zip(sigmas, expected)):
+            raise ArcflowError(f"the {self.pipeline_class} ran sigmas {sigmas[:3]}..., arcflow expected {expected[:3]}...")
+
+    def record(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: Optional[float] = None,
+               micro_batch: Optional[int] = None, progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Conditioning]:
+        """The pipeline's own sampler over ``prompts`` / ``seeds``, every state and velocity kept.
+
+        Returns ``x`` ``[B, S+1, *latent]``, ``u`` ``[B, S, *latent]``, ``sigmas`` ``[S+1]`` and the
+        conditioning (float32, CPU), with the format's Euler relation exact in float32. The
+        pipeline runs on micro-batches of exactly ``micro_batch`` rows (the last padded) as the
+        built-in sampler does (pipeline/recording.py).
+        """
+        g = self.default_guidance if guidance is None else float(guidance)
+        noise = self.noise(seeds)
+        xs, us, conds = [], [], []
+        sigmas: list[float] = []
+        for start, stop in tqdm(chunks(len(prompts), micro_batch), desc="teacher sampling", unit="chunk",
+                                disable=None if progress else True):
+            rows_prompts = pad(list(prompts[start:stop]), micro_batch)
+            rows_noise = pad(noise[start:stop], micro_batch)
+            n = stop - start
+            x = torch.empty((len(rows_prompts), steps + 1, *self.latent_shape))
+            u = torch.empty((len(rows_prompts), steps, *self.latent_shape))
+            cond: dict[str, Tensor] = {}
+            for rows, capture in self._run(rows_prompts, rows_noise, steps, g, stub=False):
+                if len(capture.velocities) != steps:
+                    raise ArcflowError(f"the {self.pipeline_class} made {len(capture.velocities)} scheduler steps, not {steps}")
+                sigmas = capture.sigmas
+                x[rows] = torch.stack(capture.states, 1).reshape(len(rows), steps + 1, *self.latent_shape).cpu()
+                u[rows] = torch.stack(capture.velocities, 1).reshape(len(rows), steps, *self.latent_shape).cpu()
+                for k, v in self._conditioning(capture, len(rows)).items():
+                    cond.setdefault(k, torch.empty((len(rows_prompts), *v.shape[1:]), dtype=torch.float32))[rows] = v.float().cpu()
+            self._check_schedule(sigmas, steps)
+            xs.append(x[:n]), us.append(u[:n]), conds.append({k: v[:n] for k, v in cond.items()})
+        return (torch.cat(xs), torch.cat(us), torch.tensor(sigmas, dtype=torch.float32),
+                {k: torch.cat([c[k] for c in conds]) for k in conds[0]})
+
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: Optional[float] = None,
+               micro_batch: Optional[int] = None, progress: bool = False) -> Tensor:
+        """Final latents ``[B, *latent]`` (scheduler layout, float32) of the pipeline's own call with
+        whatever scheduler it holds: the teacher's, or a student's ``ArcFlowScheduler``."""
+        g = self.default_guidance if guidance is None else float(guidance)
+        noise = self.noise(seeds)
+        out = torch.empty((len(prompts), *self.latent_shape))
+        for start, stop in tqdm(chunks(len(prompts), micro_batch), desc="sampling", unit="chunk",
+                                disable=None if progress else True):
+            rows_prompts = pad(list(prompts[start:stop]), micro_batch)
+            rows_noise = pad(noise[start:stop], micro_batch)
+            final = torch.empty((len(rows_prompts), *self.latent_shape))
+            for rows, capture in self._run(rows_prompts, rows_noise, steps, g, record=False):
+                if capture.steps != steps:
+                    raise ArcflowError(f"the {self.pipeline_class} made {capture.steps} scheduler steps, not {steps}")
+                final[rows] = capture.final.reshape(len(rows), *self.latent_shape).cpu()
+            out[start:stop] = final[: stop - start]
+        return out
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        self.validate_prompts(prompts)
-        self._require_text_encoders()
-        with torch.no_grad():
-            return {k: v.to(self.device) for k, v in self._encode(list(prompts)).items()}
+        """The stored conditioning of ``prompts``: the pipeline prepares it, the transformer never runs."""
+        prompts = list(prompts)
+        latents = self.noise([0] * len(prompts))
+        out: dict[str, Tensor] = {}
+        for rows, capture in self._run(prompts, latents, 1, self.default_guidance, stub=True):
+            for k, v in self._conditioning(capture, len(rows)).items():
+                out.setdefault(k, torch.empty((len(prompts), *v.shape[1:]), dtype=v.dtype, device=self.device))[rows] = v
+        return out
 
-    def _encode(self, prompts: list[str]) -> Conditioning:
-        raise NotImplementedError
+    # ----- the network --------------------------------------------------------------------------
+    def transformer_inputs(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> dict:
+        """Keyword arguments of the conditional transformer call at latents ``x`` and per-sample ``sigma``."""
+        layout = self._layout_for(cond)
+        if layout.get("guidance", {}).get("kind") == "batched" and "guidance" not in cond:
+            cond = {**cond, "guidance": torch.full((x.shape[0],), self.default_guidance)}  # older FLUX data
+        timestep = self.family.timestep(self.pipe, torch.as_tensor(sigma, device=self.device).reshape(-1).expand(x.shape[0]),
+                                        self.dtype)
+        return replay(layout, x, timestep, cond, self.dtype, self.device, self.family.adapt_latent)
+
+    def _layout_for(self, cond: Mapping[str, Tensor]) -> Layout:
+        """The teacher's layout; else an older dataset's (by its keys); else one learnt from the
+        pipeline on an empty prompt (text-to-image pipelines with their text encoders)."""
+        if self.layout is None:
+            legacy = self.family.legacy_layout(self, cond)
+            if legacy is not None:
+                return legacy
+            if self.family.edit or not self.has_text_encoders():
+                raise ArcflowError(f"no conditioning layout for this {self.pipeline_class} teacher; "
+                                   "load it with the dataset's or run's conditioning_layout option")
+            self.encode_prompts([""])
+        return self.layout
+
+    def network_output(self, output: Any, tokens: int) -> Tensor:
+        """The transformer's output for the sample's own tokens (reference tokens cut off)."""
+        return self.family.network_output(output, tokens)
+
+    def conditional_velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> Tensor:
+        out = self.transformer(**self.transformer_inputs(x, sigma, cond))
+        return self.family.velocity(self.network_output(out, x.shape[1]))
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float) -> Tensor:
+        """The guided velocity as the pipeline computes it: embedded guidance as an input, true CFG
+        (guidance > 1) from the conditional and negative-prompt calls combined as the family does."""
+        if self.guidance_embeds:
+            cond = {**cond, "guidance": torch.full((x.shape[0],), float(guidance), device=self.device)}
+            return self.conditional_velocity(x, sigma, cond)
+        if guidance <= 1.0:
+            return self.conditional_velocity(x, sigma, cond)
+        uncond = self.unconditional(dict(cond))
+        both = {k: torch.cat([cond[k].to(self.device), uncond[k].to(self.device)]) for k in cond}
+        u = self.conditional_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+        u_cond, u_uncond = u.chunk(2)
+        return self.family.combine(u_cond, u_uncond, guidance)
 
     def negative_conditioning(self) -> Conditioning:
-        """The negative prompt's conditioning (batch 1), encoded once and kept."""
+        """The negative prompt's conditioning (batch 1), prepared once and kept."""
         if self._negative is None:
+            if self.family.edit:
+                raise ArcflowError(f"true CFG outside the {self.pipeline_class}'s own sampler is not supported for edit pipelines")
             self._negative = self.encode_prompts([self.negative_prompt])
         return self._negative
 
     def unconditional(self, cond: Conditioning) -> Conditioning:
+        """``cond`` with its per-sample (text) tensors replaced by the negative prompt's."""
         batch = next(iter(cond.values())).shape[0]
         neg = self.negative_conditioning()
-        return {k: neg[k].to(cond[k].device, cond[k].dtype).expand(batch, *neg[k].shape[1:]) for k in cond}
+        layout = self.layout or {}
+        out = dict(cond)
+        for k, v in neg.items():
+            if layout.get(k, {}).get("kind") == "batched" and k != "guidance":
+                out[k] = v.to(cond[k].device, cond[k].dtype).expand(batch, *v.shape[1:])
+        return out
 
     def release_text_encoders(self) -> None:
         """Drop the text encoders (after caching the negative prompt if true CFG needs it)."""
-        if self.true_cfg and self._negative is None and self.has_text_encoders():
+        if self.true_cfg and self._negative is None and self.has_text_encoders() and not self.family.edit:
             self.negative_conditioning()
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in text_component_names(self.pipe.config):
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
         gc.collect()
@@ -290,18 +405,14 @@ class DiffusersTeacher(Teacher):
     # ----- decode -------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        vae = self.pipe.vae
+        vae = getattr(self.pipe, "vae", None)
         if vae is None:
             raise ArcflowError(f"teacher {self.teacher_id} has no VAE to decode with")
         vae_device = next(vae.parameters()).device
         images = []
         for chunk in latents.split(DECODE_BATCH):
-            z = self.pipe._unpack_latents(chunk.to(vae_device, vae.dtype), self.height, self.width, self.vae_scale_factor)
-            images.append(self._vae_decode(z).float().cpu())
+            images.append(self.family.decode(self.pipe, chunk.to(vae_device, vae.dtype), self.grid).float().cpu())
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
-
-    def _vae_decode(self, z: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """What a dataset or run should record about this teacher's set-up."""
@@ -316,152 +427,43 @@ class DiffusersTeacher(Teacher):
         }
 
 
-class FluxTeacher(DiffusersTeacher):
-    """FLUX.1-dev (or any ``FluxPipeline``): embedded guidance, one evaluation per step.
+def check_drivable(pipe: Any, family: Family) -> None:
+    """``ArcflowError`` naming the class unless arcflow can drive ``pipe``: a deterministic
+    flow-matching Euler scheduler and a linear output projection where the family expects it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    Conditioning: ``prompt_embeds`` ``(B, max_sequence_length, 4096)`` (T5, default length 512),
-    ``pooled_prompt_embeds`` ``(B, 768)`` (CLIP). Without ``guidance_embeds`` in the transformer
-    config the teacher runs true CFG against ``negative_prompt`` as ``FluxPipeline`` does with
-    ``true_cfg_scale``.
-    """
-
-    pipeline_class = "FluxPipeline"
-
-    def __init__(self, pipe: Any, **kwargs: Any) -> None:
-        self.guidance_embeds = bool(pipe.transformer.config.get("guidance_embeds", False))
-        self.true_cfg = not self.guidance_embeds
-        super().__init__(pipe, **kwargs)
-        if self.max_sequence_length is None:
-            self.max_sequence_length = 512
-
-    def _default_guidance(self) -> float:
-        return 3.5 if self.guidance_embeds else 1.0
-
-    def _encode(self, prompts: list[str]) -> Conditioning:
-        embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
-        )
-        return {"prompt_embeds": embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
-
-    def transformer_inputs(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: Optional[float] = None) -> dict:
-        device, dtype = self.device, self.dtype
-        batch = x.shape[0]
-        embeds = cond["prompt_embeds"].to(device, dtype)
-        kwargs = {
-            "hidden_states": x.to(device, dtype),
-            "timestep": self.timestep(sigma, batch, dtype),
-            "pooled_projections": cond["pooled_prompt_embeds"].to(device, dtype),
-            "encoder_hidden_states": embeds,
-            "txt_ids": torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
-            "img_ids": self.pipe._prepare_latent_image_ids(batch, self.grid[0], self.grid[1], device, dtype),
-            "return_dict": False,
-        }
-        if self.guidance_embeds:
-            g = self.default_guidance if guidance is None else float(guidance)
-            kwargs["guidance"] = torch.full([1], g, device=device, dtype=torch.float32).expand(batch)
-        return kwargs
-
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float) -> Tensor:
-        if self.guidance_embeds:  # guidance-distilled: the scale is an input, one evaluation
-            return self.transformer(**self.transformer_inputs(x, sigma, cond, guidance))[0]
-        if guidance <= 1.0:
-            return self.conditional_velocity(x, sigma, cond)
-        return super().velocity(x, sigma, cond, guidance)
-
-    def _vae_decode(self, z: Tensor) -> Tensor:
-        cfg = self.pipe.vae.config
-        z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        return self.pipe.vae.decode(z, return_dict=False)[0]
+    name = type(pipe).__name__
+    scheduler = getattr(pipe, "scheduler", None)
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ArcflowError(f"arcflow cannot drive a {name}: its scheduler is a {type(scheduler).__name__}, "
+                           "not a FlowMatchEulerDiscreteScheduler")
+    if scheduler.config.get("stochastic_sampling", False):
+        raise ArcflowError(f"arcflow cannot drive a {name}: its scheduler samples stochastically (stochastic_sampling)")
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ArcflowError(f"arcflow cannot drive a {name}: it has no transformer")
+    try:
+        head = transformer.get_submodule(family.head_module)
+    except AttributeError:
+        head = None
+    if not isinstance(head, nn.Linear) and type(head).__name__ != "MomentumHead":
+        raise ArcflowError(f"arcflow cannot drive a {name}: its transformer has no linear output projection "
+                           f"{family.head_module!r} to replace")
 
 
-class QwenImageTeacher(DiffusersTeacher):
-    """Qwen-Image: true CFG (cond + negative in one batched forward) with the pipeline's norm rescale.
-
-    Conditioning: ``prompt_embeds`` ``(B, L, 3584)`` right-padded with zeros to
-    ``L = max_sequence_length`` (default 512) and ``prompt_embeds_mask`` ``(B, L)`` (1 = token),
-    so every sample has the same stored shape; the transformer masks the padding.
-    """
-
-    pipeline_class = "QwenImagePipeline"
-    true_cfg = True
-
-    def __init__(self, pipe: Any, **kwargs: Any) -> None:
-        super().__init__(pipe, **kwargs)
-        if self.max_sequence_length is None:
-            self.max_sequence_length = 512
-
-    def _default_guidance(self) -> float:
-        return 4.0  # QwenImagePipeline's true_cfg_scale default
-
-    def _encode(self, prompts: list[str]) -> Conditioning:
-        embeds, mask = self.pipe.encode_prompt(
-            prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length
-        )
-        return self.pad_conditioning(embeds, mask)
-
-    def pad_conditioning(self, embeds: Tensor, mask: Optional[Tensor]) -> Conditioning:
-        """Right-pad ``(B, L_b, D)`` embeddings (and their mask; None = all tokens) to the fixed length."""
-        batch, length, dim = embeds.shape
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-        full = int(self.max_sequence_length)
-        if length > full:
-            raise ArcflowError(f"prompt embeddings of length {length} exceed max_sequence_length {full}")
-        pad = full - length
-        embeds = torch.cat([embeds, embeds.new_zeros(batch, pad, dim)], 1)
-        mask = torch.cat([mask, mask.new_zeros(batch, pad)], 1)
-        return {"prompt_embeds": embeds.to(self.dtype), "prompt_embeds_mask": mask.to(self.dtype)}
-
-    def _noise_shape(self, c: int, h: int, w: int) -> tuple[int, ...]:
-        return (1, 1, c, h, w)  # the pipeline draws (B, 1, C, H, W) and packs it
-
-    def transformer_inputs(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> dict:
-        device, dtype = self.device, self.dtype
-        batch = x.shape[0]
-        return {
-            "hidden_states": x.to(device, dtype),
-            "timestep": self.timestep(sigma, batch, dtype),
-            "guidance": None,
-            "encoder_hidden_states_mask": cond["prompt_embeds_mask"].to(device) > 0.5,
-            "encoder_hidden_states": cond["prompt_embeds"].to(device, dtype),
-            "img_shapes": [[(1, self.grid[0], self.grid[1])]] * batch,
-            "return_dict": False,
-        }
-
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float) -> Tensor:
-        """As ``QwenImagePipeline``: CFG only for guidance > 1, then rescale to the conditional norm."""
-        if guidance <= 1.0:
-            return self.conditional_velocity(x, sigma, cond)
-        uncond = self.unconditional(dict(cond))
-        both = {k: torch.cat([cond[k].to(uncond[k].device), uncond[k]]) for k in cond}
-        u = self.conditional_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
-        u_cond, u_uncond = u.chunk(2)
-        comb = u_uncond + guidance * (u_cond - u_uncond)
-        cond_norm = torch.norm(u_cond, dim=-1, keepdim=True)
-        comb_norm = torch.norm(comb, dim=-1, keepdim=True)
-        return comb * (cond_norm / comb_norm)
-
-    def _vae_decode(self, z: Tensor) -> Tensor:
-        vae = self.pipe.vae
-        cfg = vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        z = z / inv_std + mean
-        return vae.decode(z, return_dict=False)[0][:, :, 0]
-
-
-TEACHER_CLASSES = {"FluxPipeline": FluxTeacher, "QwenImagePipeline": QwenImageTeacher}
+def text_component_names(config: Mapping[str, Any]) -> list[str]:
+    """A pipeline's text-side components (encoders, tokenizers, processors) by their config names."""
+    return [k for k in config if k.startswith(("text_encoder", "tokenizer")) or k == "processor"]
 
 
 def teacher_from_pipeline(pipe: Any, teacher_id: Optional[str] = None, revision: Optional[str] = None, **options: Any) -> DiffusersTeacher:
-    """Wrap an already loaded ``FluxPipeline`` / ``QwenImagePipeline`` (e.g. a user's own ``pipe``)."""
+    """Wrap an already loaded pipeline (e.g. a user's own ``pipe``) of a supported class."""
     name = type(pipe).__name__
-    if name not in TEACHER_CLASSES:
-        raise ArcflowError(f"unsupported pipeline class {name}; supported: {', '.join(SUPPORTED_PIPELINES)}")
+    family_for(name)
     source = teacher_id or str(pipe.config.get("_name_or_path", name))
     if revision is None:
         revision = directory_revision(source) if os.path.isdir(source) else "unknown"
-    return TEACHER_CLASSES[name](pipe, teacher_id=source, revision=revision, **options)
+    return DiffusersTeacher(pipe, teacher_id=source, revision=revision, **options)
 
 
 def _resolve_directory(teacher_id: str, revision: Optional[str], local_files_only: bool) -> str:
@@ -489,10 +491,11 @@ def load_diffusers_teacher(
     negative_prompt: str = "",
     max_sequence_length: Optional[int] = None,
     text_encoders: bool = True,
+    conditioning_layout: Optional[Layout] = None,
     revision: Optional[str] = None,
     local_files_only: bool = False,
 ) -> DiffusersTeacher:
-    """Load a FLUX / Qwen-Image teacher by hub id or local directory (see the module docstring)."""
+    """Load a teacher by hub id or local pipeline directory (see the module docstring)."""
     import diffusers
 
     directory = _resolve_directory(teacher_id, revision, local_files_only)
@@ -502,7 +505,7 @@ def load_diffusers_teacher(
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     if not text_encoders:
-        for name in ("text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if class_name == "FluxPipeline" else ()):
+        for name in text_component_names(json.loads((Path(directory) / "model_index.json").read_text())):
             kwargs[name] = None
     try:
         with warnings.catch_warnings():  # diffusers >= 0.41 renames torch_dtype to dtype; both work
@@ -515,7 +518,7 @@ def load_diffusers_teacher(
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.requires_grad_(False).eval()
     source = teacher_id if looks_like_hub_id(teacher_id) else directory
-    return TEACHER_CLASSES[class_name](
+    return DiffusersTeacher(
         pipe,
         teacher_id=source,
         revision=directory_revision(directory),
@@ -524,4 +527,5 @@ def load_diffusers_teacher(
         guidance=guidance,
         negative_prompt=negative_prompt,
         max_sequence_length=max_sequence_length,
+        conditioning_layout=conditioning_layout,
     )

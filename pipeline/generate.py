@@ -24,7 +24,7 @@ from arcflow.core.driver_watch import driver_identity
 from arcflow.core.errors import ArcflowError, quote
 from arcflow.core.ray_runtime import check_cluster_gpus, start_ray
 from arcflow.storage._io import absolute_url
-from arcflow.storage.format import GENERATION_KEY, DatasetSpec
+from arcflow.storage.format import GENERATION_KEY, LAYOUT_KEY, DatasetSpec
 
 from .generation_config import GenerationConfig, default_threads, prompts_digest, read_prompts
 from .plan import plan_shard, shard_length
@@ -199,6 +199,7 @@ def dataset_spec(config: GenerationConfig, info: dict[str, Any], guidance: float
             "prompts_sha256": prompts_sha256,
             "num_prompts": len(info["prompts"]),
             "true_cfg": info["true_cfg"],
+            **({LAYOUT_KEY: info["conditioning_layout"]} if "conditioning_layout" in info else {}),
             GENERATION_KEY: {**config.content_config(info["prompts"]), "guidance": guidance,
                              "prompts_sha256": prompts_sha256},
         },

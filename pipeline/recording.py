@@ -12,27 +12,34 @@ step over the whole batch), e.g. on GPUs where throughput matters more.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from arcflow.pipeline.teacher import Conditioning, Teacher
+# Teachers (pipeline/teacher.py) use these functions as their default samplers, so this module
+# takes any teacher by duck type rather than importing the interface.
+Teacher = Any
+Conditioning = dict[str, Tensor]
 from arcflow.core.errors import ArcflowError
 
 #: Samples per network call; the CPU batch-invariance unit (see module docstring).
 MICRO_BATCH = 16
 
 
-def _chunks(batch: int, micro_batch: int | None) -> list[tuple[int, int]]:
+def chunks(batch: int, micro_batch: int | None) -> list[tuple[int, int]]:
+    """``(start, stop)`` spans of ``micro_batch`` rows (one span when None)."""
     size = batch if micro_batch is None else micro_batch
     return [(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
-def _pad(t: Tensor, size: int | None) -> Tensor:
-    if size is None or t.shape[0] == size:
+def pad(t: Any, size: int | None) -> Any:
+    """``t`` (a tensor or list) padded to ``size`` rows by repeating its last row."""
+    if size is None or len(t) == size:
         return t
+    if isinstance(t, list):
+        return t + t[-1:] * (size - len(t))
     return torch.cat([t, t[-1:].expand(size - t.shape[0], *t.shape[1:])])
 
 
@@ -52,11 +59,11 @@ def _integrate(
     xs, us = [], []
     device, dtype = teacher.device, teacher.dtype
     sig = sigmas.to(device)
-    spans = _chunks(noise.shape[0], micro_batch)
+    spans = chunks(noise.shape[0], micro_batch)
     for start, stop in tqdm(spans, desc="teacher sampling", unit="chunk", disable=None if progress else True):
         n = stop - start
-        chunk_cond = {k: _pad(v[start:stop], micro_batch).to(device, dtype) for k, v in cond.items()}
-        x = _pad(noise[start:stop], micro_batch).to(device, torch.float32)
+        chunk_cond = {k: pad(v[start:stop], micro_batch).to(device, dtype) for k, v in cond.items()}
+        x = pad(noise[start:stop], micro_batch).to(device, torch.float32)
         traj, vel = [x], []
         for j in range(steps):
             s = sig[j].expand(x.shape[0])
@@ -117,12 +124,29 @@ def sample_teacher(
     micro_batch: int | None = MICRO_BATCH,
     progress: bool = False,
 ) -> Tensor:
-    """Final latents ``[B, *latent]`` of the teacher's Euler sampler, one seed per prompt.
+    """Final latents ``[B, *latent]`` of the teacher's own sampler (a diffusers teacher's is its
+    pipeline's ``__call__``), one seed per prompt.
 
     ``steps=2`` is the plain few-step Euler baseline (the same sampler with fewer steps).
     """
     if len(prompts) != len(seeds):
         raise ArcflowError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if steps < 1:
+        raise ArcflowError(f"steps must be >= 1, got {steps}")
+    return teacher.sample(list(prompts), list(seeds), steps, guidance, micro_batch=micro_batch, progress=progress)
+
+
+def euler_sample(
+    teacher: Teacher,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float | None = None,
+    *,
+    micro_batch: int | None = MICRO_BATCH,
+    progress: bool = False,
+) -> Tensor:
+    """The built-in Euler sampler over a teacher's :meth:`~Teacher.velocity` (final latents only)."""
     cond = teacher.encode_prompts(prompts)
     noise = teacher.noise(seeds)
     _check(teacher, cond, noise, steps)

@@ -1,5 +1,5 @@
-"""Load a teacher by id: the embedded ``digits`` model or a diffusers pipeline (FLUX / Qwen-Image)
-named by hub id (``owner/name``) or local directory.
+"""Load a teacher by id: the embedded ``digits`` model or a diffusers flow-matching pipeline
+(pipeline/families.py lists the classes) named by hub id (``owner/name``) or local directory.
 
 Only these ids reach the product (the CLI's ``--teacher``): a string can never name code to import.
 Stand-in teachers (the GPU-latency simulator, random-weight FLUX / Qwen-Image) live with the
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol, Sequence, Union
 
 from arcflow.core.errors import ArcflowError, quote
-from arcflow.storage.format import GENERATION_KEY
+from arcflow.storage.format import GENERATION_KEY, LAYOUT_KEY
 
 from .teacher import Teacher
 
@@ -77,7 +77,8 @@ def is_diffusers_teacher(teacher_id: str) -> bool:
 
 
 #: ``teacher_options`` that only diffusers teachers understand.
-DIFFUSERS_OPTIONS = ("height", "width", "torch_dtype", "guidance", "negative_prompt", "max_sequence_length")
+DIFFUSERS_OPTIONS = ("height", "width", "torch_dtype", "guidance", "negative_prompt", "max_sequence_length",
+                     "conditioning_layout")
 
 
 def teacher_options_for_dataset(spec: Any, text_encoders: bool = False) -> dict[str, Any]:
@@ -93,6 +94,8 @@ def teacher_options_for_dataset(spec: Any, text_encoders: bool = False) -> dict[
     options = {k: v for k, v in recorded.items() if k in DIFFUSERS_OPTIONS}
     options["guidance"] = float(spec.guidance)
     options["text_encoders"] = text_encoders
+    if (spec.extra or {}).get(LAYOUT_KEY):
+        options["conditioning_layout"] = spec.extra[LAYOUT_KEY]
     return options
 
 

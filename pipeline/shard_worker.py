@@ -32,6 +32,7 @@ def describe_teacher(teacher: Any, prompts: Optional[list[str]], steps: int) -> 
     prompts = prompts if prompts is not None else teacher.prompt_set()
     teacher.validate_prompts(prompts)
     cond = teacher.encode_prompts(prompts[:1])
+    layout = getattr(teacher, "layout", None)
     return {
         "prompts": list(prompts),
         "teacher_id": teacher.teacher_id,
@@ -42,20 +43,17 @@ def describe_teacher(teacher: Any, prompts: Optional[list[str]], steps: int) -> 
         "sigmas": teacher.sigmas(steps).tolist(),
         "true_cfg": bool(teacher.true_cfg),
         "cond_spec": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).replace("torch.", "")} for k, v in cond.items()},
+        **({"conditioning_layout": layout} if layout is not None else {}),
     }
 
 
 def record_shard(teacher: Any, spec: DatasetSpec, plan: ShardPlan, batch_size: int) -> dict[str, Any]:
     """Run the teacher's recording sampler over one shard plan; returns CPU arrays to commit."""
-    from .recording import record_trajectories
-
     with torch.inference_mode():
-        cond = teacher.encode_prompts(list(plan.prompts))
-        noise = teacher.noise(plan.seeds)
         # One constant micro-batch size for the whole job: a sample's trajectory is then
         # bit-identical whichever shard or position it lands in (pipeline/recording.py).
-        x, u, sigmas = record_trajectories(teacher, cond, noise, steps=spec.steps, guidance=spec.guidance,
-                                           micro_batch=batch_size)
+        x, u, sigmas, cond = teacher.record(list(plan.prompts), list(plan.seeds), spec.steps, spec.guidance,
+                                            micro_batch=batch_size)
     return {"x": x.numpy(), "u": u.numpy(), "sigmas": sigmas.double().numpy(),
             "cond": {k: v.float().cpu().numpy() for k, v in cond.items()}}
 

@@ -118,6 +118,29 @@ class Teacher(ABC):
         """Network evaluations per sample that :meth:`velocity` costs at ``guidance``."""
         return velocity_evaluations(self.true_cfg, guidance, self.cfg_below_one)
 
+    def network_output(self, output: Any, tokens: int) -> Tensor:
+        """The transformer call's output tensor for the sample's own ``tokens`` (a student's head
+        output is read through this too)."""
+        return transformer_output(output)
+
+    def record(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float | None = None,
+               micro_batch: int | None = None, progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Conditioning]:
+        """This teacher's sampler over ``prompts`` / ``seeds`` with every state kept: ``x``
+        ``[B, S+1, *latent]``, ``u`` ``[B, S, *latent]``, ``sigmas`` ``[S+1]`` and the conditioning."""
+        from .recording import record_trajectories
+
+        cond = self.encode_prompts(list(prompts))
+        x, u, sigmas = record_trajectories(self, cond, self.noise(seeds), steps, guidance,
+                                           micro_batch=micro_batch, progress=progress)
+        return x, u, sigmas, cond
+
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float | None = None,
+               micro_batch: int | None = None, progress: bool = False) -> Tensor:
+        """Final latents ``[B, *latent]`` of this teacher's sampler, one seed per prompt."""
+        from .recording import euler_sample
+
+        return euler_sample(self, prompts, seeds, steps, guidance, micro_batch=micro_batch, progress=progress)
+
     @abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images ``(B, C, H, W)`` in [0, 1] (float32, CPU)."""

@@ -79,6 +79,9 @@ DTYPE_ATTR = "arcflow_dtype"
 #: Key of ``DatasetSpec.extra`` where the generator records its job settings (compared before a
 #: resume, when the full spec is not known yet).
 GENERATION_KEY = "generation"
+#: Key of ``DatasetSpec.extra`` holding a diffusers teacher's conditioning layout: how the stored
+#: conditioning replays as transformer arguments (pipeline/conditioning_layout.py).
+LAYOUT_KEY = "conditioning_layout"
 #: Target size of one chunk of ``u`` when the chunk shape is left to auto (0).
 AUTO_CHUNK_BYTES = 1 << 20
 #: Default keyframe interval: NFE 2, 5 and 10 segment starts of 50 steps are stored exactly.

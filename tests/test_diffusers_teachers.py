@@ -1,9 +1,8 @@
 """Diffusers teachers (FLUX / Qwen-Image), their students and stock-diffusers interop, offline.
 
-Everything runs on tiny pipelines built from configs (tests/tiny_pipelines.py). The Qwen-Image
-text encoder (Qwen2.5-VL + its chat tokenizer) is not built: the Qwen-Image teacher is driven with
-synthetic ``prompt_embeds`` / masks, and checked against ``QwenImagePipeline.__call__`` given the
-same embeddings.
+Everything runs on tiny pipelines built from configs (tests/tiny_pipelines.py). Here the Qwen-Image
+pipeline has no text encoder: its teacher passes seeded random ``prompt_embeds`` / masks to the
+pipeline's own ``__call__`` (tests/test_families.py drives one with a real tiny text encoder).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import safetensors.torch
 import torch
 from arcflow.pipeline.sigmas import shifted_schedule
 from arcflow.distill.student import (
-    DEFAULT_LORA_TARGETS,
     StudentConfig,
     build_student,
     load_student,
@@ -28,6 +26,7 @@ from arcflow.distill.student import (
 from arcflow.pipeline.recording import record_trajectories, sample_teacher
 from arcflow.pipeline.registry import check_teacher_id, load_teacher
 from arcflow.core.errors import ArcflowError
+from arcflow.pipeline.diffusers_teachers import DiffusersTeacher
 from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline, tiny_qwen_image_pipeline
 from reference_sampling import reference_sample
 
@@ -45,22 +44,32 @@ def flux(flux_dir):
     return load_teacher(str(flux_dir), **OPTS)
 
 
+class EmbeddingQwenTeacher(DiffusersTeacher):
+    """Qwen-Image without a text encoder: a prompt of n words is n+1 seeded random embeddings,
+    handed to the pipeline's ``__call__`` as ``prompt_embeds`` (padded, with a mask)."""
+
+    def has_text_encoders(self):
+        return True
+
+    @staticmethod
+    def embed(texts):
+        rows = [torch.randn(len(t.split()) + 1, 32, generator=torch.Generator().manual_seed(len(t) * 31 + sum(map(ord, t))))
+                for t in texts]
+        length = max(r.shape[0] for r in rows)
+        embeds = torch.stack([torch.cat([r, r.new_zeros(length - r.shape[0], 32)]) for r in rows])
+        mask = torch.stack([(torch.arange(length) < r.shape[0]).long() for r in rows])
+        return embeds, mask
+
+    def prompt_kwargs(self, texts):
+        embeds, mask = self.embed(texts)
+        neg, neg_mask = self.embed([self.negative_prompt or "-"] * len(texts))
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask,
+                "negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
+
+
 @pytest.fixture(scope="module")
 def qwen():
-    from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
-
-    teacher = teacher_from_pipeline(tiny_qwen_image_pipeline(), teacher_id="tiny-qwen", revision="r0", **OPTS)
-    gen = torch.Generator().manual_seed(0)
-    teacher._negative = teacher.pad_conditioning(torch.randn(1, 4, 32, generator=gen), None)
-    return teacher
-
-
-def qwen_cond(teacher, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    embeds = torch.randn(2, 5, 32, generator=gen)
-    mask = torch.ones(2, 5, dtype=torch.long)
-    mask[1, 3:] = 0
-    return embeds, mask, teacher.pad_conditioning(embeds, mask)
+    return EmbeddingQwenTeacher(tiny_qwen_image_pipeline(), teacher_id="tiny-qwen", revision="r0", **OPTS)
 
 
 def _generators(seeds):
@@ -71,7 +80,8 @@ def _generators(seeds):
 def test_flux_teacher_reproduces_the_pipeline(flux):
     assert flux.latent_shape == (64, 16) and not flux.true_cfg and flux.default_guidance == 3.5
     cond = flux.encode_prompts(PROMPTS)
-    assert cond["prompt_embeds"].shape == (2, T5_LENGTH, 32) and cond["pooled_prompt_embeds"].shape == (2, 32)
+    assert cond["encoder_hidden_states"].shape == (2, T5_LENGTH, 32) and cond["pooled_projections"].shape == (2, 32)
+    assert flux.layout["guidance"] == {"kind": "batched", "dtype": "model"}
     latents = sample_teacher(flux, PROMPTS, [0, 1], steps=4, guidance=3.5)
     out = flux.pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
                     max_sequence_length=T5_LENGTH, generator=_generators([0, 1]), output_type="latent")
@@ -155,29 +165,39 @@ def test_bad_teacher_input_is_one_line(tmp_path, flux_dir):
 def test_flux_teacher_loads_in_bfloat16(flux_dir):
     teacher = load_teacher(str(flux_dir), torch_dtype="bfloat16", **OPTS)
     assert teacher.dtype == torch.bfloat16
-    x, u, _ = record_trajectories(teacher, teacher.encode_prompts(["a cat"]), teacher.noise([0]), steps=2)
+    x, u, _, cond = teacher.record(["a cat"], [0], 2)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert cond["encoder_hidden_states"].dtype == torch.float32 and teacher.layout["guidance"]["dtype"] == "float32"
 
 
 # ----- Qwen-Image teacher -------------------------------------------------------------------------
 def test_qwen_image_teacher_reproduces_the_pipeline(qwen):
     assert qwen.latent_shape == (64, 16) and qwen.true_cfg and qwen.default_guidance == 4.0
-    embeds, mask, cond = qwen_cond(qwen)
-    assert cond["prompt_embeds"].shape == (2, T5_LENGTH, 32) and cond["prompt_embeds_mask"].shape == (2, T5_LENGTH)
-    x, u, sigmas = record_trajectories(qwen, cond, qwen.noise([0, 1]), steps=4, guidance=4.0)
-    neg = qwen.negative_conditioning()["prompt_embeds"][:, :4]
+    x, u, sigmas, cond = qwen.record(PROMPTS, [0, 1], 4, 4.0)
+    # Text padded to max_sequence_length with an explicit mask, whatever the batch's longest prompt.
+    assert cond["encoder_hidden_states"].shape == (2, T5_LENGTH, 32)
+    assert cond["encoder_hidden_states_mask"][:, :6].long().tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
+    assert qwen.layout["encoder_hidden_states_mask"] == {"kind": "batched", "dtype": "int64"}
+    assert cond["encoder_hidden_states_mask"][:, 6:].sum() == 0
+    embeds, mask = qwen.embed(PROMPTS)
+    neg, neg_mask = qwen.embed(["-"] * 2)
     out = qwen.pipe(
-        prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg.expand(2, -1, -1),
-        negative_prompt_embeds_mask=torch.ones(2, 4, dtype=torch.long), true_cfg_scale=4.0, height=32,
+        prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
+        negative_prompt_embeds_mask=neg_mask, true_cfg_scale=4.0, height=32,
         width=32, num_inference_steps=4, generator=_generators([0, 1]), output_type="latent",
     )
     torch.testing.assert_close(x[:, -1], out.images, rtol=0, atol=1e-5)
     assert qwen.decode(x[:, -1]).shape == (2, 3, 32, 32)
+    # The stored conditioning replays the conditional call: at guidance 1 it IS the recorded velocity.
+    x1, u1, s1, cond1 = qwen.record(PROMPTS, [0, 1], 4, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(qwen.conditional_velocity(x1[:, 1], s1[1].expand(2), cond1), u1[:, 1], rtol=0, atol=1e-5)
 
 
 def test_qwen_image_cfg_is_one_batched_forward_with_norm_rescale(qwen):
-    _, _, cond = qwen_cond(qwen)
+    cond = qwen.encode_prompts(PROMPTS)
     x, s = qwen.noise([0, 1]), torch.full((2,), 0.7)
+    qwen.negative_conditioning()  # prepared by the pipeline (a stub call), then kept
     batches = []
     hook = qwen.transformer.register_forward_pre_hook(
         lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True
@@ -199,7 +219,7 @@ def test_qwen_image_cfg_is_one_batched_forward_with_norm_rescale(qwen):
 @pytest.mark.parametrize("family", ["flux", "qwen"])
 def test_students_build_on_both_transformers(family, flux, qwen):
     teacher = flux if family == "flux" else qwen
-    cond = teacher.encode_prompts(PROMPTS) if family == "flux" else qwen_cond(qwen)[2]
+    cond = teacher.encode_prompts(PROMPTS)
     student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=2))
     wrapped = [n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A")]
     assert wrapped and "proj_out" not in wrapped
@@ -235,7 +255,9 @@ def test_qwen_image_real_config_trains_under_five_percent():
     total = sum(p.numel() for p in student.transformer.parameters())
     assert 19e9 < total < 22e9  # ~20B parameters
     assert 0 < student.trainable_share() < 0.05
-    assert DEFAULT_LORA_TARGETS["QwenImageTransformer2DModel"]
+    from arcflow.pipeline.families import lora_targets_for
+
+    assert lora_targets_for("QwenImageTransformer2DModel") == student.config.lora_targets or student.config.lora_targets is None
 
 
 # ----- stock diffusers interop --------------------------------------------------------------------
@@ -316,12 +338,12 @@ def test_qwen_image_run_loads_in_a_stock_pipeline(qwen, tmp_path):
     from arcflow.distill.interop import arcflow_pipeline
 
     _trained_run(qwen, tmp_path / "run")
-    _, _, cond = qwen_cond(qwen)
+    cond = qwen.encode_prompts(PROMPTS)
     noise = qwen.noise([0, 1])
     reference = reference_sample(load_student(qwen, tmp_path / "run"), noise, cond, sigmas=qwen.sigmas(2))
     generator = arcflow_pipeline(tiny_qwen_image_pipeline(), tmp_path / "run")
     # The stock QwenImagePipeline.__call__ (no text encoder here: the same embeddings passed in).
-    got = generator(prompt_embeds=cond["prompt_embeds"], prompt_embeds_mask=cond["prompt_embeds_mask"],
+    got = generator(prompt_embeds=cond["encoder_hidden_states"], prompt_embeds_mask=cond["encoder_hidden_states_mask"],
                     latents=noise, output_type="latent").images
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-5)
 

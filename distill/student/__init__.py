@@ -13,7 +13,7 @@ from importlib import import_module
 from typing import Any
 
 _HOMES = {
-    "config": ("ADAPTER_NAME", "DEFAULT_LORA_TARGETS", "HEAD_ATTRIBUTE", "TRAINABLE_MODES", "StudentConfig",
+    "config": ("ADAPTER_NAME", "HEAD_ATTRIBUTE", "TRAINABLE_MODES", "StudentConfig",
                "default_lora_targets", "lora_config_for"),
     "head": ("MomentumHead", "head_for", "soft_clamp"),
     "model": ("Student", "build_student", "transformer_class_name"),

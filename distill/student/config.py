@@ -17,24 +17,6 @@ ADAPTER_NAME = "arcflow"
 #: The transformer attribute holding the output projection that the momentum head replaces.
 HEAD_ATTRIBUTE = "proj_out"
 
-# Default LoRA targets per transformer class (peft regexes, full match against module names).
-# FLUX (the ArcFlow FLUX recipe): dual-block feed-forwards, single-block MLP in/out projections and
-# the timestep embedder; the top-level proj_out (replaced by the head) never matches.
-FLUX_LORA_TARGETS = (
-    r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
-    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
-    r"|time_text_embed\.timestep_embedder\.linear_[12]"
-)
-QWEN_IMAGE_LORA_TARGETS = (
-    r"transformer_blocks\.\d+\.(img_mlp|txt_mlp)\.net\.(0\.proj|2)"
-    r"|time_text_embed\.timestep_embedder\.linear_[12]"
-)
-DEFAULT_LORA_TARGETS = {
-    "FluxTransformer2DModel": FLUX_LORA_TARGETS,
-    "QwenImageTransformer2DModel": QWEN_IMAGE_LORA_TARGETS,
-}
-
-
 @dataclass
 class StudentConfig:
     """Everything that determines a student's architecture and which weights train.
@@ -102,11 +84,14 @@ class StudentConfig:
 
 
 def default_lora_targets(transformer: nn.Module) -> str:
-    """The family's default LoRA target regex for ``transformer``'s class."""
+    """The default LoRA target regex of ``transformer``'s family (pipeline/families.py)."""
+    from arcflow.pipeline.families import lora_targets_for
+
     name = type(transformer).__name__
-    if name not in DEFAULT_LORA_TARGETS:
-        raise ArcflowError(f"no default LoRA targets for {name}; set lora_targets in the student config")
-    return DEFAULT_LORA_TARGETS[name]
+    targets = lora_targets_for(name)
+    if targets is None:
+        raise ArcflowError(f"no default LoRA targets for {name}; set lora_targets (--lora-targets)")
+    return targets
 
 
 def lora_config_for(config: StudentConfig, transformer: nn.Module) -> LoraConfig:

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from arcflow.core.errors import ArcflowError
-from arcflow.pipeline.teacher import transformer_output
 
 from ..momentum import MomentumParams
 from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig, lora_config_for
@@ -40,7 +39,8 @@ class Student(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
         """Latent tokens ``x`` ``(B, N, C)`` at per-sample ``sigma`` ``(B,)`` -> params with
         velocities ``(B, K, C, N)``, logits ``(B, K, G, N)``, log-gammas ``(B, K-1, G, N)``."""
-        return self.head.unpack(transformer_output(self.transformer(**self.teacher.transformer_inputs(x, sigma, cond))))
+        out = self.transformer(**self.teacher.transformer_inputs(x, sigma, cond))
+        return self.head.unpack(self.teacher.network_output(out, x.shape[1]))
 
     def predict(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
         """Same as calling the module (kept for readability at call sites)."""

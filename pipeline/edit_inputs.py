@@ -1,0 +1,97 @@
+"""Prompts with reference images, for edit pipelines (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2).
+
+A prompt stays one string everywhere (plans, shards, the ``prompt`` column a pandas user reads): a
+text prompt is itself, an edit prompt is the canonical JSON ``{"prompt": text, "image": [paths]}``
+(:func:`edit_prompt`). A JSON Lines prompts file gives one object per line, ``{"prompt": ...,
+"image": "path"}`` or a list of paths, relative paths resolved against the file's folder.
+
+The images are read only while the teacher encodes them; the dataset stores their latent tokens,
+so nothing downstream opens the paths again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from arcflow.core.errors import ArcflowError, first_line, quote
+
+#: Image files a pipeline is given are resized to at most this many pixels per side first.
+MAX_IMAGE_SIDE = 8192
+
+
+def edit_prompt(text: str, images: Sequence[str]) -> str:
+    """The canonical string of a prompt with reference images (plain ``text`` without any)."""
+    if not images:
+        return text
+    return json.dumps({"prompt": text, "image": [str(p) for p in images]}, ensure_ascii=False)
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[str]]:
+    """``(text, image paths)`` of a prompt string (see the module docstring)."""
+    if prompt.startswith('{"prompt"'):
+        try:
+            data = json.loads(prompt)
+        except json.JSONDecodeError:
+            return prompt, []
+        if isinstance(data, dict) and set(data) == {"prompt", "image"}:
+            return str(data["prompt"]), [str(p) for p in data["image"]]
+    return prompt, []
+
+
+def has_images(prompts: Sequence[str]) -> bool:
+    return any(parse_prompt(p)[1] for p in prompts)
+
+
+def read_jsonl_prompts(path: str | Path, text: str) -> list[str]:
+    """Prompts of a JSON Lines file (already read as ``text``): canonical edit prompt strings, each
+    image path made absolute and checked to open as an image (one line per problem)."""
+    base = Path(path).resolve().parent
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ArcflowError(f"{where} is not JSON: {exc.msg}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+            raise ArcflowError(f'{where}: expected an object with a "prompt" string')
+        unknown = sorted(set(data) - {"prompt", "image"})
+        if unknown:
+            raise ArcflowError(f"{where}: unknown keys {', '.join(unknown)} (known: prompt, image)")
+        images = data.get("image", [])
+        if isinstance(images, str):
+            images = [images]
+        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+            raise ArcflowError(f'{where}: "image" must be a path or a list of paths')
+        paths = [str((base / p).resolve()) for p in images]
+        for p in paths:
+            check_image(p)
+        prompts.append(edit_prompt(data["prompt"], paths))
+    if not prompts:
+        raise ArcflowError(f"prompts file is empty: {path}")
+    return prompts
+
+
+def check_image(path: str) -> None:
+    """``ArcflowError`` (one line) unless ``path`` opens as an image."""
+    load_image(path)
+
+
+def load_image(path: str) -> Any:
+    """The RGB ``PIL.Image`` at ``path``; a missing or unreadable file is one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArcflowError(f"image not found: {quote(path)}")
+    try:
+        with Image.open(p) as image:
+            if max(image.size) > MAX_IMAGE_SIDE:
+                raise ArcflowError(f"image {quote(path)} is {image.size[0]}x{image.size[1]}; at most {MAX_IMAGE_SIDE} per side")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ArcflowError(f"cannot read image {quote(path)}: {first_line(exc)}") from None
