@@ -19,7 +19,7 @@ def generate_trajectories_command(
     out: str = typer.Option(..., "--out", help="Dataset directory or fsspec URL (file://, s3://, gs://; not memory://, which dies with its worker)."),
     teacher: str = typer.Option("digits", "--teacher", help="Teacher id: 'digits' (embedded), a diffusers hub id (black-forest-labs/FLUX.1-dev, Qwen/Qwen-Image) or a local pipeline directory."),
     num_samples: int = typer.Option(..., "--num-samples", "-n", help="Number of trajectories N."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (cycled over N). Default: the teacher's own prompts."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (cycled over N), or JSON Lines (.jsonl) for edit pipelines: {\"prompt\": ..., \"image\": path or [paths]}. Default: the teacher's own prompts."),
     steps: int = typer.Option(50, "--steps", help="Teacher Euler steps per trajectory."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (default: the teacher's)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Trajectories per shard (the unit of work and of commit)."),

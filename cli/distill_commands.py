@@ -36,7 +36,7 @@ def distill_command(
         help="Data-free: roll the student out from noise; the teacher, tied to the student's frozen base, labels the states it visits.",
     ),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="On-policy: the teacher to distill (digits, a hub id or a pipeline directory)."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="On-policy: a prompts file, one per line (default: the teacher's own set)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="On-policy: a prompts file, one per line or JSON Lines (default: the teacher's own set)."),
     from_run: Optional[str] = typer.Option(
         None, "--from", help="On-policy polish: continue this finished run (its teacher, student and weights)."
     ),
@@ -63,6 +63,10 @@ def distill_command(
     lora_rank: int = typer.Option(S.lora_rank, "--lora-rank", help="LoRA rank."),
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default: the rank)."),
     lora_dropout: float = typer.Option(S.lora_dropout, "--lora-dropout", help="LoRA dropout."),
+    lora_targets: Optional[str] = typer.Option(
+        None, "--lora-targets",
+        help="Modules the LoRA adapts: a regex full-matched against module names (default: the teacher family's, see README).",
+    ),
     log_gamma_bound: float = typer.Option(
         S.log_gamma_bound, "--log-gamma-bound", help="Soft bound on |log gamma| of the momentum components (with --momentum)."
     ),

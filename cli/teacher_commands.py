@@ -1,4 +1,4 @@
-"""``arcflow train-teacher`` and ``arcflow sample``: the embedded digits teacher from the shell."""
+"""``arcflow train-teacher`` and ``arcflow sample``: teachers and students from the shell."""
 
 from __future__ import annotations
 
@@ -54,20 +54,38 @@ def sample(
     num: int = typer.Option(8, "--num", min=1, max=100_000, help="Samples per prompt."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Sample i uses seed + i."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Teacher CFG scale (default: the teacher's)."),
+    image: Optional[List[Path]] = typer.Option(
+        None, "--image", help="Reference image for edit pipelines (repeatable: several references per prompt); needs --prompt."
+    ),
 ) -> None:
     """Generate images with a teacher or a distilled student; write a PNG grid or a .npy array."""
     from arcflow.pipeline.images import check_image_path, write_images
 
     check_image_path(out)
     check_finite("--guidance", guidance, minimum=0.0)
+    prompts = _with_images(list(prompt or []), list(image or []))
     if adapter is None:
         if compare_teacher or nfe is not None:
             raise ArcflowError("--compare-teacher and --nfe need --adapter RUN")
-        images, nrow = _teacher_images(teacher, list(prompt or []), num, seed, steps, guidance)
+        images, nrow = _teacher_images(teacher, prompts, num, seed, steps, guidance)
     else:
-        images, nrow = _student_images(adapter, list(prompt or []), num, seed, nfe, compare_teacher, steps, guidance)
+        images, nrow = _student_images(adapter, prompts, num, seed, nfe, compare_teacher, steps, guidance)
     path = write_images(images, out, nrow)
     typer.echo(f"wrote {len(images)} images to {path}")
+
+
+def _with_images(prompts: list[str], images: list[Path]) -> list[str]:
+    """Each prompt with the reference images (checked to open), as edit prompts."""
+    if not images:
+        return prompts
+    from arcflow.pipeline.edit_inputs import check_image, edit_prompt
+
+    if not prompts:
+        raise ArcflowError("--image needs --prompt (the edit instruction)")
+    paths = [str(p.resolve()) for p in images]
+    for p in paths:
+        check_image(p)
+    return [edit_prompt(p, paths) for p in prompts]
 
 
 def _student_images(

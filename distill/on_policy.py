@@ -267,15 +267,13 @@ def _step(x: Tensor, params: MomentumParams, s_src: Tensor, s_a: Tensor, s_b: Te
 
 # ----- the data source: prompts and noise ----------------------------------------------------------
 def read_prompts(path: Optional[str], teacher: Any) -> list[str]:
-    """The prompts of a run: one per non-empty line of ``path``, or the teacher's own set."""
+    """The prompts of a run: those of the prompts file ``path`` (as generate-trajectories reads
+    it), or the teacher's own set."""
+    from arcflow.pipeline.generation_config import read_prompts as read_prompts_file
+
     if path is None:
         return list(teacher.prompt_set())
-    file = Path(path)
-    if not file.is_file():
-        raise ArcflowError(f"--prompts {path}: no such file")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ArcflowError(f"--prompts {path} holds no prompts")
+    prompts = read_prompts_file(path)
     teacher.validate_prompts(prompts)
     return prompts
 

@@ -9,7 +9,8 @@ on. :func:`split_call` turns the conditional call of one batch into
   latents (the part of the latent argument beyond the sample's own tokens);
 * a JSON ``layout`` saying how each argument is rebuilt: ``latent`` (the state, with the stored
   reference tokens appended), ``timestep`` (from sigma, by the family), ``batched`` / ``shared``
-  (a stored tensor, with its original dtype; ``key`` names it where it differs from the argument;
+  (a stored tensor, with its original dtype; ``key`` names it where it differs from the argument,
+  e.g. ``arg_guidance`` since a dataset's own arrays use ``guidance``;
   ``tensor`` is an in-memory value, for layouts rebuilt from older datasets), ``per_sample`` (a python value repeated per sample,
   e.g. ``img_shapes``) or ``constant``.
 
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from arcflow.core.errors import ArcflowError
+from arcflow.storage.format import RESERVED_ARRAYS
 
 #: Stored key of the reference-image tokens appended to the latent argument.
 REFERENCE_KEY = "reference_latents"
@@ -76,8 +78,11 @@ def split_call(
         elif isinstance(value, Tensor):
             shared = name in shared_args or value.dim() == 0 or value.shape[0] != batch
             stored = value.detach().unsqueeze(0).expand(batch, *value.shape) if shared else value.detach()
-            tensors[name] = stored
-            layout[name] = {"kind": "shared" if shared else "batched", "dtype": _dtype_name(value, model_dtype)}
+            entry = {"kind": "shared" if shared else "batched", "dtype": _dtype_name(value, model_dtype)}
+            if name in RESERVED_ARRAYS or name == REFERENCE_KEY:  # a dataset's own array names
+                entry["key"] = f"arg_{name}"
+            tensors[entry.get("key", name)] = stored
+            layout[name] = entry
         elif isinstance(value, list) and len(value) == batch and batch > 0 and _jsonable(value) \
                 and all(v == value[0] for v in value):
             layout[name] = {"kind": "per_sample", "value": json.loads(json.dumps(value[0]))}
@@ -89,6 +94,11 @@ def split_call(
                 "it is neither a tensor nor a JSON value"
             )
     return tensors, layout
+
+
+def stored_key(layout: Layout, arg: str) -> str:
+    """The conditioning key that holds transformer argument ``arg``."""
+    return layout[arg].get("key", arg)
 
 
 def stored_keys(layout: Layout) -> list[str]:

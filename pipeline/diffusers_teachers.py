@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from arcflow.core.errors import ArcflowError, first_line, quote
 
-from .conditioning_layout import Layout, replay, split_call
+from .conditioning_layout import Layout, replay, split_call, stored_key
 from .edit_inputs import load_image, parse_prompt
 from .families import Family, family_for
 from .pipeline_capture import optional_kwargs, run_pipeline
@@ -331,8 +331,9 @@ class DiffusersTeacher(Teacher):
     def transformer_inputs(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> dict:
         """Keyword arguments of the conditional transformer call at latents ``x`` and per-sample ``sigma``."""
         layout = self._layout_for(cond)
-        if layout.get("guidance", {}).get("kind") == "batched" and "guidance" not in cond:
-            cond = {**cond, "guidance": torch.full((x.shape[0],), self.default_guidance)}  # older FLUX data
+        guidance = layout.get(self.family.guidance_arg, {})
+        if guidance.get("kind") == "batched" and stored_key(layout, self.family.guidance_arg) not in cond:
+            cond = {**cond, stored_key(layout, self.family.guidance_arg): torch.full((x.shape[0],), self.default_guidance)}
         timestep = self.family.timestep(self.pipe, torch.as_tensor(sigma, device=self.device).reshape(-1).expand(x.shape[0]),
                                         self.dtype)
         return replay(layout, x, timestep, cond, self.dtype, self.device, self.family.adapt_latent)
@@ -362,7 +363,8 @@ class DiffusersTeacher(Teacher):
         """The guided velocity as the pipeline computes it: embedded guidance as an input, true CFG
         (guidance > 1) from the conditional and negative-prompt calls combined as the family does."""
         if self.guidance_embeds:
-            cond = {**cond, "guidance": torch.full((x.shape[0],), float(guidance), device=self.device)}
+            key = stored_key(self._layout_for(cond), self.family.guidance_arg)
+            cond = {**cond, key: torch.full((x.shape[0],), float(guidance), device=self.device)}
             return self.conditional_velocity(x, sigma, cond)
         if guidance <= 1.0:
             return self.conditional_velocity(x, sigma, cond)
@@ -385,9 +387,11 @@ class DiffusersTeacher(Teacher):
         batch = next(iter(cond.values())).shape[0]
         neg = self.negative_conditioning()
         layout = self.layout or {}
+        text = {stored_key(layout, arg) for arg, e in layout.items()
+                if e["kind"] == "batched" and arg != self.family.guidance_arg}
         out = dict(cond)
         for k, v in neg.items():
-            if layout.get(k, {}).get("kind") == "batched" and k != "guidance":
+            if k in text:
                 out[k] = v.to(cond[k].device, cond[k].dtype).expand(batch, *v.shape[1:])
         return out
 

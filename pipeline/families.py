@@ -68,9 +68,10 @@ class Family:
     lora_targets: str = ""
     #: Dotted path of the output projection the momentum head replaces.
     head_module: str = "proj_out"
-    #: Name of the transformer's latent and timestep arguments.
+    #: Name of the transformer's latent, timestep and embedded-guidance arguments.
     latent_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
+    guidance_arg: str = "guidance"
     #: Transformer arguments that are shared tensors without a batch axis.
     shared_args: tuple[str, ...] = ()
     #: Whether the pipeline takes reference images (``image=``).

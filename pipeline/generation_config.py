@@ -148,7 +148,8 @@ def check_outlives_process(url: str) -> None:
 
 
 def read_prompts(path: Optional[str]) -> Optional[list[str]]:
-    """Prompts from a text file, one per line (blank lines skipped); None means the teacher's own."""
+    """Prompts from a text file, one per line (blank lines skipped), or from a JSON Lines file
+    (``.jsonl``: prompts with reference images, pipeline/edit_inputs.py); None means the teacher's own."""
     if path is None:
         return None
     p = Path(path)
@@ -158,6 +159,10 @@ def read_prompts(path: Optional[str]) -> Optional[list[str]]:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ArcflowError(f"prompts file {path} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    if p.suffix.lower() == ".jsonl":
+        from .edit_inputs import read_jsonl_prompts
+
+        return read_jsonl_prompts(p, text)
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ArcflowError(f"prompts file is empty: {path}")

@@ -2,7 +2,8 @@
 
 A block is delimited by ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``; its content
 is replaced by the file registered for NAME below (markdown tables written by `arcflow evaluate`
-and the benchmark scripts). A block may sit in any of the TARGETS (README.md holds the demo table,
+and the benchmark scripts) or, for ``families``, by the table of supported pipeline classes that
+pipeline/families.py itself describes. A block may sit in any of the TARGETS (README.md holds the demo table,
 docs/benchmarks.md the rest); each registered block is expected in exactly one of them.
 ``--demo REPORT_DIR`` first copies a demo report (report.md, report.json, grid.png) into docs/demo/.
 ``--check`` writes nothing and exits 1 if a target is out of date. Nothing in a generated block is
@@ -32,6 +33,22 @@ SOURCES = {
     "loader-flux-shaped": ROOT / "benchmarks/results/loader_flux_shaped.md",
     "gpu-scale": ROOT / "benchmarks/results/gpu_scale.md",
 }
+
+
+def families_table() -> str:
+    """Supported pipeline classes with their default LoRA targets, from pipeline/families.py."""
+    from arcflow.pipeline.families import ALL_FAMILIES
+
+    rows = ["| pipeline class | family | reference images | head replaced | default LoRA targets (`--lora-targets`) |",
+            "|---|---|---|---|---|"]
+    for family in ALL_FAMILIES:
+        for cls in family.pipeline_classes:
+            targets = family.lora_targets.replace("|", "\\|")
+            rows.append(f"| `{cls}` | {family.name} | {'yes' if family.edit else 'no'} | `{family.head_module}` | `{targets}` |")
+    return "\n".join(rows)
+
+
+GENERATORS = {"families": families_table}
 #: The files holding generated blocks.
 TARGETS = (ROOT / "README.md", ROOT / "docs/benchmarks.md")
 
@@ -39,11 +56,11 @@ TARGETS = (ROOT / "README.md", ROOT / "docs/benchmarks.md")
 def render(text: str) -> tuple[str, list[str]]:
     """``text`` with every registered block it holds refilled from its source, and their names."""
     updated = []
-    for name, source in SOURCES.items():
+    for name, source in {**SOURCES, **GENERATORS}.items():
         pattern = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)", re.S)
-        if not source.is_file() or not pattern.search(text):
+        if not pattern.search(text) or (isinstance(source, Path) and not source.is_file()):
             continue
-        body = source.read_text().rstrip() + "\n"
+        body = (source.read_text() if isinstance(source, Path) else source()).rstrip() + "\n"
         text = pattern.sub(lambda m: m.group(1) + body + m.group(3), text)
         updated.append(name)
     return text, updated

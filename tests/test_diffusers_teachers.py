@@ -2,7 +2,7 @@
 
 Everything runs on tiny pipelines built from configs (tests/tiny_pipelines.py). Here the Qwen-Image
 pipeline has no text encoder: its teacher passes seeded random ``prompt_embeds`` / masks to the
-pipeline's own ``__call__`` (tests/test_families.py drives one with a real tiny text encoder).
+pipeline's own ``__call__`` (tests/test_family_qwen_image.py drives one with a real tiny text encoder).
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def test_flux_teacher_reproduces_the_pipeline(flux):
     assert flux.latent_shape == (64, 16) and not flux.true_cfg and flux.default_guidance == 3.5
     cond = flux.encode_prompts(PROMPTS)
     assert cond["encoder_hidden_states"].shape == (2, T5_LENGTH, 32) and cond["pooled_projections"].shape == (2, 32)
-    assert flux.layout["guidance"] == {"kind": "batched", "dtype": "model"}
+    # The embedded guidance is stored per row under a name that is not the dataset's own "guidance".
+    assert flux.layout["guidance"] == {"kind": "batched", "dtype": "model", "key": "arg_guidance"}
+    assert cond["arg_guidance"].tolist() == [3.5, 3.5]
     latents = sample_teacher(flux, PROMPTS, [0, 1], steps=4, guidance=3.5)
     out = flux.pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
                     max_sequence_length=T5_LENGTH, generator=_generators([0, 1]), output_type="latent")
@@ -153,13 +155,26 @@ def test_bad_teacher_input_is_one_line(tmp_path, flux_dir):
     other = tmp_path / "sd"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    assert "StableDiffusionPipeline" in one_line(lambda: check_teacher_id(str(other)))
+    assert "StableDiffusionPipeline: it is not a flow-matching pipeline" in one_line(lambda: check_teacher_id(str(other)))
     assert "unknown teacher" in one_line(lambda: check_teacher_id("not a model"))
     check_teacher_id("black-forest-labs/FLUX.1-dev")  # hub ids are accepted without a network call
     check_teacher_id(str(flux_dir))
     assert "hub" in one_line(lambda: load_teacher("nobody-arcflow/no-such-model", local_files_only=True))
     assert "multiples of 4" in one_line(lambda: load_teacher(str(flux_dir), height=30, width=32))
     assert "torch dtype" in one_line(lambda: load_teacher(str(flux_dir), torch_dtype="float8", **OPTS))
+    from arcflow.pipeline.edit_inputs import edit_prompt
+
+    flux = load_teacher(str(flux_dir), **OPTS)
+    assert "takes no reference images" in one_line(lambda: flux.encode_prompts([edit_prompt("x", [str(tmp_path)])]))
+    # A pipeline whose scheduler is not flow-matching Euler cannot be driven: one line naming it.
+    from diffusers import DDIMScheduler
+
+    flux.pipe.scheduler, euler = DDIMScheduler(), flux.pipe.scheduler
+    try:
+        message = one_line(lambda: DiffusersTeacher(flux.pipe, teacher_id="x", revision="r", **OPTS))
+    finally:
+        flux.pipe.scheduler = euler
+    assert "FluxPipeline" in message and "DDIMScheduler" in message
 
 
 def test_flux_teacher_loads_in_bfloat16(flux_dir):
@@ -375,3 +390,24 @@ def test_cli_end_to_end_on_a_tiny_flux_directory(flux_dir, tmp_path):
     assert (run / "pytorch_lora_weights.safetensors").is_file()
     _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
     assert png.is_file()
+
+
+# ----- datasets and runs written before conditioning layouts ---------------------------------------
+def test_older_flux_and_qwen_conditioning_still_replays(flux_dir, flux, qwen):
+    """Datasets of earlier versions stored FLUX's ``prompt_embeds`` / ``pooled_prompt_embeds`` and
+    Qwen-Image's padded ``prompt_embeds`` / float ``prompt_embeds_mask``, with no layout: a teacher
+    loaded for them (no text encoders, no layout) replays them exactly as the recorded call."""
+    new = flux.encode_prompts(PROMPTS)
+    old = {"prompt_embeds": new["encoder_hidden_states"], "pooled_prompt_embeds": new["pooled_projections"]}
+    bare = load_teacher(str(flux_dir), text_encoders=False, **OPTS)
+    x, s = flux.noise([3, 4]), torch.full((2,), 0.6)
+    with torch.no_grad():
+        torch.testing.assert_close(bare.velocity(x, s, old, 5.0), flux.velocity(x, s, new, 5.0), rtol=0, atol=0)
+    new_q = qwen.encode_prompts(PROMPTS)
+    old_q = {"prompt_embeds": new_q["encoder_hidden_states"], "prompt_embeds_mask": new_q["encoder_hidden_states_mask"].float()}
+    bare_q = DiffusersTeacher(qwen.pipe, teacher_id="tiny-qwen", revision="r0", **OPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(bare_q.conditional_velocity(x, s, old_q), qwen.conditional_velocity(x, s, new_q),
+                                   rtol=0, atol=0)
+    with pytest.raises(ArcflowError, match="no conditioning layout"):
+        bare.conditional_velocity(x, s, {"something": torch.zeros(2, 3)})
