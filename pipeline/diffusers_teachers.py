@@ -259,6 +259,10 @@ class DiffusersTeacher(Teacher):
             )
         return tensors
 
+    def _tokens(self, latents: Tensor) -> Tensor:
+        """Scheduler-layout latents of the pipeline -> arcflow's layout (the family's)."""
+        return self.family.tokens(latents, self.grid)
+
     def _check_schedule(self, sigmas: list[float], steps: int) -> None:
         expected = self.sigmas(steps).tolist()
         if len(sigmas) != len(expected) or any(abs(a - b) > 1e-6 for a, b in zip(sigmas, expected)):
@@ -289,8 +293,10 @@ class DiffusersTeacher(Teacher):
                 if len(capture.velocities) != steps:
                     raise ArcflowError(f"the {self.pipeline_class} made {len(capture.velocities)} scheduler steps, not {steps}")
                 sigmas = capture.sigmas
-                x[rows] = torch.stack(capture.states, 1).reshape(len(rows), steps + 1, *self.latent_shape).cpu()
-                u[rows] = torch.stack(capture.velocities, 1).reshape(len(rows), steps, *self.latent_shape).cpu()
+                x[rows] = torch.stack([self._tokens(t) for t in capture.states], 1).reshape(
+                    len(rows), steps + 1, *self.latent_shape).cpu()
+                u[rows] = torch.stack([self._tokens(t) for t in capture.velocities], 1).reshape(
+                    len(rows), steps, *self.latent_shape).cpu()
                 for k, v in self._conditioning(capture, len(rows)).items():
                     cond.setdefault(k, torch.empty((len(rows_prompts), *v.shape[1:]), dtype=torch.float32))[rows] = v.float().cpu()
             self._check_schedule(sigmas, steps)
@@ -313,7 +319,7 @@ class DiffusersTeacher(Teacher):
             for rows, capture in self._run(rows_prompts, rows_noise, steps, g, record=False):
                 if capture.steps != steps:
                     raise ArcflowError(f"the {self.pipeline_class} made {capture.steps} scheduler steps, not {steps}")
-                final[rows] = capture.final.reshape(len(rows), *self.latent_shape).cpu()
+                final[rows] = self._tokens(capture.final).reshape(len(rows), *self.latent_shape).cpu()
             out[start:stop] = final[: stop - start]
         return out
 
@@ -336,7 +342,9 @@ class DiffusersTeacher(Teacher):
             cond = {**cond, stored_key(layout, self.family.guidance_arg): torch.full((x.shape[0],), self.default_guidance)}
         timestep = self.family.timestep(self.pipe, torch.as_tensor(sigma, device=self.device).reshape(-1).expand(x.shape[0]),
                                         self.dtype)
-        return replay(layout, x, timestep, cond, self.dtype, self.device, self.family.adapt_latent)
+        kwargs = replay(layout, x, timestep, cond, self.dtype, self.device,
+                        lambda hidden: self.family.latent_input(hidden, self.grid))
+        return self.family.replayed(kwargs)
 
     def _layout_for(self, cond: Mapping[str, Tensor]) -> Layout:
         """The teacher's layout; else an older dataset's (by its keys); else one learnt from the
@@ -453,6 +461,9 @@ def check_drivable(pipe: Any, family: Family) -> None:
     if not isinstance(head, nn.Linear) and type(head).__name__ != "MomentumHead":
         raise ArcflowError(f"arcflow cannot drive a {name}: its transformer has no linear output projection "
                            f"{family.head_module!r} to replace")
+    reason = family.refusal(pipe)
+    if reason:
+        raise ArcflowError(f"arcflow cannot drive a {name}: {reason}")
 
 
 def text_component_names(config: Mapping[str, Any]) -> list[str]:
