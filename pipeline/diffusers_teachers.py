@@ -225,7 +225,7 @@ class DiffusersTeacher(Teacher):
         kwargs.update(optional_kwargs(self.pipe, extra))
         if "negative_prompt_embeds" in kwargs:  # a subclass passing embeddings sets the negative too
             kwargs.pop("negative_prompt", None)
-        return kwargs
+        return self.family.complete_call(kwargs, len(texts))
 
     def _groups(self, prompts: Sequence[str]) -> list[tuple[list[int], list[str], list[str]]]:
         """Rows sharing one reference-image set, called together: ``(indices, texts, images)``."""

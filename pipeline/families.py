@@ -20,9 +20,10 @@ from .family_base import (  # noqa: F401 (re-exported: the families' public name
     unpack_2x2,
 )
 from .family_sd3 import StableDiffusion3Family
+from .family_z_image import ZImageFamily
 
 #: Every family arcflow drives (one instance each).
-ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), StableDiffusion3Family())
+ALL_FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), StableDiffusion3Family(), ZImageFamily())
 #: The families by pipeline class name.
 FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in family.pipeline_classes}
 

@@ -183,6 +183,11 @@ class Family:
         """More ``__call__`` arguments the family needs to sample at ``height`` x ``width``."""
         return {}
 
+    def complete_call(self, kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+        """The ``__call__`` arguments for ``batch`` prompts, last touches (e.g. one negative prompt
+        per prompt where the pipeline wants a list; the same here)."""
+        return kwargs
+
     def latents_argument(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Scheduler-layout latents -> the ``latents=`` argument ``__call__`` takes (the same here)."""
         return x
