@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from arcflow.core.errors import ArcflowError
-from arcflow.pipeline.teacher import transformer_output
 
 from .arcflow_scheduler import ArcFlowScheduler
 from .student import Student, load_scheduler, load_student, read_student_config
@@ -47,12 +46,19 @@ class LoadedRun:
 @torch.no_grad()
 def sample_latents(student: Student, scheduler: ArcFlowScheduler, noise: Tensor, cond: Any) -> Tensor:
     """The scheduler's loop over a student: one transformer call per segment, ``scheduler.step``
-    doing the exact momentum integral (what a diffusers pipeline's ``__call__`` does)."""
+    doing the exact momentum integral (what a diffusers pipeline's ``__call__`` does).
+
+    ``noise`` and the result are arcflow's token layout ``(B, N, C)``, and the step gets the head's
+    packed tokens (the teacher's ``network_output``), whatever layout and sign the run's scheduler
+    reads in its pipeline (``latent_layout`` / ``output_sign``)."""
     teacher, x = student.teacher, noise
+    if scheduler.config.get("latent_layout", "tokens") != "tokens" or scheduler.config.get("output_sign", 1) != 1:
+        scheduler = ArcFlowScheduler.from_config(scheduler.config, latent_layout="tokens", output_sign=1)
     scheduler.set_timesteps(device=x.device)
     for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
         inputs = teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond)
-        x = scheduler.step(transformer_output(student.transformer(**inputs)), t, x, return_dict=False)[0]
+        out = teacher.network_output(student.transformer(**inputs), x.shape[1])
+        x = scheduler.step(out, t, x, return_dict=False)[0]
     return x
 
 

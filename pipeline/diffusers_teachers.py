@@ -461,9 +461,6 @@ def check_drivable(pipe: Any, family: Family) -> None:
     if not isinstance(head, nn.Linear) and type(head).__name__ != "MomentumHead":
         raise ArcflowError(f"arcflow cannot drive a {name}: its transformer has no linear output projection "
                            f"{family.head_module!r} to replace")
-    reason = family.refusal(pipe)
-    if reason:
-        raise ArcflowError(f"arcflow cannot drive a {name}: {reason}")
 
 
 def text_component_names(config: Mapping[str, Any]) -> list[str]:

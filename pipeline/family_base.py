@@ -225,10 +225,6 @@ class Family:
         """Output positions per token the head projection covers (1: it returns packed tokens)."""
         return 1
 
-    def refusal(self, pipe: Any) -> Optional[str]:
-        """Why this family cannot drive ``pipe`` beyond the generic checks (None: it can)."""
-        return None
-
     def network_output(self, output: Any, tokens: int) -> Tensor:
         """The transformer's output for the sample's own tokens (reference tokens cut off)."""
         return transformer_output(output)[:, :tokens]

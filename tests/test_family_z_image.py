@@ -145,6 +145,13 @@ def test_z_image_run_samples_in_the_stock_pipeline(zi, tmp_path):
     expected = reference_sample(load_student(zi, tmp_path / "run"), noise, cond, sigmas=zi.sigmas(2))
     live = reference_sample(student, noise, cond, sigmas=zi.sigmas(2))
     torch.testing.assert_close(expected, live, rtol=0, atol=0)
+    # arcflow's own scheduler loop (`arcflow sample`) on the run's scheduler: the same samples.
+    from arcflow.distill.runs import sample_latents
+    from arcflow.distill.student import load_scheduler, read_student_config
+
+    run = tmp_path / "run"
+    own = sample_latents(load_student(zi, run), load_scheduler(run, read_student_config(run), zi), noise, cond)
+    torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
     generator = arcflow_pipeline(_pipe(), tmp_path / "run")
     torch.testing.assert_close(generator.latents(PROMPTS, [0, 1]), expected, rtol=0, atol=1e-5)
     images = generator(PROMPTS, output_type="pt").images  # the stock __call__ with the run's defaults
