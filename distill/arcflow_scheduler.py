@@ -13,6 +13,12 @@ schedulers do), since a student distilled for 2 segments has no meaningful 28-st
 ``from_config(config, segment_sigmas=...)`` gives a scheduler on other boundaries (what
 ``arcflow sample --nfe`` uses).
 
+Pipelines whose scheduler steps channels-first latents ``(B, C, H, W)`` (SD3, Z-Image) record
+``latent_layout="channels_first"``: ``sample`` is then ``(B, C, *rest)`` and ``model_output`` the
+per-pixel head output ``(B, width, *rest)`` (the transformer un-patchifies it), read as tokens in
+row-major pixel order. ``output_sign=-1`` undoes a pipeline that negates the transformer output
+before ``step`` (Z-Image).
+
 The run directory holds it as ``scheduler_config.json`` (written by
 :func:`~arcflow.distill.student.save_student`, read back by
 :func:`~arcflow.distill.student.load_scheduler`), so ``ArcFlowScheduler.from_pretrained(run_dir)``
@@ -30,6 +36,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from torch import Tensor
 
 from .momentum import integrate, packed_width, unpack_momentum
+
+#: How ``step`` reads ``sample``: packed tokens ``(B, N, C)`` or channels-first ``(B, C, *rest)``.
+LATENT_LAYOUTS = ("tokens", "channels_first")
 
 
 class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
@@ -53,7 +62,13 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
         momentum: bool = True,
         segment_sigmas: Sequence[float] = (1.0, 0.5, 0.0),
         num_train_timesteps: int = 1000,
+        latent_layout: str = "tokens",
+        output_sign: int = 1,
     ) -> None:
+        if latent_layout not in LATENT_LAYOUTS:
+            raise ValueError(f"latent_layout must be one of {', '.join(LATENT_LAYOUTS)}, got {latent_layout!r}")
+        if output_sign not in (1, -1):
+            raise ValueError(f"output_sign must be 1 or -1, got {output_sign!r}")
         if k < 1 or weight_groups < 1 or channels < 1 or channels % weight_groups:
             raise ValueError(
                 f"ArcFlowScheduler needs k >= 1 and weight_groups dividing channels, got k={k}, "
@@ -139,9 +154,10 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
         **kwargs: Any,
     ) -> Union[SchedulerOutput, tuple[Tensor]]:
-        """Move ``sample`` ``(B, N, C)`` from the current segment's start to its end.
+        """Move ``sample`` ``(B, N, C)`` (``(B, C, *rest)`` channels-first) from the current segment's
+        start to its end.
 
-        ``model_output`` is the head's packed ``(B, N, width)`` output at the segment start; the
+        ``model_output`` is the head's packed ``(B, N, width)`` (``(B, width, *rest)``) output at the segment start; the
         result has ``sample``'s layout and dtype (the integral itself runs in float32). Extra
         arguments other pipelines pass (``generator``, ...) are accepted: the step is deterministic.
         """
@@ -152,17 +168,30 @@ class ArcFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step() called more than {self.nfe} times; call set_timesteps() before sampling again")
         cfg = self.config
         width = packed_width(cfg.k, cfg.channels, cfg.weight_groups, cfg.momentum)
-        if sample.dim() != 3 or sample.shape[-1] != cfg.channels:
-            raise ValueError(f"sample must be packed latents (B, tokens, {cfg.channels}), got {tuple(sample.shape)}")
-        if tuple(model_output.shape) != (*sample.shape[:2], width):
+        if cfg.latent_layout == "channels_first":
+            if sample.dim() < 3 or sample.shape[1] != cfg.channels:
+                raise ValueError(f"sample must be channels-first latents (B, {cfg.channels}, ...), got {tuple(sample.shape)}")
+            expected = (sample.shape[0], width, *sample.shape[2:])
+        else:
+            if sample.dim() != 3 or sample.shape[-1] != cfg.channels:
+                raise ValueError(f"sample must be packed latents (B, tokens, {cfg.channels}), got {tuple(sample.shape)}")
+            expected = (*sample.shape[:2], width)
+        if tuple(model_output.shape) != expected:
             raise ValueError(
-                f"model_output {tuple(model_output.shape)} is not an ArcFlow head output {(*sample.shape[:2], width)}: "
-                f"is the transformer's proj_out the run's momentum head?"
+                f"model_output {tuple(model_output.shape)} is not an ArcFlow head output {expected}: "
+                f"is the transformer's output projection the run's momentum head?"
             )
-        params = unpack_momentum(model_output, cfg.k, cfg.channels, cfg.weight_groups, cfg.momentum)
+        if cfg.output_sign != 1:
+            model_output = -model_output
         s_start, s_end = self._bounds[i], self._bounds[i + 1]
-        # The head is channels-first over tokens: integrate (B, C, N), hand back (B, N, C).
-        x = integrate(sample.transpose(1, 2), params, s_start, s_start, s_end).transpose(1, 2).contiguous()
+        if cfg.latent_layout == "channels_first":
+            tokens = model_output.flatten(2).transpose(1, 2)
+            params = unpack_momentum(tokens, cfg.k, cfg.channels, cfg.weight_groups, cfg.momentum)
+            x = integrate(sample.flatten(2), params, s_start, s_start, s_end).reshape(sample.shape)
+        else:
+            params = unpack_momentum(model_output, cfg.k, cfg.channels, cfg.weight_groups, cfg.momentum)
+            # The head is channels-first over tokens: integrate (B, C, N), hand back (B, N, C).
+            x = integrate(sample.transpose(1, 2), params, s_start, s_start, s_end).transpose(1, 2).contiguous()
         self._step_index = i + 1
         return SchedulerOutput(prev_sample=x) if return_dict else (x,)
 

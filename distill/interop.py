@@ -15,7 +15,7 @@ samples with its OWN ``__call__`` in NFE network calls, and other LoRAs keep wor
 What happens: :func:`~arcflow.distill.student.attach_student` loads the run's
 ``pytorch_lora_weights.safetensors`` with diffusers' ``load_lora_adapter`` (adapter ``"arcflow"``;
 rank/alpha come from the file's ``lora_adapter_metadata``), the transformer's top-level
-``proj_out`` is swapped for the trained
+``proj_out`` (or the family's head module) is swapped for the trained
 :class:`~arcflow.distill.student.MomentumHead`, and ``pipe.scheduler`` becomes the run's
 :class:`~arcflow.distill.arcflow_scheduler.ArcFlowScheduler` (``scheduler_config.json``), whose ``step``
 does the exact momentum integral over the run's recorded segment sigmas. Prompt encoding, latents,
@@ -36,12 +36,14 @@ from torch import Tensor, nn
 from arcflow.core.errors import ArcflowError
 
 from .student import (
-    HEAD_ATTRIBUTE,
     MomentumHead,
     StudentConfig,
     attach_student,
+    get_head,
+    head_spec,
     load_scheduler,
     read_student_config,
+    set_head,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,7 +122,8 @@ class ArcFlowPipeline:
 
     def remove(self) -> Any:
         """Restore the pipeline: original ``proj_out`` and scheduler back, the arcflow adapter deleted."""
-        setattr(self.pipe.transformer, HEAD_ATTRIBUTE, self._original_head)
+        transformer = self.pipe.transformer
+        set_head(transformer, head_spec(transformer), self._original_head)
         self.pipe.scheduler = self._original_scheduler
         if self.adapter_name is not None:
             self.pipe.delete_adapters(self.adapter_name)
@@ -172,7 +175,7 @@ def arcflow_pipeline(
     try:
         proj = attach_student(transformer, run, config, adapter_name=adapter_name)
     except ArcflowError as exc:
-        if isinstance(getattr(transformer, HEAD_ATTRIBUTE), MomentumHead):
+        if isinstance(get_head(transformer, head_spec(transformer).path), MomentumHead):
             raise ArcflowError(f"{exc}; call .remove() on the previous generator") from None
         raise
     used_adapter = adapter_name if config.trainable == "lora+heads" else None

@@ -46,7 +46,8 @@ from arcflow.core.errors import ArcflowError
 from arcflow.pipeline.sigmas import shift_sigmas, shifted_schedule
 
 from .momentum import MomentumParams, average_velocities, integrate, velocity_at
-from .student.config import HEAD_ATTRIBUTE, StudentConfig
+from .student.config import StudentConfig
+from .student.model import head_spec
 
 if TYPE_CHECKING:
     from .config import DistillConfig
@@ -101,7 +102,8 @@ class TiedTeacher:
     @classmethod
     def capture(cls, teacher: Any, student: StudentConfig) -> "TiedTeacher":
         transformer = teacher.transformer
-        originals = {HEAD_ATTRIBUTE: getattr(transformer, HEAD_ATTRIBUTE)}
+        path = head_spec(transformer).path
+        originals = {path: transformer.get_submodule(path)}
         for name in student.train_modules or ():
             originals[name] = copy.deepcopy(transformer.get_submodule(name)).requires_grad_(False)
         return cls(teacher, originals)
@@ -438,7 +440,7 @@ def parent_weights(student: Any, run: str) -> None:
                 key = key.replace(f".{part}.weight", f".{part}.{ADAPTER_NAME}.weight")
             found[f"transformer.{key}"] = value
     for key, value in safetensors.torch.load_file(str(run_file(run, files.get("head", "momentum_head.safetensors")))).items():
-        found[f"transformer.{HEAD_ATTRIBUTE}.{key}"] = value
+        found[f"transformer.{head_spec(student.transformer).path}.{key}"] = value
     if "trainable" in files:
         for key, value in safetensors.torch.load_file(str(run_file(run, files["trainable"]))).items():
             found[f"transformer.{key}"] = value

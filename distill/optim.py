@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
     from .config import DistillConfig
 
-#: Name fragment of the head's log-gamma projection parameters (``proj_out.log_gamma.weight``).
-LOG_GAMMA_PARAMS = "proj_out.log_gamma."
+#: Name fragment of the head's log-gamma projection parameters (``proj_out.log_gamma.weight``, or
+#: under another family's head module, e.g. ``all_final_layer.2-1.linear.log_gamma.weight``).
+LOG_GAMMA_PARAMS = ".log_gamma."
 
 
 def make_optimizer(params: Mapping[str, nn.Parameter], config: DistillConfig) -> torch.optim.AdamW:

@@ -46,8 +46,14 @@ class LoadedRun:
 @torch.no_grad()
 def sample_latents(student: Student, scheduler: ArcFlowScheduler, noise: Tensor, cond: Any) -> Tensor:
     """The scheduler's loop over a student: one transformer call per segment, ``scheduler.step``
-    doing the exact momentum integral (what a diffusers pipeline's ``__call__`` does)."""
+    doing the exact momentum integral (what a diffusers pipeline's ``__call__`` does).
+
+    ``noise`` and the result are arcflow's token layout ``(B, N, C)``, and the step gets the head's
+    packed tokens (the teacher's ``network_output``), whatever layout and sign the run's scheduler
+    reads in its pipeline (``latent_layout`` / ``output_sign``)."""
     teacher, x = student.teacher, noise
+    if scheduler.config.get("latent_layout", "tokens") != "tokens" or scheduler.config.get("output_sign", 1) != 1:
+        scheduler = ArcFlowScheduler.from_config(scheduler.config, latent_layout="tokens", output_sign=1)
     scheduler.set_timesteps(device=x.device)
     for sigma, t in zip(scheduler.sigmas[:-1], scheduler.timesteps):
         inputs = teacher.transformer_inputs(x, sigma.expand(x.shape[0]), cond)

@@ -226,7 +226,7 @@ class DiffusersTeacher(Teacher):
         kwargs.update(optional_kwargs(self.pipe, extra))
         if "negative_prompt_embeds" in kwargs:  # a subclass passing embeddings sets the negative too
             kwargs.pop("negative_prompt", None)
-        return kwargs
+        return self.family.complete_call(kwargs, len(texts))
 
     def _groups(self, prompts: Sequence[str]) -> list[tuple[list[int], list[str], list[str]]]:
         """Rows sharing one reference-image set, called together (at most the family's
@@ -272,6 +272,10 @@ class DiffusersTeacher(Teacher):
                 )
         return tensors
 
+    def _tokens(self, latents: Tensor) -> Tensor:
+        """Scheduler-layout latents of the pipeline -> arcflow's layout (the family's)."""
+        return self.family.tokens(latents, self.grid)
+
     def _check_schedule(self, sigmas: list[float], steps: int) -> None:
         expected = self.sigmas(steps).tolist()
         if len(sigmas) != len(expected) or any(abs(a - b) > 1e-6 for a, b in zip(sigmas, expected)):
@@ -302,8 +306,10 @@ class DiffusersTeacher(Teacher):
                 if len(capture.velocities) != steps:
                     raise ArcflowError(f"the {self.pipeline_class} made {len(capture.velocities)} scheduler steps, not {steps}")
                 sigmas = capture.sigmas
-                x[rows] = torch.stack(capture.states, 1).reshape(len(rows), steps + 1, *self.latent_shape).cpu()
-                u[rows] = torch.stack(capture.velocities, 1).reshape(len(rows), steps, *self.latent_shape).cpu()
+                x[rows] = torch.stack([self._tokens(t) for t in capture.states], 1).reshape(
+                    len(rows), steps + 1, *self.latent_shape).cpu()
+                u[rows] = torch.stack([self._tokens(t) for t in capture.velocities], 1).reshape(
+                    len(rows), steps, *self.latent_shape).cpu()
                 for k, v in self._conditioning(capture, len(rows)).items():
                     cond.setdefault(k, torch.empty((len(rows_prompts), *v.shape[1:]), dtype=torch.float32))[rows] = v.float().cpu()
             self._check_schedule(sigmas, steps)
@@ -326,7 +332,7 @@ class DiffusersTeacher(Teacher):
             for rows, capture in self._run(rows_prompts, rows_noise, steps, g, record=False):
                 if capture.steps != steps:
                     raise ArcflowError(f"the {self.pipeline_class} made {capture.steps} scheduler steps, not {steps}")
-                final[rows] = capture.final.reshape(len(rows), *self.latent_shape).cpu()
+                final[rows] = self._tokens(capture.final).reshape(len(rows), *self.latent_shape).cpu()
             out[start:stop] = final[: stop - start]
         return out
 
@@ -350,7 +356,9 @@ class DiffusersTeacher(Teacher):
             cond = {**cond, stored_key(layout, self.family.guidance_arg): torch.full((x.shape[0],), self.default_guidance)}
         timestep = self.family.timestep(self.pipe, torch.as_tensor(sigma, device=self.device).reshape(-1).expand(x.shape[0]),
                                         self.dtype)
-        return replay(layout, x, timestep, cond, self.dtype, self.device, self.family.adapt_latent)
+        kwargs = replay(layout, x, timestep, cond, self.dtype, self.device,
+                        lambda hidden: self.family.latent_input(hidden, self.grid))
+        return self.family.replayed(kwargs)
 
     def _layout_for(self, cond: Mapping[str, Tensor]) -> Layout:
         """The teacher's layout; else an older dataset's (by its keys); else one learnt from the

@@ -14,11 +14,13 @@ from .family_base import Family, FluxFamily, QwenImageFamily
 from .family_flux2 import Flux2KleinFamily
 from .family_kontext import FluxKontextFamily
 from .family_qwen_edit import QwenImageEditPlusFamily
-
+from .family_sd3 import StableDiffusion3Family
+from .family_z_image import ZImageFamily
 
 #: Every family arcflow drives (one instance each).
 ALL_FAMILIES: tuple[Family, ...] = (
     FluxFamily(), FluxKontextFamily(), Flux2KleinFamily(), QwenImageFamily(), QwenImageEditPlusFamily(),
+    StableDiffusion3Family(), ZImageFamily(),
 )
 #: The families by pipeline class name.
 FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in family.pipeline_classes}
@@ -26,6 +28,14 @@ FAMILIES: dict[str, Family] = {cls: family for family in ALL_FAMILIES for cls in
 
 def supported_pipelines() -> list[str]:
     return sorted(FAMILIES)
+
+
+def family_for_transformer(transformer_class: str) -> Optional[Family]:
+    """The family whose transformer class is ``transformer_class`` (None if no family has it)."""
+    for family in ALL_FAMILIES:
+        if family.transformer_class == transformer_class:
+            return family
+    return None
 
 
 def lora_targets_for(transformer_class: str) -> Optional[str]:

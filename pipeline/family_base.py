@@ -72,6 +72,12 @@ class Family:
     lora_targets: str = ""
     #: Dotted path of the output projection the momentum head replaces.
     head_module: str = "proj_out"
+    #: +1, or -1 where the pipeline steps with the negated transformer output (the momentum head
+    #: then predicts the velocity, and the ArcFlowScheduler negates what the pipeline hands it back).
+    output_sign: int = 1
+    #: The ArcFlowScheduler's ``latent_layout``: how the pipeline's scheduler sample is laid out
+    #: ("tokens" ``(B, N, C)``, or "channels_first" ``(B, C, H, W)``).
+    latent_layout: str = "tokens"
     #: Name of the transformer's latent, timestep and embedded-guidance arguments.
     latent_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
@@ -133,6 +139,11 @@ class Family:
                         dtype=torch.float32)
         return pack_2x2(z)[0]
 
+    def tokens(self, latents: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The pipeline scheduler's latents (a sample, a velocity) -> arcflow's ``(B, *latent_shape)``
+        layout (the same here)."""
+        return latents
+
     def to_pipeline_latents(self, x: Tensor, grid: tuple[int, int], pipe: Any = None) -> Tensor:
         """Scheduler-layout latents -> what ``output_type="latent"`` returns (the same here; ``pipe``
         for families whose output is de-normalized with the VAE's statistics)."""
@@ -182,6 +193,11 @@ class Family:
         """More ``__call__`` arguments the family needs to sample at ``height`` x ``width``."""
         return {}
 
+    def complete_call(self, kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+        """The ``__call__`` arguments for ``batch`` prompts, last touches (e.g. one negative prompt
+        per prompt where the pipeline wants a list; the same here)."""
+        return kwargs
+
     def latents_argument(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Scheduler-layout latents -> the ``latents=`` argument ``__call__`` takes (the same here)."""
         return x
@@ -205,6 +221,19 @@ class Family:
     def adapt_latent(self, hidden: Tensor) -> Any:
         """The latent argument as the transformer takes it (a tensor here)."""
         return hidden
+
+    def latent_input(self, hidden: Tensor, grid: tuple[int, int]) -> Any:
+        """:meth:`adapt_latent` for a family that needs the latent grid (``hidden`` in arcflow's layout)."""
+        return self.adapt_latent(hidden)
+
+    def replayed(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The replayed conditional call's keyword arguments as the transformer takes them (undoes
+        what :meth:`normalize_call` did for storage; the same here)."""
+        return kwargs
+
+    def head_positions(self, transformer: Any) -> int:
+        """Output positions per token the head projection covers (1: it returns packed tokens)."""
+        return 1
 
     def network_output(self, output: Any, tokens: int) -> Tensor:
         """The transformer's output for the sample's own tokens (reference tokens cut off)."""

@@ -371,10 +371,15 @@ class DatasetSpec:
         for k in sorted(a.keys() | b.keys()):
             if k in DESCRIPTIVE_FIELDS or k in skip or any(k.startswith(s + ".") for s in skip):
                 continue
-            if a.get(k) != b.get(k):
+            if a.get(k) != b.get(k) and not _both_nan(a.get(k), b.get(k)):
                 mine, theirs = short_value(a.get(k)), short_value(b.get(k))
                 out.append(f"{k}: {mine} != {theirs}" + (" (values differ)" if mine == theirs else ""))
         return out
+
+
+def _both_nan(a: Any, b: Any) -> bool:
+    """Two NaN floats (a schedule with no static shift records ``shift`` NaN): the same setting."""
+    return isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -14,8 +14,25 @@ if TYPE_CHECKING:  # torch and peft load lazily: the CLI reads this config befor
 TRAINABLE_MODES = ("lora+heads", "heads", "full")
 #: Name of the peft adapter the student trains.
 ADAPTER_NAME = "arcflow"
-#: The transformer attribute holding the output projection that the momentum head replaces.
+#: The transformer attribute holding the output projection that the momentum head replaces (the
+#: default; a family may name another module, :func:`head_spec`).
 HEAD_ATTRIBUTE = "proj_out"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Where a transformer's momentum head goes and how it is shaped.
+
+    ``path``: dotted module path of the output projection it replaces; ``positions``: output
+    positions per token the projection covers (``p*p`` where the transformer un-patchifies after
+    it, with its ``out_channels``; 1 where it returns packed tokens); ``sign``: +1, or -1 where the
+    pipeline's velocity is the negated transformer output (the head predicts the velocity).
+    """
+
+    path: str = HEAD_ATTRIBUTE
+    positions: int = 1
+    sign: int = 1
+
 
 @dataclass
 class StudentConfig:

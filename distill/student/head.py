@@ -4,6 +4,11 @@ Per latent token the head maps the transformer's last hidden state to K velociti
 each), K mixture logits per weight group and K-1 log-momentum factors per weight group. Its output
 is one packed tensor ``(B, N, K*C + K*G + (K-1)*G)`` so the transformer's own forward returns it;
 :meth:`MomentumHead.unpack` lays it out as :class:`~arcflow.distill.momentum.MomentumParams`.
+
+A transformer that un-patchifies after its projection (SD3, Z-Image: ``hidden -> p*p*C`` then a
+reshape with its ``out_channels``) gets a head with ``positions = p*p``: one packed set per output
+position, ordered ``(position, packed)``, so the transformer's own un-patchify (with
+``out_channels`` set to the packed width) yields per-pixel packed maps.
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ class MomentumHead(nn.Module):
         groups: int = 1,
         momentum: bool = True,
         log_gamma_bound: float = 6.0,
+        positions: int = 1,
     ) -> None:
         super().__init__()
+        if positions < 1:
+            raise ValueError(f"positions must be >= 1, got {positions}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if groups < 1 or channels % groups:
@@ -52,29 +60,34 @@ class MomentumHead(nn.Module):
         self.hidden, self.channels, self.k, self.groups = hidden, channels, k, groups
         self.momentum = momentum
         self.log_gamma_bound = float(log_gamma_bound)
-        self.velocity = nn.Linear(hidden, k * channels)
-        self.logits = nn.Linear(hidden, k * groups)
-        self.log_gamma = nn.Linear(hidden, (k - 1) * groups) if momentum and k > 1 else None
+        self.positions = positions
+        self.velocity = nn.Linear(hidden, positions * k * channels)
+        self.logits = nn.Linear(hidden, positions * k * groups)
+        self.log_gamma = nn.Linear(hidden, positions * (k - 1) * groups) if momentum and k > 1 else None
 
     @property
     def out_features(self) -> int:
-        """Width of the packed output per token."""
+        """Width of the packed output per token (per output position)."""
         return packed_width(self.k, self.channels, self.groups, self.momentum)
 
     @torch.no_grad()
-    def init_from_projection(self, proj: nn.Linear, generator: torch.Generator | None = None) -> None:
-        """Start from the teacher's output projection ``proj`` (hidden -> C).
+    def init_from_projection(self, proj: nn.Linear, generator: torch.Generator | None = None, sign: int = 1) -> None:
+        """Start from the teacher's output projection ``proj`` (hidden -> C, or hidden -> P*C ordered
+        ``(position, channel)``); ``sign=-1`` where the scheduler's velocity is the negated output.
 
         Every velocity head copies ``proj``; heads 1..K-1 get a little noise to break symmetry (head 0
         stays exact, so K=1 reproduces the teacher). Logits start at zero (uniform mixture); log-gamma
         weights start at zero with biases placing ``exp(g)`` evenly in log space over
         :data:`INITIAL_GAMMA_RANGE` after the soft clamp.
         """
-        if proj.in_features != self.hidden or proj.out_features != self.channels:
+        if proj.in_features != self.hidden or proj.out_features != self.positions * self.channels:
             raise ValueError(
                 f"projection {proj.in_features}->{proj.out_features} does not match head "
-                f"{self.hidden}->{self.channels}"
+                f"{self.hidden}->{self.positions * self.channels}"
             )
+        if self.positions > 1 or sign != 1:
+            self._init_per_position(proj, generator, sign)
+            return
         w = proj.weight.to(self.velocity.weight.dtype)
         b = proj.bias.to(w.dtype) if proj.bias is not None else w.new_zeros(self.channels)
         weight = w.repeat(self.k, 1)
@@ -101,26 +114,69 @@ class MomentumHead(nn.Module):
             self.log_gamma.weight.zero_()
             self.log_gamma.bias.copy_(pre.repeat_interleave(self.groups).to(self.log_gamma.bias))
 
+    def _initial_log_gammas(self) -> Tensor:
+        """Pre-clamp log-gamma biases placing ``exp(g)`` evenly in log space (``(K-1,)``, float64)."""
+        lo, hi = (math.log(g) for g in INITIAL_GAMMA_RANGE)
+        if self.k > 2:
+            targets = torch.linspace(lo, hi, self.k - 1, dtype=torch.float64)
+        else:
+            targets = torch.tensor([(lo + hi) / 2], dtype=torch.float64)
+        return self.log_gamma_bound * torch.atanh(targets / self.log_gamma_bound)
+
+    @torch.no_grad()
+    def _init_per_position(self, proj: nn.Linear, generator: torch.Generator | None, sign: int) -> None:
+        """:meth:`init_from_projection` for ``positions`` output positions (and/or a sign): the
+        same rule per position."""
+        p, k, c, g, hidden = self.positions, self.k, self.channels, self.groups, self.hidden
+        w = (sign * proj.weight).to(self.velocity.weight.dtype).reshape(p, 1, c, hidden)
+        b = (sign * proj.bias).to(w.dtype) if proj.bias is not None else w.new_zeros(p * c)
+        b = b.reshape(p, 1, c)
+        weight = w.repeat(1, k, 1, 1)
+        bias = b.repeat(1, k, 1)
+        if k > 1:
+            noise_w = torch.randn((p, k - 1, c, hidden), generator=generator).to(weight)
+            noise_b = torch.randn((p, k - 1, c), generator=generator).to(bias)
+            weight[:, 1:] += INIT_NOISE_SCALE * w.float().std().to(w.dtype) * noise_w
+            bias[:, 1:] += INIT_NOISE_SCALE * b.float().abs().mean().to(b.dtype) * noise_b
+        self.velocity.weight.copy_(weight.reshape(p * k * c, hidden))
+        self.velocity.bias.copy_(bias.reshape(p * k * c))
+        self.logits.weight.zero_()
+        self.logits.bias.zero_()
+        if self.log_gamma is not None:
+            pre = self._initial_log_gammas().repeat_interleave(g).repeat(p)
+            self.log_gamma.weight.zero_()
+            self.log_gamma.bias.copy_(pre.to(self.log_gamma.bias))
+
     def forward(self, hidden_states: Tensor) -> Tensor:
-        """Packed ``(..., out_features)``; log-gammas are already soft-clamped."""
+        """Packed ``(..., positions * out_features)``, ordered ``(position, packed)``; log-gammas
+        are already soft-clamped."""
         h = hidden_states.to(self.velocity.weight.dtype)
         parts = [self.velocity(h), self.logits(h)]
         if self.log_gamma is not None:
             parts.append(soft_clamp(self.log_gamma(h), self.log_gamma_bound))
-        return torch.cat(parts, dim=-1)
+        if self.positions == 1:
+            return torch.cat(parts, dim=-1)
+        lead = h.shape[:-1]
+        out = torch.cat([part.reshape(*lead, self.positions, -1) for part in parts], dim=-1)
+        return out.reshape(*lead, self.positions * self.out_features)
 
     def unpack(self, packed: Tensor) -> MomentumParams:
         """``(B, N, out_features)`` -> channels-first params (see :func:`~arcflow.distill.momentum.unpack_momentum`)."""
         return unpack_momentum(packed, self.k, self.channels, self.groups, self.momentum)
 
 
-def head_for(projection: nn.Linear, k: int, groups: int, momentum: bool, log_gamma_bound: float) -> MomentumHead:
-    """An (uninitialized) head shaped to replace ``projection``, on its device, in float32."""
+def head_for(projection: nn.Linear, k: int, groups: int, momentum: bool, log_gamma_bound: float,
+             positions: int = 1) -> MomentumHead:
+    """An (uninitialized) head shaped to replace ``projection`` (``positions`` output positions of
+    ``out_features / positions`` channels each), on its device, in float32."""
+    if projection.out_features % positions:
+        raise ValueError(f"{positions} output positions do not divide the projection's {projection.out_features} outputs")
     return MomentumHead(
         projection.in_features,
-        projection.out_features,
+        projection.out_features // positions,
         k=k,
         groups=groups,
         momentum=momentum,
         log_gamma_bound=log_gamma_bound,
+        positions=positions,
     ).to(device=projection.weight.device)

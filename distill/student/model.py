@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Any, Mapping
 
@@ -12,10 +13,56 @@ from torch import Tensor, nn
 from arcflow.core.errors import ArcflowError
 
 from ..momentum import MomentumParams
-from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig, lora_config_for
+from .config import ADAPTER_NAME, HeadSpec, StudentConfig, lora_config_for
 from .head import MomentumHead, head_for
 
 logger = logging.getLogger(__name__)
+
+#: Attribute of a transformer whose ``out_channels`` follows its head: its latent channels (see :func:`set_head`).
+_SYNC_FLAG = "_arcflow_out_channels_follow_head"
+
+
+def head_spec(transformer: nn.Module) -> HeadSpec:
+    """The :class:`HeadSpec` of ``transformer``'s family (pipeline/families.py); the default
+    (top-level ``proj_out``, packed tokens) for transformers no family names."""
+    from arcflow.pipeline.families import family_for_transformer
+
+    family = family_for_transformer(transformer_class_name(transformer))
+    if family is None:
+        return HeadSpec()
+    return HeadSpec(family.head_module, int(family.head_positions(transformer)), int(family.output_sign))
+
+
+def get_head(transformer: nn.Module, path: str) -> Any:
+    """The module at dotted ``path`` (None where there is none)."""
+    try:
+        return transformer.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _sync_out_channels(path: str, channels: int, module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: the transformer un-patchifies with ``out_channels`` = its head's per-position
+    width (the packed width under a momentum head, the latent channels under the projection)."""
+    head = module.get_submodule(path)
+    module.out_channels = head.out_features if isinstance(head, MomentumHead) else channels
+
+
+def set_head(transformer: nn.Module, spec: HeadSpec, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``spec.path``; returns what was there. A transformer that un-patchifies
+    after its projection (``spec.positions > 1``) gets a pre-hook (once) keeping its
+    ``out_channels`` in step with whichever module is there."""
+    parent, _, leaf = spec.path.rpartition(".")
+    owner = transformer.get_submodule(parent) if parent else transformer
+    previous = getattr(owner, leaf)
+    if spec.positions > 1 and not getattr(transformer, _SYNC_FLAG, None):
+        original = previous.out_features // spec.positions
+        transformer.register_forward_pre_hook(functools.partial(_sync_out_channels, spec.path, original))
+        setattr(transformer, _SYNC_FLAG, original)
+    setattr(owner, leaf, module)
+    if spec.positions > 1:
+        _sync_out_channels(spec.path, getattr(transformer, _SYNC_FLAG), transformer, ())
+    return previous
 
 
 class Student(nn.Module):
@@ -30,7 +77,7 @@ class Student(nn.Module):
 
     @property
     def head(self) -> MomentumHead:
-        return getattr(self.transformer, HEAD_ATTRIBUTE)
+        return get_head(self.transformer, head_spec(self.transformer).path)
 
     @property
     def has_lora(self) -> bool:
@@ -85,18 +132,22 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
     """
     transformer = teacher.transformer if inplace else copy.deepcopy(teacher.transformer)
     transformer.requires_grad_(False)
-    proj = getattr(transformer, HEAD_ATTRIBUTE, None)
+    spec = head_spec(transformer)
+    proj = get_head(transformer, spec.path)
     if not isinstance(proj, nn.Linear):
         raise ArcflowError(
-            f"{type(transformer).__name__} has no linear '{HEAD_ATTRIBUTE}' output projection to replace"
+            f"{type(transformer).__name__} has no linear '{spec.path}' output projection to replace"
         )
-    if proj.out_features % config.weight_groups:
+    channels = proj.out_features // spec.positions
+    if channels % config.weight_groups:
         raise ArcflowError(
-            f"weight_groups={config.weight_groups} does not divide the {proj.out_features} latent channels"
+            f"weight_groups={config.weight_groups} does not divide the {channels} latent channels"
         )
-    head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
-    head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed))
-    setattr(transformer, HEAD_ATTRIBUTE, head)
+    if spec.path in (config.train_modules or ()):
+        raise ArcflowError(f"train_modules must not name the head ({spec.path})")
+    head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound, spec.positions)
+    head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed), sign=spec.sign)
+    set_head(transformer, spec, head)
 
     if config.trainable == "lora+heads":
         if not hasattr(transformer, "add_adapter"):
@@ -108,8 +159,8 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
         wrapped = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
         if not wrapped:
             raise ArcflowError(f"LoRA targets {config.lora_targets!r} match no module of the transformer")
-        if any(n == HEAD_ATTRIBUTE or n.startswith(f"{HEAD_ATTRIBUTE}.") for n in wrapped):
-            raise ArcflowError("LoRA targets must not match the output head (top-level proj_out)")
+        if any(n == spec.path or n.startswith(f"{spec.path}.") for n in wrapped):
+            raise ArcflowError(f"LoRA targets must not match the output head ({spec.path})")
     elif config.trainable == "full":
         transformer.requires_grad_(True)
     # After add_adapter: peft marks only adapter weights trainable.

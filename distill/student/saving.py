@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from arcflow.core.errors import ArcflowError, first_line
 
 from ..arcflow_scheduler import ArcFlowScheduler
-from .config import ADAPTER_NAME, HEAD_ATTRIBUTE, StudentConfig
+from .config import ADAPTER_NAME, StudentConfig
 from .head import MomentumHead, head_for
-from .model import Student, transformer_class_name
+from .model import Student, get_head, head_spec, set_head, transformer_class_name
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any])
         transformer.save_lora_adapter(str(out), adapter_name=ADAPTER_NAME, weight_name=LORA_FILE)
         files["lora"] = LORA_FILE
     safetensors.torch.save_file(_cpu_state(student.head.state_dict()), str(out / HEAD_FILE), metadata={"format": "pt"})
-    head_prefix = f"{HEAD_ATTRIBUTE}."
+    head_prefix = f"{head_spec(transformer).path}."
     other = {
         n: p
         for n, p in transformer.named_parameters()
@@ -143,12 +143,15 @@ def _scheduler_for_record(record: Mapping[str, Any], teacher: Any) -> ArcFlowSch
     nfe = int(record.get("nfe", student["nfe"]))
     recorded = record.get("segment_sigmas")
     sigmas = list(recorded) if recorded is not None and len(recorded) == nfe + 1 else teacher.sigmas(nfe).tolist()
+    family = getattr(teacher, "family", None)
     return ArcFlowScheduler(
         k=int(student["k"]),
         weight_groups=int(student["weight_groups"]),
         channels=int(teacher.latent_shape[-1]),
         momentum=bool(student["momentum"]),
         segment_sigmas=sigmas,
+        latent_layout=str(getattr(family, "latent_layout", "tokens")),
+        output_sign=int(getattr(family, "output_sign", 1)),
     )
 
 
@@ -169,7 +172,7 @@ def load_scheduler(run_dir: Union[str, os.PathLike], record: Mapping[str, Any], 
         scheduler = ArcFlowScheduler.from_pretrained(str(run_dir))
     except (ValueError, TypeError, OSError) as exc:
         raise ArcflowError(f"{run_dir}/{SCHEDULER_CONFIG_NAME} is damaged: {first_line(exc)}") from None
-    shape = ("k", "weight_groups", "channels", "momentum")
+    shape = ("k", "weight_groups", "channels", "momentum", "latent_layout", "output_sign")
     differ = [key for key in shape if scheduler.config[key] != expected.config[key]]
     if differ:
         raise ArcflowError(f"{run_dir}/{SCHEDULER_CONFIG_NAME} does not fit the run's student ({', '.join(differ)} differ)")
@@ -225,17 +228,19 @@ def run_file(run_dir: Union[str, os.PathLike], name: object) -> Path:
 def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], config: StudentConfig,
                    adapter_name: str = ADAPTER_NAME) -> MomentumHead:
     """Put a saved run onto ``transformer`` IN PLACE: its LoRA (as adapter ``adapter_name``), its
-    trained weights, and its momentum head in place of ``proj_out``; returns the replaced output
+    trained weights, and its momentum head in place of the output projection (``proj_out``, or the
+    family's :func:`~arcflow.distill.student.config.head_spec` path); returns the replaced output
     projection (a pipeline can put it back). ``ArcflowError`` for a run that does not fit."""
     run = Path(run_dir)
     record = read_student_config(run)
     files = record.get("files", {})
     head_path = run_file(run, files.get("head", HEAD_FILE))
-    proj = getattr(transformer, HEAD_ATTRIBUTE, None)
+    spec = head_spec(transformer)
+    proj = get_head(transformer, spec.path)
     if isinstance(proj, MomentumHead):
         raise ArcflowError("the transformer already carries an arcflow head")
     if not isinstance(proj, nn.Linear):
-        raise ArcflowError(f"{type(transformer).__name__} has no linear '{HEAD_ATTRIBUTE}' output projection")
+        raise ArcflowError(f"{type(transformer).__name__} has no linear '{spec.path}' output projection")
     try:
         if config.trainable == "lora+heads":
             _load_lora(transformer, run_file(run, files.get("lora", LORA_FILE)), adapter_name)
@@ -244,7 +249,7 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
             result = transformer.load_state_dict(weights, strict=False)
             if result.unexpected_keys:
                 raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
-        head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound)
+        head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound, spec.positions)
         head.load_state_dict(_finite_weights(head_path))
     except ArcflowError:
         raise
@@ -252,7 +257,7 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
         reason = first_line(exc)
         raise ArcflowError(f"student run {run} is damaged or inconsistent with its {STUDENT_CONFIG_FILE}: {reason}") from None
     # The head stays float32 (its forward casts the hidden state), as in training.
-    setattr(transformer, HEAD_ATTRIBUTE, head.to(next(transformer.parameters()).device).requires_grad_(False))
+    set_head(transformer, spec, head.to(next(transformer.parameters()).device).requires_grad_(False))
     return proj
 
 
