@@ -1,4 +1,4 @@
-"""Shared helpers for CLI tests: the environment for subprocesses and the one-line-error check."""
+"""Shared helpers for CLI tests: the environment for subprocesses, CLI runners and the one-line-error checks."""
 
 from __future__ import annotations
 
@@ -45,12 +45,34 @@ def assert_one_line_error(code, err, *fragments) -> str:
     return lines[0]
 
 
-def run_subprocess(*args, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m arcflow.cli ARGS`` in a fresh process (what a user's shell runs)."""
+def run_subprocess(*args, timeout: int = 600, cwd=None,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m arcflow.cli ARGS`` in a fresh process (what a user's shell runs), in ``cwd``, with
+    ``env`` on top of :func:`cli_env`."""
     return subprocess.run([sys.executable, "-m", "arcflow.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=cli_env())
+                          timeout=timeout, cwd=cwd, env={**cli_env(), **(env or {})})
+
+
+def run_arcflow(*args, cwd, timeout: int = 600, pythonpath=()) -> subprocess.CompletedProcess:
+    """``run_subprocess`` that must succeed (exit status 0; a failure shows the tails of its output),
+    unbuffered, with ``pythonpath`` (folders) as PYTHONPATH when given."""
+    env = {"PYTHONUNBUFFERED": "1", **({"PYTHONPATH": os.pathsep.join(pythonpath)} if pythonpath else {})}
+    result = run_subprocess(*args, timeout=timeout, cwd=cwd, env=env)
+    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
 
 
 def assert_process_failed_one_line(res: subprocess.CompletedProcess, *fragments) -> str:
     """``assert_one_line_error`` for a finished subprocess."""
     return assert_one_line_error(res.returncode, res.stderr, *fragments)
+
+
+def raises_one_line(fn, *fragments) -> str:
+    """``fn()`` raises an ``ArcflowError`` whose message is one line naming the fragments; the message."""
+    from arcflow.core.errors import ArcflowError
+
+    with pytest.raises(ArcflowError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    return message

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
@@ -29,6 +26,7 @@ from arcflow.core.errors import ArcflowError
 from arcflow.pipeline.diffusers_teachers import DiffusersTeacher
 from tiny_pipelines import T5_LENGTH, save_tiny_flux_pipeline, tiny_qwen_image_pipeline
 from reference_sampling import reference_sample
+from cli_helpers import raises_one_line, run_arcflow
 
 OPTS = dict(height=32, width=32, max_sequence_length=T5_LENGTH)
 PROMPTS = ["a photo of a cat", "a red car"]
@@ -145,33 +143,27 @@ def test_text_encoders_can_be_dropped(flux_dir):
 
 
 def test_bad_teacher_input_is_one_line(tmp_path, flux_dir):
-    def one_line(fn):
-        with pytest.raises(ArcflowError) as info:
-            fn()
-        assert "\n" not in str(info.value)
-        return str(info.value)
-
-    assert "model_index.json" in one_line(lambda: check_teacher_id(str(tmp_path)))
+    assert "model_index.json" in raises_one_line(lambda: check_teacher_id(str(tmp_path)))
     other = tmp_path / "sd"
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    assert "StableDiffusionPipeline: it is not a flow-matching pipeline" in one_line(lambda: check_teacher_id(str(other)))
-    assert "unknown teacher" in one_line(lambda: check_teacher_id("not a model"))
+    raises_one_line(lambda: check_teacher_id(str(other)), "StableDiffusionPipeline: it is not a flow-matching pipeline")
+    assert "unknown teacher" in raises_one_line(lambda: check_teacher_id("not a model"))
     check_teacher_id("black-forest-labs/FLUX.1-dev")  # hub ids are accepted without a network call
     check_teacher_id(str(flux_dir))
-    assert "hub" in one_line(lambda: load_teacher("nobody-arcflow/no-such-model", local_files_only=True))
-    assert "multiples of 4" in one_line(lambda: load_teacher(str(flux_dir), height=30, width=32))
-    assert "torch dtype" in one_line(lambda: load_teacher(str(flux_dir), torch_dtype="float8", **OPTS))
+    assert "hub" in raises_one_line(lambda: load_teacher("nobody-arcflow/no-such-model", local_files_only=True))
+    assert "multiples of 4" in raises_one_line(lambda: load_teacher(str(flux_dir), height=30, width=32))
+    assert "torch dtype" in raises_one_line(lambda: load_teacher(str(flux_dir), torch_dtype="float8", **OPTS))
     from arcflow.pipeline.edit_inputs import edit_prompt
 
     flux = load_teacher(str(flux_dir), **OPTS)
-    assert "takes no reference images" in one_line(lambda: flux.encode_prompts([edit_prompt("x", [str(tmp_path)])]))
+    raises_one_line(lambda: flux.encode_prompts([edit_prompt("x", [str(tmp_path)])]), "takes no reference images")
     # A pipeline whose scheduler is not flow-matching Euler cannot be driven: one line naming it.
     from diffusers import DDIMScheduler
 
     flux.pipe.scheduler, euler = DDIMScheduler(), flux.pipe.scheduler
     try:
-        message = one_line(lambda: DiffusersTeacher(flux.pipe, teacher_id="x", revision="r", **OPTS))
+        message = raises_one_line(lambda: DiffusersTeacher(flux.pipe, teacher_id="x", revision="r", **OPTS))
     finally:
         flux.pipe.scheduler = euler
     assert "FluxPipeline" in message and "DDIMScheduler" in message
@@ -364,31 +356,24 @@ def test_qwen_image_run_loads_in_a_stock_pipeline(qwen, tmp_path):
 
 
 # ----- the CLI end to end on a saved pipeline directory ------------------------------------------
-def _arcflow(*args, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "arcflow.cli", *args]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(args[:1])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.mark.slow  # ~2 minutes: a local Ray cluster for generation and one for Ray Train
 def test_cli_end_to_end_on_a_tiny_flux_directory(flux_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car\na small house\n")
     ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    _arcflow("generate-trajectories", "--teacher", str(flux_dir), "--height", "32", "--width", "32",
+    run_arcflow("generate-trajectories", "--teacher", str(flux_dir), "--height", "32", "--width", "32",
              "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
-             "--out", str(ds), "--no-progress", cwd=tmp_path)
+             "--out", str(ds), "--no-progress", cwd=tmp_path, timeout=300)
     spec = json.loads((ds / "dataset.json").read_text())
     assert spec["latent_shape"] == [64, 16] if "latent_shape" in spec else True
     assert (ds / "index").is_dir()
-    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
-             "--no-progress", cwd=tmp_path)
+    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+             "--no-progress", cwd=tmp_path, timeout=300)
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["teacher_options"]["height"] == 32 and len(record["segment_sigmas"]) == 3
     assert (run / "pytorch_lora_weights.safetensors").is_file()
-    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
+    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path,
+                timeout=300)
     assert png.is_file()
 
 

@@ -11,12 +11,12 @@ import re
 import pytest
 import torch
 
-from arcflow.core.errors import ArcflowError
 from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.edit_inputs import edit_prompt, load_image
 from arcflow.pipeline.families import family_for
 from arcflow.pipeline.pipeline_capture import run_pipeline
+from cli_helpers import raises_one_line, run_arcflow
 from reference_sampling import reference_sample
 from tiny_flux_family import KLEIN_MAX_SEQUENCE_LENGTH, image, tiny_flux2_klein_pipeline
 
@@ -209,22 +209,15 @@ def test_klein_student_on_a_stock_pipeline(with_refs, ref_prompts, tmp_path):
 def test_what_klein_cannot_drive_is_one_line(klein, refs):
     from diffusers import FlowMatchHeunDiscreteScheduler
 
-    def one_line(fn):
-        with pytest.raises(ArcflowError) as info:
-            fn()
-        message = str(info.value)
-        assert "\n" not in message
-        return message
-
     pipe = tiny_flux2_klein_pipeline()
     pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
-    message = one_line(lambda: _teacher(pipe=pipe))
+    message = raises_one_line(lambda: _teacher(pipe=pipe))
     assert "Flux2KleinPipeline" in message and "FlowMatchHeunDiscreteScheduler" in message
-    assert "at least 64 px" in one_line(lambda: klein.encode_prompts([edit_prompt("a cat", refs[:1])]))
-    assert "no negative prompt" in one_line(lambda: _teacher(negative_prompt="blurry").encode_prompts(["a cat"]))
+    assert "at least 64 px" in raises_one_line(lambda: klein.encode_prompts([edit_prompt("a cat", refs[:1])]))
+    assert "no negative prompt" in raises_one_line(lambda: _teacher(negative_prompt="blurry").encode_prompts(["a cat"]))
     mixed = _teacher(64)
-    assert "changed shape" in one_line(lambda: mixed.encode_prompts(["a cat", edit_prompt("a dog", refs[:1])]))
-    assert "as many reference images" in one_line(
+    assert "changed shape" in raises_one_line(lambda: mixed.encode_prompts(["a cat", edit_prompt("a dog", refs[:1])]))
+    assert "as many reference images" in raises_one_line(
         lambda: _teacher(64).encode_prompts([edit_prompt("a cat", refs), edit_prompt("a dog", refs[:1])]))
 
 
@@ -234,7 +227,6 @@ def test_cli_end_to_end_on_a_tiny_klein_directory(with_refs, tmp_path):
     import json
 
     from tiny_flux_family import save_tiny_flux2_klein_pipeline
-    from test_diffusers_teachers import _arcflow
 
     pipe_dir = save_tiny_flux2_klein_pipeline(tmp_path / "klein")
     size = "64" if with_refs else "32"
@@ -250,14 +242,14 @@ def test_cli_end_to_end_on_a_tiny_klein_directory(with_refs, tmp_path):
         prompts.write_text("\n".join(TEXTS) + "\n")
         image_args = []
     ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    _arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", size, "--width", size,
+    run_arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", size, "--width", size,
              "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
              "--out", str(ds), "--no-progress", cwd=tmp_path)
-    _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
-    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+    run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
+    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
              "--no-progress", cwd=tmp_path)
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["teacher_options"]["height"] == int(size) and len(record["segment_sigmas"]) == 3
-    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", *image_args, "--num", "2", "--out", str(png),
+    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", *image_args, "--num", "2", "--out", str(png),
              cwd=tmp_path)
     assert png.is_file()

@@ -17,6 +17,7 @@ from arcflow.pipeline.edit_inputs import edit_prompt, load_image
 from arcflow.pipeline.families import FluxFamily, family_for
 from arcflow.pipeline.pipeline_capture import run_pipeline
 from arcflow.pipeline.recording import sample_teacher
+from cli_helpers import raises_one_line, run_arcflow
 from reference_sampling import reference_sample
 from tiny_flux_family import KONTEXT_TINY_CALL, image, tiny_flux_kontext_components, tiny_flux_kontext_pipeline
 from tiny_pipelines import T5_LENGTH
@@ -182,19 +183,12 @@ def test_kontext_student_on_a_stock_pipeline(kontext, prompts, refs, tmp_path):
 def test_what_kontext_cannot_drive_is_one_line(kontext, refs):
     from diffusers import FlowMatchHeunDiscreteScheduler
 
-    def one_line(fn):
-        with pytest.raises(ArcflowError) as info:
-            fn()
-        message = str(info.value)
-        assert "\n" not in message
-        return message
-
     pipe = tiny_flux_kontext_pipeline()
     pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
-    message = one_line(lambda: _teacher(pipe))
+    message = raises_one_line(lambda: _teacher(pipe))
     assert "FluxKontextPipeline" in message and "FlowMatchHeunDiscreteScheduler" in message
-    assert "exactly one reference image" in one_line(lambda: kontext.encode_prompts([edit_prompt("a cat", refs)]))
-    assert "edits images" in one_line(lambda: kontext.encode_prompts(["a cat"]))
+    raises_one_line(lambda: kontext.encode_prompts([edit_prompt("a cat", refs)]), "exactly one reference image")
+    assert "edits images" in raises_one_line(lambda: kontext.encode_prompts(["a cat"]))
 
 
 @pytest.mark.slow  # ~1-2 minutes: local Ray clusters for generation and for Ray Train
@@ -202,7 +196,6 @@ def test_cli_end_to_end_on_a_tiny_kontext_directory(tmp_path):
     import json
 
     from tiny_flux_family import save_tiny_flux_kontext_pipeline
-    from test_diffusers_teachers import _arcflow
 
     pipe_dir = save_tiny_flux_kontext_pipeline(tmp_path / "kontext")
     (tmp_path / "refs").mkdir()
@@ -211,14 +204,14 @@ def test_cli_end_to_end_on_a_tiny_kontext_directory(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t, "image": f"refs/r{i % 2}.png"}) + "\n" for i, t in enumerate(TEXTS)))
     ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    _arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", "32", "--width", "32",
+    run_arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", "32", "--width", "32",
              "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
              "--out", str(ds), "--no-progress", cwd=tmp_path)
-    _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
-    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+    run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
+    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
              "--no-progress", cwd=tmp_path)
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["teacher_options"]["height"] == 32 and len(record["segment_sigmas"]) == 3
-    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--image", str(tmp_path / "refs" / "r1.png"),
+    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--image", str(tmp_path / "refs" / "r1.png"),
              "--num", "2", "--out", str(png), cwd=tmp_path)
     assert png.is_file()

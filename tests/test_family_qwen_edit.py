@@ -22,6 +22,7 @@ from arcflow.pipeline.edit_inputs import edit_prompt, load_image
 from arcflow.pipeline.families import QwenImageEditPlusFamily, family_for
 from arcflow.pipeline.family_qwen_edit import area_dimensions
 from arcflow.pipeline.recording import sample_teacher
+from cli_helpers import raises_one_line, run_arcflow
 from reference_sampling import reference_sample
 from tiny_qwen_family import tiny_edit_plus_sizes, tiny_image, tiny_qwen_image_edit_plus_pipeline
 
@@ -177,14 +178,14 @@ def test_reference_images_of_any_size_give_the_same_token_count(teacher, images)
     # One image per prompt is a dataset of its own (other reference and text shapes); mixing is one line.
     single = teacher_from_pipeline(teacher.pipe, teacher_id="t1", revision="r", **OPTS)
     assert single.encode_prompts([edit_prompt("a cat", [images["c"]])])["reference_latents"].shape == (1, REF_TOKENS, 16)
-    _one_line(lambda: single.encode_prompts(odd), "changed shape")
+    raises_one_line(lambda: single.encode_prompts(odd), "changed shape")
     # Text length: the pipeline does not truncate; arcflow pads to 1024 by default, or to the
     # teacher's max_sequence_length and says so when the text is longer.
     default = teacher_from_pipeline(teacher.pipe, teacher_id="t", revision="r", height=HEIGHT, width=WIDTH)
     assert default.encode_prompts(odd)["encoder_hidden_states"].shape == (1, 1024, 32)
     short = teacher_from_pipeline(teacher.pipe, teacher_id="t", revision="r", height=HEIGHT, width=WIDTH,
                                   max_sequence_length=8)
-    _one_line(lambda: short.encode_prompts(odd), "max_sequence_length 8")
+    raises_one_line(lambda: short.encode_prompts(odd), "max_sequence_length 8")
 
 
 def test_student_in_the_stock_pipeline_equals_arcflows_sampler(teacher, prompts, tmp_path):
@@ -214,33 +215,26 @@ def test_student_in_the_stock_pipeline_equals_arcflows_sampler(teacher, prompts,
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
-def _one_line(fn, *needles):
-    with pytest.raises(ArcflowError) as info:
-        fn()
-    text = str(info.value)
-    assert "\n" not in text and all(n in text for n in needles), text
-    return text
-
-
 def test_undrivable_edit_pipelines_are_refused_in_one_line(teacher, images, tmp_path):
     from diffusers import FlowMatchHeunDiscreteScheduler, QwenImageTransformer2DModel
 
     pipe = edit_pipe()
     pipe.scheduler = FlowMatchHeunDiscreteScheduler()
-    _one_line(lambda: teacher_from_pipeline(pipe, **OPTS), "QwenImageEditPlusPipeline", "FlowMatchHeunDiscreteScheduler")
+    raises_one_line(lambda: teacher_from_pipeline(pipe, **OPTS), "QwenImageEditPlusPipeline",
+                    "FlowMatchHeunDiscreteScheduler")
     # Family-specific: a guidance-distilled transformer (the pipeline would need guidance_scale).
     pipe = edit_pipe()
     cfg = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     pipe.transformer = QwenImageTransformer2DModel(**{**cfg, "guidance_embeds": True})
-    _one_line(lambda: teacher_from_pipeline(pipe, **OPTS), "QwenImageEditPlusPipeline", "guidance_embeds")
+    raises_one_line(lambda: teacher_from_pipeline(pipe, **OPTS), "QwenImageEditPlusPipeline", "guidance_embeds")
     # The single-image QwenImageEditPipeline has no family yet.
-    _one_line(lambda: family_for("QwenImageEditPipeline"), "QwenImageEditPipeline", "no arcflow family")
+    raises_one_line(lambda: family_for("QwenImageEditPipeline"), "QwenImageEditPipeline", "no arcflow family")
     # Prompts without images, and images that do not open.
-    _one_line(lambda: teacher.encode_prompts(["a red cat"]), "QwenImageEditPlusPipeline", "every prompt needs")
+    raises_one_line(lambda: teacher.encode_prompts(["a red cat"]), "QwenImageEditPlusPipeline", "every prompt needs")
     (tmp_path / "bad.png").write_text("not an image")
-    _one_line(lambda: teacher.encode_prompts([edit_prompt("a cat", [str(tmp_path / "bad.png"), images["a"]])]),
+    raises_one_line(lambda: teacher.encode_prompts([edit_prompt("a cat", [str(tmp_path / "bad.png"), images["a"]])]),
               "cannot read image")
-    _one_line(lambda: teacher.encode_prompts([edit_prompt("a cat", [str(tmp_path / "missing.png")])]),
+    raises_one_line(lambda: teacher.encode_prompts([edit_prompt("a cat", [str(tmp_path / "missing.png")])]),
               "image not found")
 
 
@@ -279,18 +273,6 @@ sys.meta_path.insert(0, _Patch())
 '''
 
 
-def _arcflow(*args, cwd, pythonpath):
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(pythonpath))
-    result = subprocess.run([sys.executable, "-m", "arcflow.cli", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.mark.slow  # ~2 minutes: local Ray clusters for generation and training
 def test_cli_end_to_end_on_a_tiny_edit_plus_directory(tmp_path):
     import json
@@ -315,15 +297,15 @@ def test_cli_end_to_end_on_a_tiny_edit_plus_directory(tmp_path):
         {"prompt": "paint the sky blue", "image": ["refs/1.png", "refs/2.png"]},
     ]) + "\n")
     ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    _arcflow("generate-trajectories", "--teacher", str(directory), "--height", str(HEIGHT), "--width", str(WIDTH),
+    run_arcflow("generate-trajectories", "--teacher", str(directory), "--height", str(HEIGHT), "--width", str(WIDTH),
              "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
              "--out", str(ds), "--no-progress", cwd=tmp_path, pythonpath=path)
     spec = json.loads((ds / "dataset.json").read_text())
     assert "reference_latents" in json.dumps(spec["cond_spec"])
-    _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path, pythonpath=path)
-    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+    run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path, pythonpath=path)
+    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
              "--no-progress", cwd=tmp_path, pythonpath=path)
     assert (run / "pytorch_lora_weights.safetensors").is_file()
-    _arcflow("sample", "--adapter", str(run), "--prompt", "make the cat red", "--image", str(refs / "0.png"),
+    run_arcflow("sample", "--adapter", str(run), "--prompt", "make the cat red", "--image", str(refs / "0.png"),
              "--image", str(refs / "2.png"), "--num", "2", "--out", str(png), cwd=tmp_path, pythonpath=path)
     assert png.is_file()

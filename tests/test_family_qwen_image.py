@@ -19,12 +19,12 @@ import re
 import pytest
 import torch
 
-from arcflow.core.errors import ArcflowError
 from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.edit_inputs import edit_prompt
 from arcflow.pipeline.families import QwenImageFamily
 from arcflow.pipeline.recording import sample_teacher
+from cli_helpers import raises_one_line, run_arcflow
 from reference_sampling import reference_sample
 from tiny_qwen_family import save_tiny_qwen_image_te_pipeline, tiny_image, tiny_qwen_image_te_pipeline
 
@@ -177,14 +177,6 @@ def test_student_in_the_stock_pipeline_equals_arcflows_sampler(teacher, tmp_path
     assert images.shape == (2, 3, HEIGHT, WIDTH)
 
 
-def _one_line(fn, *needles):
-    with pytest.raises(ArcflowError) as info:
-        fn()
-    text = str(info.value)
-    assert "\n" not in text and all(n in text for n in needles), text
-    return text
-
-
 def test_undrivable_qwen_image_pipelines_are_refused_in_one_line(teacher, tmp_path):
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
@@ -193,42 +185,40 @@ def test_undrivable_qwen_image_pipelines_are_refused_in_one_line(teacher, tmp_pa
 
     pipe = qwen_pipe()
     pipe.scheduler = FlowMatchHeunDiscreteScheduler()
-    _one_line(wrap(pipe), "QwenImagePipeline", "FlowMatchHeunDiscreteScheduler")
+    raises_one_line(wrap(pipe), "QwenImagePipeline", "FlowMatchHeunDiscreteScheduler")
     pipe.scheduler = DPMSolverMultistepScheduler()
-    _one_line(wrap(pipe), "QwenImagePipeline", "DPMSolverMultistepScheduler")
+    raises_one_line(wrap(pipe), "QwenImagePipeline", "DPMSolverMultistepScheduler")
     pipe.scheduler = FlowMatchEulerDiscreteScheduler(**{**QWEN_IMAGE_SCHEDULER, "stochastic_sampling": True})
-    _one_line(wrap(pipe), "QwenImagePipeline", "stochastic")
+    raises_one_line(wrap(pipe), "QwenImagePipeline", "stochastic")
     pipe = qwen_pipe()
     pipe.transformer.proj_out = torch.nn.Sequential(pipe.transformer.proj_out)
-    _one_line(wrap(pipe), "QwenImagePipeline", "proj_out")
-    _one_line(lambda: teacher_from_pipeline(qwen_pipe(), height=30, width=48), "multiples of 4")
+    raises_one_line(wrap(pipe), "QwenImagePipeline", "proj_out")
+    raises_one_line(lambda: teacher_from_pipeline(qwen_pipe(), height=30, width=48), "multiples of 4")
     # A text-to-image pipeline takes no reference images.
     tiny_image(0).save(tmp_path / "ref.png")
-    _one_line(lambda: teacher.encode_prompts([edit_prompt("a cat", [str(tmp_path / "ref.png")])]),
+    raises_one_line(lambda: teacher.encode_prompts([edit_prompt("a cat", [str(tmp_path / "ref.png")])]),
               "QwenImagePipeline", "no reference images")
 
 
 @pytest.mark.slow  # ~2 minutes: local Ray clusters for generation and training
 def test_cli_end_to_end_on_a_tiny_qwen_image_directory(tmp_path):
-    from test_diffusers_teachers import _arcflow
-
     directory = save_tiny_qwen_image_te_pipeline(tmp_path / "pipe")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join([*PROMPTS, "a small house"]) + "\n")
     ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    _arcflow("generate-trajectories", "--teacher", str(directory), "--height", str(HEIGHT), "--width", str(WIDTH),
+    run_arcflow("generate-trajectories", "--teacher", str(directory), "--height", str(HEIGHT), "--width", str(WIDTH),
              "--num-samples", "4", "--steps", "4", "--guidance", "4.0", "--shard-size", "2",
              "--prompts", str(prompts), "--out", str(ds), "--no-progress", cwd=tmp_path)
     spec = json.loads((ds / "dataset.json").read_text())
     # Text padded to the pipeline's default max_sequence_length (512), with its mask.
     assert spec["cond_spec"]["encoder_hidden_states"]["shape"][-2:] == [512, 32], spec["cond_spec"]
     assert "encoder_hidden_states_mask" in spec["cond_spec"]
-    verified = _arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
+    verified = run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
     assert "damaged" not in verified.stdout.lower() or " 0 " in verified.stdout
-    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
              "--no-progress", cwd=tmp_path)
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["teacher_options"]["height"] == HEIGHT and record["teacher_options"]["width"] == WIDTH
     assert (run / "pytorch_lora_weights.safetensors").is_file()
-    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
+    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
     assert png.is_file()

@@ -9,9 +9,6 @@ pipeline with the ArcFlowScheduler exactly as arcflow's own sampler does.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from arcflow.distill.student import StudentConfig, build_student, load_student, 
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.families import FAMILIES, family_for_transformer
 from arcflow.pipeline.recording import sample_teacher
+from cli_helpers import run_arcflow
 from reference_sampling import reference_sample
 from tiny_sd3_zimage import SD3_T5_LENGTH, save_tiny_sd3_pipeline, tiny_sd3_pipeline
 
@@ -153,29 +151,21 @@ def test_sd3_with_another_scheduler_is_refused():
 
 
 # ----- the CLI end to end on a saved pipeline directory ------------------------------------------
-def _arcflow(*args, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, "-m", "arcflow.cli", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(args[:1])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.mark.slow  # local Ray clusters for generation and training
 def test_cli_end_to_end_on_a_tiny_sd3_directory(tmp_path):
     directory = save_tiny_sd3_pipeline(tmp_path / "pipe")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car\na small house\n")
     ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    _arcflow("generate-trajectories", "--teacher", str(directory), "--height", "32", "--width", "32",
+    run_arcflow("generate-trajectories", "--teacher", str(directory), "--height", "32", "--width", "32",
              "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
              "--guidance", "1.0", "--out", str(ds), "--no-progress", cwd=tmp_path)
     spec = json.loads((ds / "dataset.json").read_text())
     assert spec["latent_shape"] == [256, 4]
-    _arcflow("verify", str(ds), cwd=tmp_path)
-    _arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
+    run_arcflow("verify", str(ds), cwd=tmp_path)
+    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
              "--no-progress", cwd=tmp_path)
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["transformer_class"] == "SD3Transformer2DModel" and len(record["segment_sigmas"]) == 3
-    _arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
+    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
     assert png.is_file()
