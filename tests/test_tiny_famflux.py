@@ -12,12 +12,12 @@ from tiny_flux_family import (
     KLEIN_MAX_SEQUENCE_LENGTH,
     KONTEXT_TINY_CALL,
     image,
-    qwen_bpe_tokenizer,
     save_tiny_flux2_klein_pipeline,
     save_tiny_flux_kontext_pipeline,
     tiny_flux2_klein_pipeline,
     tiny_flux_kontext_pipeline,
 )
+from tiny_pipelines import qwen_bpe_tokenizer
 
 PROMPT = "a photo of a red cat on the sky"
 STEPS = 4

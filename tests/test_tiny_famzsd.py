@@ -13,12 +13,12 @@ import torch
 from tiny_sd3_zimage import (
     SD3_T5_LENGTH,
     Z_IMAGE_LENGTH,
-    qwen_word_tokenizer,
     save_tiny_sd3_pipeline,
     save_tiny_z_image_pipeline,
     tiny_sd3_pipeline,
     tiny_z_image_pipeline,
 )
+from tiny_pipelines import qwen_word_tokenizer
 
 FAMILIES = {
     # name: (builder, saver, pipeline class name, extra __call__ kwargs, guidance_scale that turns CFG off)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tiny_pipelines import FLUX_SCHEDULER_CONFIG, TEXT_DIM, WORDS, tiny_flux_components
+from tiny_pipelines import FLUX_SCHEDULER_CONFIG, TEXT_DIM, qwen_bpe_tokenizer, tiny_flux_components
 
 # Keyword arguments every tiny Kontext call needs so that height/width and the input image are not
 # rescaled to ~1 megapixel.
@@ -35,21 +35,6 @@ QWEN3_LAYERS = 28  # Flux2KleinPipeline reads hidden_states[9], [18], [27]
 QWEN3_HIDDEN = 16
 KLEIN_MAX_SEQUENCE_LENGTH = 32  # a fast value for tests; the pipeline default (512) works too
 LATENT_CHANNELS = 4
-
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-# A compact Qwen3-style template: user/assistant turns, and with ``enable_thinking=False`` the empty
-# think block that Qwen3's own template emits (Flux2KleinPipeline passes enable_thinking=False).
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
 
 
 def image(seed: int = 0, size: tuple[int, int] = (32, 32)):
@@ -91,40 +76,6 @@ def save_tiny_flux_kontext_pipeline(directory: str | os.PathLike, seed: int = 0)
 # --------------------------------------------------------------------------------------------------
 # FLUX.2 [klein]
 # --------------------------------------------------------------------------------------------------
-
-
-def qwen_bpe_tokenizer():
-    """A byte-level BPE ``Qwen2TokenizerFast`` (vocab: 256 bytes + merges learnt on :data:`WORDS` +
-    Qwen's special tokens), trained in memory with the ``tokenizers`` library, with a chat template."""
-    import json
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=256 + len(QWEN_SPECIALS) + 64,
-        special_tokens=QWEN_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = [" ".join(WORDS), *WORDS, *(f"a {w}" for w in WORDS), "user assistant"]
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tok = Qwen2TokenizerFast(
-        vocab=model["vocab"],
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN_SPECIALS[1:],
-        model_max_length=512,
-    )
-    tok.chat_template = QWEN3_CHAT_TEMPLATE
-    return tok
 
 
 def tiny_flux2_klein_components(seed: int = 0) -> dict[str, Any]:
@@ -187,7 +138,6 @@ __all__ = [
     "KONTEXT_TINY_CALL",
     "TEXT_DIM",
     "image",
-    "qwen_bpe_tokenizer",
     "save_tiny_flux2_klein_pipeline",
     "save_tiny_flux_kontext_pipeline",
     "tiny_flux2_klein_components",

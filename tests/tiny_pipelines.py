@@ -9,6 +9,10 @@ guidance embedding (like FLUX.1-dev) and FLUX.1-dev's scheduler config.
 ``tiny_qwen_image_pipeline()``: a ``QwenImagePipeline`` whose transformer and VAE are tiny and real,
 but WITHOUT a text encoder / tokenizer (Qwen2.5-VL plus its chat-template tokenizer is not built
 here); its teacher is driven with stored (synthetic) ``prompt_embeds``.
+
+The Qwen3 text pieces shared by tests/tiny_flux_family.py (FLUX.2 [klein]) and tests/tiny_sd3_zimage.py
+(Z-Image): Qwen's special tokens, a Qwen3-style chat template, and two tokenizers that use them
+(:func:`qwen_bpe_tokenizer`, byte-level BPE; :func:`qwen_word_tokenizer`, word-level).
 """
 
 from __future__ import annotations
@@ -60,6 +64,81 @@ def word_tokenizer(max_length: int, bos_eos: bool):
         eos_token="</s>",
         model_max_length=max_length,
     )
+
+
+# ----------------------------------------------------------- Qwen3 text (FLUX.2 [klein], Z-Image)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# A compact Qwen3-style template: user/assistant turns, and with ``enable_thinking=False`` the empty
+# think block that Qwen3's own template emits (Flux2KleinPipeline passes enable_thinking=False,
+# ZImagePipeline enable_thinking=True).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def qwen_bpe_tokenizer():
+    """A byte-level BPE ``Qwen2TokenizerFast`` (vocab: 256 bytes + merges learnt on :data:`WORDS` +
+    Qwen's special tokens), trained in memory with the ``tokenizers`` library, with a chat template."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + len(QWEN_SPECIALS) + 64,
+        special_tokens=QWEN_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [" ".join(WORDS), *WORDS, *(f"a {w}" for w in WORDS), "user assistant"]
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2TokenizerFast(
+        vocab=model["vocab"],
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN_SPECIALS[1:],
+        model_max_length=512,
+    )
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    return tok
+
+
+def qwen_word_tokenizer(max_length: int = 32):
+    """A word-level ``PreTrainedTokenizerFast`` over :data:`WORDS` with Qwen's special tokens and the chat
+    template (ZImagePipeline's tokenizer)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "user", "assistant", "system"] + list(WORDS)
+    vocab = {w: i for i, w in enumerate(QWEN_SPECIALS + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
 
 
 def tiny_flux_components(seed: int = 0) -> dict[str, Any]:

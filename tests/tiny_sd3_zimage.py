@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tiny_pipelines import WORDS, word_tokenizer
+from tiny_pipelines import WORDS, qwen_word_tokenizer, word_tokenizer
 
 # stabilityai/stable-diffusion-3.5-large (and -medium) scheduler/scheduler_config.json
 SD3_SCHEDULER_CONFIG: dict[str, Any] = dict(
@@ -42,20 +42,6 @@ SD3_CLIP_LENGTH = 16  # tokenizer.model_max_length = the pipeline's CLIP sequenc
 SD3_T5_LENGTH = 16  # pass as max_sequence_length (the pipeline default is 256)
 QWEN_DIM = 32  # cap_feat_dim
 Z_IMAGE_LENGTH = 32  # pass as max_sequence_length (the pipeline default is 512)
-
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-# Qwen3's template, reduced to what ZImagePipeline uses (one user message, generation prompt).
-QWEN3_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
-)
 
 
 def tiny_vae(seed: int, scaling_factor: float, shift_factor: float):
@@ -134,33 +120,11 @@ def save_tiny_sd3_pipeline(directory: str | os.PathLike, seed: int = 0) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- Z-Image
-def qwen_word_tokenizer(max_length: int = Z_IMAGE_LENGTH):
-    """A word-level ``PreTrainedTokenizerFast`` with Qwen's special tokens and a chat template."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "user", "assistant", "system"] + list(WORDS)
-    vocab = {w: i for i, w in enumerate(QWEN_SPECIALS + words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in QWEN_SPECIALS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        model_max_length=max_length,
-        padding_side="right",
-    )
-    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
-    return tokenizer
-
-
 def tiny_z_image_components(seed: int = 0) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    tokenizer = qwen_word_tokenizer()
+    tokenizer = qwen_word_tokenizer(Z_IMAGE_LENGTH)
     torch.manual_seed(seed)
     text_encoder = Qwen3Model(
         Qwen3Config(
