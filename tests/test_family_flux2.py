@@ -11,12 +11,13 @@ import re
 import pytest
 import torch
 
-from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
+from arcflow.distill.student import load_student
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.edit_inputs import edit_prompt, load_image
 from arcflow.pipeline.families import family_for
 from arcflow.pipeline.pipeline_capture import run_pipeline
-from cli_helpers import raises_one_line, run_arcflow
+from cli_helpers import raises_one_line
+from family_checks import assert_run_sampler_matches, cli_end_to_end, trained_student
 from reference_sampling import reference_sample
 from tiny_flux_family import KLEIN_MAX_SEQUENCE_LENGTH, image, tiny_flux2_klein_pipeline
 
@@ -174,17 +175,12 @@ def test_klein_student_on_a_stock_pipeline(with_refs, ref_prompts, tmp_path):
     size = 64 if with_refs else 32
     prompts = ref_prompts if with_refs else list(TEXTS)
     teacher = _teacher(size)
-    student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=2))
+    student = trained_student(teacher, tmp_path / "run", {"teacher_options": _opts(size)})
     wrapped = [n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A")]
     assert len(wrapped) == 7 and "proj_out" not in wrapped
     assert all(re.fullmatch(teacher.family.lora_targets, n) for n in wrapped)
     assert not any("to_qkv_mlp_proj" in n for n in wrapped)
     assert type(student.transformer.proj_out).__name__ == "MomentumHead"
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in student.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    save_student(student, tmp_path / "run", {"teacher_options": _opts(size)})
 
     reference_teacher = _teacher(size)
     cond = reference_teacher.encode_prompts(prompts)
@@ -195,12 +191,7 @@ def test_klein_student_on_a_stock_pipeline(with_refs, ref_prompts, tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(got, teacher.sample(prompts, SEEDS, 2, 1.0), atol=1e-3)
     # arcflow's own run sampler (what `arcflow sample --adapter` runs) cuts the reference tokens too.
-    from arcflow.distill.runs import sample_latents
-    from arcflow.distill.student import load_scheduler, read_student_config
-
-    scheduler = load_scheduler(tmp_path / "run", read_student_config(tmp_path / "run"), reference_teacher)
-    own = sample_latents(load_student(reference_teacher, tmp_path / "run"), scheduler, reference_teacher.noise(SEEDS), cond)
-    torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
+    assert_run_sampler_matches(reference_teacher, tmp_path / "run", reference_teacher.noise(SEEDS), cond, expected)
     if not with_refs:
         images = generator(TEXTS[0], output_type="pt").images
         assert images.shape == (1, 3, 32, 32)
@@ -241,15 +232,7 @@ def test_cli_end_to_end_on_a_tiny_klein_directory(with_refs, tmp_path):
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("\n".join(TEXTS) + "\n")
         image_args = []
-    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    run_arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", size, "--width", size,
-             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
-             "--out", str(ds), "--no-progress", cwd=tmp_path)
-    run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
-    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
-             "--no-progress", cwd=tmp_path)
+    ds, run, _ = cli_end_to_end(tmp_path, pipe_dir, prompts, size=(size, size),
+                                sample=("--prompt", "a red car", *image_args))
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["teacher_options"]["height"] == int(size) and len(record["segment_sigmas"]) == 3
-    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", *image_args, "--num", "2", "--out", str(png),
-             cwd=tmp_path)
-    assert png.is_file()

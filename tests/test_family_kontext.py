@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from arcflow.core.errors import ArcflowError
-from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
+from arcflow.distill.student import load_student
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.edit_inputs import edit_prompt, load_image
 from arcflow.pipeline.families import FluxFamily, family_for
 from arcflow.pipeline.pipeline_capture import run_pipeline
 from arcflow.pipeline.recording import sample_teacher
-from cli_helpers import raises_one_line, run_arcflow
+from cli_helpers import raises_one_line
+from family_checks import assert_run_sampler_matches, cli_end_to_end, trained_student
 from reference_sampling import reference_sample
 from tiny_flux_family import KONTEXT_TINY_CALL, image, tiny_flux_kontext_components, tiny_flux_kontext_pipeline
 from tiny_pipelines import T5_LENGTH
@@ -149,16 +150,11 @@ def test_kontext_true_cfg_without_guidance_embedding(refs, prompts):
 def test_kontext_student_on_a_stock_pipeline(kontext, prompts, refs, tmp_path):
     from arcflow.distill.interop import arcflow_pipeline
 
-    student = build_student(_teacher(), StudentConfig(momentum=True, k=4, lora_rank=2))
+    student = trained_student(_teacher(), tmp_path / "run", {"teacher_options": dict(OPTS)})
     wrapped = [n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A")]
     assert len(wrapped) == 8 and "proj_out" not in wrapped
     assert all(re.fullmatch(kontext.family.lora_targets, n) for n in wrapped)
     assert type(student.transformer.proj_out).__name__ == "MomentumHead"
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in student.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    save_student(student, tmp_path / "run", {"teacher_options": dict(OPTS)})
 
     reference_teacher = _teacher()
     cond = reference_teacher.encode_prompts(prompts)
@@ -169,12 +165,7 @@ def test_kontext_student_on_a_stock_pipeline(kontext, prompts, refs, tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(got, kontext.sample(prompts, SEEDS, 2), atol=1e-3)
     # arcflow's own run sampler (what `arcflow sample --adapter` runs) cuts the reference tokens too.
-    from arcflow.distill.runs import sample_latents
-    from arcflow.distill.student import load_scheduler, read_student_config
-
-    scheduler = load_scheduler(tmp_path / "run", read_student_config(tmp_path / "run"), reference_teacher)
-    own = sample_latents(load_student(reference_teacher, tmp_path / "run"), scheduler, reference_teacher.noise(SEEDS), cond)
-    torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
+    assert_run_sampler_matches(reference_teacher, tmp_path / "run", reference_teacher.noise(SEEDS), cond, expected)
     # Calling the wrapper keeps the run's size (max_area / _auto_resize come with the call defaults).
     images = generator(TEXTS[1], image=load_image(refs[1]), output_type="pt").images
     assert images.shape == (1, 3, 32, 32)
@@ -203,15 +194,7 @@ def test_cli_end_to_end_on_a_tiny_kontext_directory(tmp_path):
         image(i, (40, 48)).save(tmp_path / "refs" / f"r{i}.png")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t, "image": f"refs/r{i % 2}.png"}) + "\n" for i, t in enumerate(TEXTS)))
-    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    run_arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", "32", "--width", "32",
-             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
-             "--out", str(ds), "--no-progress", cwd=tmp_path)
-    run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
-    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
-             "--no-progress", cwd=tmp_path)
+    ds, run, _ = cli_end_to_end(tmp_path, pipe_dir, prompts,
+                                sample=("--prompt", "a red car", "--image", str(tmp_path / "refs" / "r1.png")))
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["teacher_options"]["height"] == 32 and len(record["segment_sigmas"]) == 3
-    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--image", str(tmp_path / "refs" / "r1.png"),
-             "--num", "2", "--out", str(png), cwd=tmp_path)
-    assert png.is_file()

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from arcflow.core.errors import ArcflowError
-from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
+from arcflow.distill.student import load_student
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.edit_inputs import edit_prompt, load_image
 from arcflow.pipeline.families import QwenImageEditPlusFamily, family_for
 from arcflow.pipeline.family_qwen_edit import area_dimensions
 from arcflow.pipeline.recording import sample_teacher
-from cli_helpers import raises_one_line, run_arcflow
+from cli_helpers import raises_one_line
+from family_checks import assert_run_sampler_matches, cli_end_to_end, trained_student
 from reference_sampling import reference_sample
 from tiny_qwen_family import tiny_edit_plus_sizes, tiny_image, tiny_qwen_image_edit_plus_pipeline
 
@@ -191,15 +192,10 @@ def test_reference_images_of_any_size_give_the_same_token_count(teacher, images)
 def test_student_in_the_stock_pipeline_equals_arcflows_sampler(teacher, prompts, tmp_path):
     from arcflow.distill.interop import arcflow_pipeline
 
-    student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=2))
+    student = trained_student(teacher, tmp_path / "run", {"teacher_options": dict(OPTS)})
     wrapped = sorted(n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A"))
     assert len(wrapped) == 10 and all(re.fullmatch(QwenImageEditPlusFamily.lora_targets, n) for n in wrapped)
     assert not any(n.startswith(("proj_out", "norm_out")) for n in wrapped)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in student.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    save_student(student, tmp_path / "run", {"teacher_options": dict(OPTS)})
     cond, noise = teacher.encode_prompts(prompts), teacher.noise(SEEDS)
     expected = reference_sample(load_student(teacher, tmp_path / "run"), noise, cond, sigmas=teacher.sigmas(2))
     generator = arcflow_pipeline(edit_pipe(), tmp_path / "run")  # a fresh stock pipeline, edit prompts
@@ -207,12 +203,7 @@ def test_student_in_the_stock_pipeline_equals_arcflows_sampler(teacher, prompts,
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (got - teacher.sample(prompts, SEEDS, 2, 1.0)).abs().max() > 1e-3
     # `arcflow sample --adapter`'s loop (distill/runs.py) cuts the reference tokens off too.
-    from arcflow.distill.runs import sample_latents
-    from arcflow.distill.student import load_scheduler, read_student_config
-
-    scheduler = load_scheduler(tmp_path / "run", read_student_config(tmp_path / "run"), teacher)
-    ours = sample_latents(load_student(teacher, tmp_path / "run"), scheduler, noise, cond)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert_run_sampler_matches(teacher, tmp_path / "run", noise, cond, expected)
 
 
 def test_undrivable_edit_pipelines_are_refused_in_one_line(teacher, images, tmp_path):
@@ -296,16 +287,9 @@ def test_cli_end_to_end_on_a_tiny_edit_plus_directory(tmp_path):
         {"prompt": "a big house on the river", "image": ["refs/2.png", "refs/0.png"]},
         {"prompt": "paint the sky blue", "image": ["refs/1.png", "refs/2.png"]},
     ]) + "\n")
-    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    run_arcflow("generate-trajectories", "--teacher", str(directory), "--height", str(HEIGHT), "--width", str(WIDTH),
-             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
-             "--out", str(ds), "--no-progress", cwd=tmp_path, pythonpath=path)
+    ds, run, _ = cli_end_to_end(tmp_path, directory, prompts, size=(HEIGHT, WIDTH), pythonpath=path,
+                                sample=("--prompt", "make the cat red", "--image", str(refs / "0.png"),
+                                        "--image", str(refs / "2.png")))
     spec = json.loads((ds / "dataset.json").read_text())
     assert "reference_latents" in json.dumps(spec["cond_spec"])
-    run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path, pythonpath=path)
-    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
-             "--no-progress", cwd=tmp_path, pythonpath=path)
     assert (run / "pytorch_lora_weights.safetensors").is_file()
-    run_arcflow("sample", "--adapter", str(run), "--prompt", "make the cat red", "--image", str(refs / "0.png"),
-             "--image", str(refs / "2.png"), "--num", "2", "--out", str(png), cwd=tmp_path, pythonpath=path)
-    assert png.is_file()

@@ -19,12 +19,13 @@ import re
 import pytest
 import torch
 
-from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
+from arcflow.distill.student import load_student
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.edit_inputs import edit_prompt
 from arcflow.pipeline.families import QwenImageFamily
 from arcflow.pipeline.recording import sample_teacher
-from cli_helpers import raises_one_line, run_arcflow
+from cli_helpers import raises_one_line
+from family_checks import cli_end_to_end, trained_student
 from reference_sampling import reference_sample
 from tiny_qwen_family import save_tiny_qwen_image_te_pipeline, tiny_image, tiny_qwen_image_te_pipeline
 
@@ -147,20 +148,10 @@ def test_text_is_padded_so_prompts_of_any_length_and_batch_store_one_shape(teach
     assert default.encode_prompts(PROMPTS[:1])["encoder_hidden_states"].shape == (1, 512, 32)
 
 
-def _trained_run(teacher, out):
-    student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=2))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in student.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    save_student(student, out, {"teacher_options": dict(OPTS)})
-    return student
-
-
 def test_student_in_the_stock_pipeline_equals_arcflows_sampler(teacher, tmp_path):
     from arcflow.distill.interop import arcflow_pipeline
 
-    student = _trained_run(teacher, tmp_path / "run")
+    student = trained_student(teacher, tmp_path / "run", {"teacher_options": dict(OPTS)})
     # The family's default LoRA targets: the MLPs of every block and the timestep embedder, never the head.
     wrapped = sorted(n for n, m in student.transformer.named_modules() if hasattr(m, "lora_A"))
     assert student.config.lora_targets in (None, QwenImageFamily.lora_targets)
@@ -205,20 +196,13 @@ def test_cli_end_to_end_on_a_tiny_qwen_image_directory(tmp_path):
     directory = save_tiny_qwen_image_te_pipeline(tmp_path / "pipe")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join([*PROMPTS, "a small house"]) + "\n")
-    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    run_arcflow("generate-trajectories", "--teacher", str(directory), "--height", str(HEIGHT), "--width", str(WIDTH),
-             "--num-samples", "4", "--steps", "4", "--guidance", "4.0", "--shard-size", "2",
-             "--prompts", str(prompts), "--out", str(ds), "--no-progress", cwd=tmp_path)
+    ds, run, verified = cli_end_to_end(tmp_path, directory, prompts, size=(HEIGHT, WIDTH),
+                                       generate=("--guidance", "4.0"))
     spec = json.loads((ds / "dataset.json").read_text())
     # Text padded to the pipeline's default max_sequence_length (512), with its mask.
     assert spec["cond_spec"]["encoder_hidden_states"]["shape"][-2:] == [512, 32], spec["cond_spec"]
     assert "encoder_hidden_states_mask" in spec["cond_spec"]
-    verified = run_arcflow("verify", str(ds), "--no-progress", cwd=tmp_path)
     assert "damaged" not in verified.stdout.lower() or " 0 " in verified.stdout
-    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
-             "--no-progress", cwd=tmp_path)
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["teacher_options"]["height"] == HEIGHT and record["teacher_options"]["width"] == WIDTH
     assert (run / "pytorch_lora_weights.safetensors").is_file()
-    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
-    assert png.is_file()

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from arcflow.core.errors import ArcflowError
-from arcflow.distill.student import StudentConfig, build_student, load_student, save_student
+from arcflow.distill.student import StudentConfig, build_student, load_student
 from arcflow.pipeline.diffusers_teachers import teacher_from_pipeline
 from arcflow.pipeline.families import FAMILIES, family_for_transformer
 from arcflow.pipeline.recording import sample_teacher
-from cli_helpers import run_arcflow
+from family_checks import assert_run_sampler_matches, cli_end_to_end, trained_student
 from reference_sampling import reference_sample
 from tiny_sd3_zimage import SD3_T5_LENGTH, save_tiny_sd3_pipeline, tiny_sd3_pipeline
 
@@ -109,12 +109,8 @@ def test_sd3_student_head_is_per_pixel(sd3):
 def test_sd3_run_samples_in_the_stock_pipeline(sd3, tmp_path):
     from arcflow.distill.interop import arcflow_pipeline
 
-    student = build_student(sd3, StudentConfig(momentum=True, k=4, lora_rank=2))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in student.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    save_student(student, tmp_path / "run", {"teacher_options": dict(OPTS), "segment_sigmas": sd3.sigmas(2).tolist()})
+    record = {"teacher_options": dict(OPTS), "segment_sigmas": sd3.sigmas(2).tolist()}
+    student = trained_student(sd3, tmp_path / "run", record)
     scheduler = json.loads((tmp_path / "run" / "scheduler_config.json").read_text())
     assert scheduler["latent_layout"] == "channels_first" and scheduler["output_sign"] == 1
     cond, noise = sd3.encode_prompts(PROMPTS), sd3.noise([0, 1])
@@ -122,12 +118,7 @@ def test_sd3_run_samples_in_the_stock_pipeline(sd3, tmp_path):
     live = reference_sample(student, noise, cond, sigmas=sd3.sigmas(2))
     torch.testing.assert_close(expected, live, rtol=0, atol=0)
     # arcflow's own scheduler loop (`arcflow sample`) on the run's scheduler: the same samples.
-    from arcflow.distill.runs import sample_latents
-    from arcflow.distill.student import load_scheduler, read_student_config
-
-    run = tmp_path / "run"
-    own = sample_latents(load_student(sd3, run), load_scheduler(run, read_student_config(run), sd3), noise, cond)
-    torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
+    assert_run_sampler_matches(sd3, tmp_path / "run", noise, cond, expected)
     generator = arcflow_pipeline(_pipe(), tmp_path / "run")
     torch.testing.assert_close(generator.latents(PROMPTS, [0, 1]), expected, rtol=0, atol=1e-5)
     images = generator(PROMPTS, output_type="pt").images  # the stock __call__ with the run's defaults
@@ -156,16 +147,8 @@ def test_cli_end_to_end_on_a_tiny_sd3_directory(tmp_path):
     directory = save_tiny_sd3_pipeline(tmp_path / "pipe")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red car\na small house\n")
-    ds, run, png = tmp_path / "ds", tmp_path / "run", tmp_path / "x.png"
-    run_arcflow("generate-trajectories", "--teacher", str(directory), "--height", "32", "--width", "32",
-             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts),
-             "--guidance", "1.0", "--out", str(ds), "--no-progress", cwd=tmp_path)
+    ds, run, _ = cli_end_to_end(tmp_path, directory, prompts, generate=("--guidance", "1.0"))
     spec = json.loads((ds / "dataset.json").read_text())
     assert spec["latent_shape"] == [256, 4]
-    run_arcflow("verify", str(ds), cwd=tmp_path)
-    run_arcflow("distill", str(ds), "--out", str(run), "--iters", "3", "--batch-size", "2", "--checkpoint-every", "3",
-             "--no-progress", cwd=tmp_path)
     record = json.loads((run / "arcflow_config.json").read_text())
     assert record["transformer_class"] == "SD3Transformer2DModel" and len(record["segment_sigmas"]) == 3
-    run_arcflow("sample", "--adapter", str(run), "--prompt", "a red car", "--num", "2", "--out", str(png), cwd=tmp_path)
-    assert png.is_file()
