@@ -200,6 +200,10 @@ def test_v1_fixture_still_reads_streams_and_verifies(tmp_path):
         create_or_open_dataset(str(copy), make_spec(), resume=True)
 
 
+# ~65 s of CLI runs; by default its parts run in test_dataset_trust (verify finds each damage, repair
+# uncommits exactly that shard), test_hardening (resume rewrites a damaged shard identically) and
+# test_format_v2's reader checks (a damaged chunk is one line).
+@pytest.mark.slow
 def test_verify_repair_and_resume_equal_an_undamaged_run(tmp_path):
     args = ["--num-samples", "6", "--steps", "6", "--shard-size", "3", "--batch-size", "3", "--no-progress"]
     clean, ds = tmp_path / "clean", tmp_path / "ds"
