@@ -129,3 +129,13 @@ def test_cli_end_to_end_on_a_saved_dummy_pipeline(name, tmp_path):
     assert png.is_file()
     spec = json.loads((ds / "dataset.json").read_text())
     assert ("reference_latents" in json.dumps(spec["cond_spec"])) == bool(refs)
+
+
+def test_a_klein_text_encoder_too_shallow_for_the_default_layers_is_refused_in_one_line():
+    """diffusers' klein dummy (2 Qwen3 layers) cannot run with __call__'s default text_encoder_out_layers
+    (9, 18, 27): arcflow says so in one line instead of an IndexError from inside the pipeline."""
+    from cli_helpers import raises_one_line
+
+    pipe = DUMMY_CASES["Flux2KleinPipeline"].build()
+    raises_one_line(lambda: teacher_from_pipeline(pipe, teacher_id="dummy-klein", revision="r", height=16, width=16),
+                    "Flux2KleinPipeline", "2 layers", "text_encoder_out_layers")
