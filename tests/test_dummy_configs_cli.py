@@ -85,6 +85,26 @@ def test_teacher_reproduces_the_dummy_pipeline(name, tmp_path, one_thread):
     torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [n for n in DUMMY_CASES if n != "Flux2KleinPipeline"])
+def test_a_momentum_student_runs_on_the_dummy_transformer(name, tmp_path, one_thread):
+    """The student's transformer (LoRA + momentum head) runs on each dummy config: e.g. SD3's patch size 1,
+    where the transformer un-patchifies with its out_channels although the head covers one position."""
+    from arcflow.distill.student import StudentConfig, build_student
+
+    case = DUMMY_CASES[name]
+    with _sizes(name):
+        teacher = teacher_from_pipeline(case.build(), teacher_id=f"dummy-{name}", revision="r", height=case.size,
+                                        width=case.size)
+        prompts = [edit_prompt(t, _references(case, tmp_path / "refs")) for t in TEXTS]
+        cond = teacher.encode_prompts(prompts)
+    student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=2))
+    with torch.no_grad():
+        params = student(teacher.noise(SEEDS), torch.ones(2), cond)
+    tokens, channels = teacher.latent_shape
+    assert params.velocities.shape[:3] == (2, 4, channels) and params.velocities.shape[-1] == tokens
+    assert torch.isfinite(params.velocities).all()
+
+
 # ----- the CLI end to end on the saved dummy pipelines -------------------------------------------
 def _site(tmp_path: Path) -> list[str]:
     """PYTHONPATH for the CLI and its Ray workers: the EditPlus size patch (tests/test_family_qwen_edit.py's
