@@ -49,6 +49,21 @@ class Flux2KleinFamily(Family):
     shared_args = ("txt_ids", "img_ids")
     images_optional = True
 
+    def undrivable(self, pipe: Any) -> Optional[str]:
+        """A text encoder too shallow for the hidden states ``__call__`` stacks by default
+        (``text_encoder_out_layers``, (9, 18, 27)): arcflow passes no other layers."""
+        import inspect
+
+        encoder = getattr(pipe, "text_encoder", None)
+        param = inspect.signature(type(pipe).__call__).parameters.get("text_encoder_out_layers")
+        layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+        if encoder is None or param is None or not isinstance(layers, int) or not param.default:
+            return None
+        if layers < max(param.default):
+            return (f"its text encoder has {layers} layers, and __call__ stacks hidden states "
+                    f"{tuple(param.default)} (text_encoder_out_layers), which arcflow does not change")
+        return None
+
     # ----- guidance ----------------------------------------------------------------------------
     def embedded_guidance(self, pipe: Any) -> bool:
         return False

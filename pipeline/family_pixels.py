@@ -58,7 +58,7 @@ class PixelFamily(Family):
     def tokens(self, latents: Tensor, grid: tuple[int, int]) -> Tensor:
         return to_tokens(latents)
 
-    def to_pipeline_latents(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    def to_pipeline_latents(self, x: Tensor, grid: tuple[int, int], pipe: Any = None) -> Tensor:
         return from_tokens(x, grid)
 
     def latents_argument(self, x: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -26,12 +26,15 @@ class HeadSpec:
     ``path``: dotted module path of the output projection it replaces; ``positions``: output
     positions per token the projection covers (``p*p`` where the transformer un-patchifies after
     it, with its ``out_channels``; 1 where it returns packed tokens); ``sign``: +1, or -1 where the
-    pipeline's velocity is the negated transformer output (the head predicts the velocity).
+    pipeline's velocity is the negated transformer output (the head predicts the velocity);
+    ``unpatchifies``: the transformer reshapes the projection's output with its ``out_channels``
+    (channels-first families, whatever ``p``: SD3 with patch size 1 too).
     """
 
     path: str = HEAD_ATTRIBUTE
     positions: int = 1
     sign: int = 1
+    unpatchifies: bool = False
 
 
 @dataclass

@@ -30,7 +30,8 @@ def head_spec(transformer: nn.Module) -> HeadSpec:
     family = family_for_transformer(transformer_class_name(transformer))
     if family is None:
         return HeadSpec()
-    return HeadSpec(family.head_module, int(family.head_positions(transformer)), int(family.output_sign))
+    return HeadSpec(family.head_module, int(family.head_positions(transformer)), int(family.output_sign),
+                    family.latent_layout == "channels_first")
 
 
 def get_head(transformer: nn.Module, path: str) -> Any:
@@ -50,17 +51,18 @@ def _sync_out_channels(path: str, channels: int, module: nn.Module, args: Any) -
 
 def set_head(transformer: nn.Module, spec: HeadSpec, module: nn.Module) -> nn.Module:
     """Put ``module`` at ``spec.path``; returns what was there. A transformer that un-patchifies
-    after its projection (``spec.positions > 1``) gets a pre-hook (once) keeping its
-    ``out_channels`` in step with whichever module is there."""
+    after its projection (``spec.unpatchifies``, or ``spec.positions > 1``) gets a pre-hook (once)
+    keeping its ``out_channels`` in step with whichever module is there."""
     parent, _, leaf = spec.path.rpartition(".")
     owner = transformer.get_submodule(parent) if parent else transformer
     previous = getattr(owner, leaf)
-    if spec.positions > 1 and not getattr(transformer, _SYNC_FLAG, None):
+    unpatchifies = spec.unpatchifies or spec.positions > 1
+    if unpatchifies and not getattr(transformer, _SYNC_FLAG, None):
         original = previous.out_features // spec.positions
         transformer.register_forward_pre_hook(functools.partial(_sync_out_channels, spec.path, original))
         setattr(transformer, _SYNC_FLAG, original)
     setattr(owner, leaf, module)
-    if spec.positions > 1:
+    if unpatchifies:
         _sync_out_channels(spec.path, getattr(transformer, _SYNC_FLAG), transformer, ())
     return previous
 
