@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -38,12 +38,16 @@ def generate_trajectories_command(
     width: Optional[int] = typer.Option(None, "--width", min=16, max=16_384, help="Image width in pixels (diffusers teachers; default: the pipeline's, 1024)."),
     torch_dtype: Optional[str] = typer.Option(None, "--torch-dtype", help="Teacher weights dtype: bfloat16|float16|float32 (diffusers teachers)."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device for the teacher (default: cuda when the worker has a GPU, else cpu)."),
+    call_option: Optional[List[str]] = typer.Option(
+        None, "--call-option", help="KEY=VALUE (repeatable): a further argument of the pipeline's __call__ on every call, VALUE as JSON (e.g. text_encoder_out_layers=[1]); diffusers teachers."
+    ),
 ) -> None:
     """Run the teacher sampler on Ray and write (x_t, t, velocity) trajectories as Zarr + Parquet shards."""
     from arcflow.pipeline.generate import generate_trajectories
     from arcflow.pipeline.generation_config import GenerationConfig
 
-    teacher_options = _teacher_options(teacher, height=height, width=width, torch_dtype=torch_dtype, device=device)
+    teacher_options = _teacher_options(teacher, height=height, width=width, torch_dtype=torch_dtype, device=device,
+                                       call_options=parse_call_options(call_option))
     config = GenerationConfig(
         out=out,
         teacher=teacher,
@@ -72,6 +76,22 @@ def generate_trajectories_command(
     )
 
 
+def parse_call_options(values: Optional[List[str]]) -> Optional[dict]:
+    """``--call-option KEY=VALUE`` flags as a dict (VALUE parsed as JSON, else kept as a string)."""
+    if not values:
+        return None
+    options: dict = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ArcflowError(f"--call-option expects KEY=VALUE, got {quote(item)}")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = raw
+    return options
+
+
 def _teacher_options(teacher: str, **given: object) -> dict:
     """The non-None options, as ``GenerationConfig.teacher_options``; diffusers-only ones are refused
     for embedded teachers."""
@@ -80,7 +100,7 @@ def _teacher_options(teacher: str, **given: object) -> dict:
     options = {k: v for k, v in given.items() if v is not None}
     misplaced = [k for k in options if k in DIFFUSERS_OPTIONS and not is_diffusers_teacher(teacher)]
     if misplaced:
-        flags = ", ".join("--" + k.replace("_", "-") for k in misplaced)
+        flags = ", ".join("--" + k.replace("_", "-").removesuffix("s" if k == "call_options" else "") for k in misplaced)
         raise ArcflowError(f"{flags} apply to diffusers teachers only, not to {quote(teacher)}")
     if "torch_dtype" in options:
         from arcflow.pipeline.diffusers_teachers import resolve_torch_dtype

@@ -7,7 +7,7 @@ the flags a user actually gives are passed on, over ``--preset``'s values (disti
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -19,7 +19,7 @@ D, S = DistillConfig, StudentConfig
 #: CLI parameter name -> DistillConfig / StudentConfig field (where they differ).
 _FIELD = {"from_run": "from_run"}
 #: Parameters that are not settings.
-_NOT_SETTINGS = ("preset", "height", "width", "torch_dtype")
+_NOT_SETTINGS = ("preset", "height", "width", "torch_dtype", "call_option")
 
 
 def distill_command(
@@ -53,6 +53,9 @@ def distill_command(
     height: Optional[int] = typer.Option(None, "--height", help="On-policy diffusers teacher: image height."),
     width: Optional[int] = typer.Option(None, "--width", help="On-policy diffusers teacher: image width."),
     torch_dtype: Optional[str] = typer.Option(None, "--torch-dtype", help="On-policy diffusers teacher: weights dtype (bfloat16, ...)."),
+    call_option: Optional[List[str]] = typer.Option(
+        None, "--call-option", help="On-policy diffusers teacher: KEY=VALUE (repeatable), a further __call__ argument, VALUE as JSON."
+    ),
     nfe: int = typer.Option(S.nfe, "--nfe", help="Network evaluations (segments) of the student: equal raw-time segments, anywhere on the recorded schedule."),
     k: int = typer.Option(S.k, "--k", help="Momentum components per token (1 = linear-shortcut baseline)."),
     momentum: bool = typer.Option(
@@ -128,7 +131,11 @@ def explicit_settings(ctx: typer.Context) -> dict[str, object]:
         for name, value in ctx.params.items()
         if name not in _NOT_SETTINGS and _given(ctx, name)
     }
+    from .dataset_commands import parse_call_options
+
     options = {name: ctx.params[name] for name in ("height", "width", "torch_dtype") if ctx.params.get(name) is not None}
+    if ctx.params.get("call_option"):
+        options["call_options"] = parse_call_options(ctx.params["call_option"])
     if options:
         given["teacher_options"] = options
     return given

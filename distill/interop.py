@@ -89,6 +89,7 @@ class ArcFlowPipeline:
             **teacher.family.extra_call_kwargs(self.pipe, teacher.height, teacher.width),
         }
         defaults.update(optional_kwargs(self.pipe, {"max_sequence_length": teacher.max_sequence_length}))
+        defaults.update(teacher.call_options)
         return defaults
 
     @property

@@ -15,6 +15,7 @@ Options (``load_teacher(id, **options)`` / ``GenerationConfig.teacher_options``)
 (used when a caller does not pass one, e.g. the student), ``negative_prompt`` (default ""),
 ``max_sequence_length``, ``text_encoders`` (False: do not load them; the student never needs
 them), ``conditioning_layout`` (how stored conditioning replays; datasets record it),
+``call_options`` (more ``__call__`` arguments passed on every call, JSON values),
 ``revision`` (hub revision), ``local_files_only``.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -129,12 +131,14 @@ class DiffusersTeacher(Teacher):
         negative_prompt: str = "",
         max_sequence_length: Optional[int] = None,
         conditioning_layout: Optional[Layout] = None,
+        call_options: Optional[Mapping[str, Any]] = None,
         family: Optional[Family] = None,
     ) -> None:
         self.pipe = pipe
         self.pipeline_class = type(pipe).__name__
         self.family = family or family_for(self.pipeline_class)
-        check_drivable(pipe, self.family)
+        self.call_options = check_call_options(pipe, call_options)
+        check_drivable(pipe, self.family, self.call_options)
         self.teacher_id = teacher_id
         self.revision = revision
         default = self.family.default_size(pipe)
@@ -224,6 +228,7 @@ class DiffusersTeacher(Teacher):
         if images:
             extra["image"] = self.family.prepare_images([load_image(p) for p in images], self.height, self.width)
         kwargs.update(optional_kwargs(self.pipe, extra))
+        kwargs.update(self.call_options)
         if "negative_prompt_embeds" in kwargs:  # a subclass passing embeddings sets the negative too
             kwargs.pop("negative_prompt", None)
         return self.family.complete_call(kwargs, len(texts))
@@ -453,7 +458,36 @@ class DiffusersTeacher(Teacher):
         }
 
 
-def check_drivable(pipe: Any, family: Family) -> None:
+#: ``__call__`` arguments arcflow sets itself; ``call_options`` may not override them.
+ARCFLOW_CALL_ARGUMENTS = frozenset({
+    "prompt", "prompt_2", "prompt_3", "image", "height", "width", "num_inference_steps", "sigmas", "latents",
+    "output_type", "return_dict", "generator", "num_images_per_prompt", "guidance_scale", "true_cfg_scale",
+    "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "callback_on_step_end", "max_area", "_auto_resize",
+})
+
+
+def check_call_options(pipe: Any, options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``call_options``: further ``__call__`` arguments (JSON values) arcflow passes on every call of
+    the pipeline, e.g. FLUX.2's ``text_encoder_out_layers``. ``ArcflowError`` (one line) for one the
+    pipeline does not take or that arcflow sets itself."""
+    if not options:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ArcflowError(f"call_options must be a mapping of __call__ arguments, got {type(options).__name__}")
+    params = inspect.signature(type(pipe).__call__).parameters
+    for key, value in options.items():
+        if key not in params:
+            raise ArcflowError(f"--call-option {key}: {type(pipe).__name__}.__call__ takes no such argument")
+        if key in ARCFLOW_CALL_ARGUMENTS:
+            raise ArcflowError(f"--call-option {key}: arcflow sets this argument itself")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ArcflowError(f"--call-option {key}: the value must be JSON (a number, string, list, ...)") from None
+    return dict(options)
+
+
+def check_drivable(pipe: Any, family: Family, call_options: Optional[Mapping[str, Any]] = None) -> None:
     """``ArcflowError`` naming the class unless arcflow can drive ``pipe``: a deterministic
     flow-matching Euler scheduler and a linear output projection where the family expects it."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -475,7 +509,7 @@ def check_drivable(pipe: Any, family: Family) -> None:
     if not isinstance(head, nn.Linear) and type(head).__name__ != "MomentumHead":
         raise ArcflowError(f"arcflow cannot drive a {name}: its transformer has no linear output projection "
                            f"{family.head_module!r} to replace")
-    reason = family.undrivable(pipe)
+    reason = family.undrivable(pipe, dict(call_options or {}))
     if reason:
         raise ArcflowError(f"arcflow cannot drive a {name}: {reason}")
 
@@ -521,6 +555,7 @@ def load_diffusers_teacher(
     max_sequence_length: Optional[int] = None,
     text_encoders: bool = True,
     conditioning_layout: Optional[Layout] = None,
+    call_options: Optional[Mapping[str, Any]] = None,
     revision: Optional[str] = None,
     local_files_only: bool = False,
 ) -> DiffusersTeacher:
@@ -557,4 +592,5 @@ def load_diffusers_teacher(
         negative_prompt=negative_prompt,
         max_sequence_length=max_sequence_length,
         conditioning_layout=conditioning_layout,
+        call_options=call_options,
     )

@@ -96,8 +96,9 @@ class Family:
     #: Most prompts one ``__call__`` takes (None: any number; the teacher splits larger groups).
     max_prompts_per_call: Optional[int] = None
 
-    def undrivable(self, pipe: Any) -> Optional[str]:
-        """Why this family cannot drive ``pipe`` beyond the generic checks (None: it can)."""
+    def undrivable(self, pipe: Any, call_options: dict[str, Any]) -> Optional[str]:
+        """Why this family cannot drive ``pipe`` called with ``call_options`` beyond the generic
+        checks (None: it can)."""
         return None
 
     # ----- guidance ----------------------------------------------------------------------------

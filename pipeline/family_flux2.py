@@ -49,19 +49,20 @@ class Flux2KleinFamily(Family):
     shared_args = ("txt_ids", "img_ids")
     images_optional = True
 
-    def undrivable(self, pipe: Any) -> Optional[str]:
-        """A text encoder too shallow for the hidden states ``__call__`` stacks by default
-        (``text_encoder_out_layers``, (9, 18, 27)): arcflow passes no other layers."""
+    def undrivable(self, pipe: Any, call_options: dict[str, Any]) -> Optional[str]:
+        """A text encoder too shallow for the hidden states ``__call__`` stacks
+        (``text_encoder_out_layers``: the call option if given, else the default (9, 18, 27))."""
         import inspect
 
         encoder = getattr(pipe, "text_encoder", None)
         param = inspect.signature(type(pipe).__call__).parameters.get("text_encoder_out_layers")
         layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
-        if encoder is None or param is None or not isinstance(layers, int) or not param.default:
+        if encoder is None or param is None or not isinstance(layers, int):
             return None
-        if layers < max(param.default):
-            return (f"its text encoder has {layers} layers, and __call__ stacks hidden states "
-                    f"{tuple(param.default)} (text_encoder_out_layers), which arcflow does not change")
+        stacked = tuple(call_options.get("text_encoder_out_layers") or param.default or ())
+        if stacked and layers < max(stacked):
+            return (f"its text encoder has {layers} layers, and __call__ stacks hidden states {stacked} "
+                    "(text_encoder_out_layers; set others with --call-option text_encoder_out_layers=[...])")
         return None
 
     # ----- guidance ----------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class QwenImageEditPlusFamily(QwenImageFamily):
     def legacy_layout(self, teacher: Any, cond: Any) -> Optional[dict[str, dict[str, Any]]]:
         return None  # no edit dataset predates recorded layouts
 
-    def undrivable(self, pipe: Any) -> Optional[str]:
+    def undrivable(self, pipe: Any, call_options: dict[str, Any]) -> Optional[str]:
         if pipe.transformer.config.get("guidance_embeds", False):
             return "its transformer embeds guidance (guidance_embeds), which the Qwen-Image families do not drive"
         return None

@@ -78,7 +78,7 @@ def is_diffusers_teacher(teacher_id: str) -> bool:
 
 #: ``teacher_options`` that only diffusers teachers understand.
 DIFFUSERS_OPTIONS = ("height", "width", "torch_dtype", "guidance", "negative_prompt", "max_sequence_length",
-                     "conditioning_layout")
+                     "conditioning_layout", "call_options")
 
 
 def teacher_options_for_dataset(spec: Any, text_encoders: bool = False) -> dict[str, Any]:

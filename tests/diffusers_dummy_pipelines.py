@@ -309,13 +309,18 @@ class DummyCase:
     one_prompt_per_call: bool = False
     #: The pipeline wants one negative prompt per prompt (a list), not one string (Z-Image).
     negative_per_prompt: bool = False
+    #: arcflow's ``call_options`` teacher option (``--call-option``): further ``__call__`` arguments.
+    call_options: dict[str, Any] = field(default_factory=dict)
 
 
 DUMMY_CASES: dict[str, DummyCase] = {
     "FluxPipeline": DummyCase("FluxPipeline", flux_pipeline, 16, call=dict(true_cfg_scale=1.0)),
     "FluxKontextPipeline": DummyCase("FluxKontextPipeline", flux_kontext_pipeline, 16, images=1,
                                      call=dict(true_cfg_scale=1.0, max_area=16 * 16, _auto_resize=False)),
-    "Flux2KleinPipeline": DummyCase("Flux2KleinPipeline", flux2_klein_pipeline, 16, call=dict(guidance_scale=4.0)),
+    # diffusers' klein test passes text_encoder_out_layers=(1,): its 2-layer text encoder has no layer 27.
+    "Flux2KleinPipeline": DummyCase("Flux2KleinPipeline", flux2_klein_pipeline, 16,
+                                    call=dict(guidance_scale=4.0, text_encoder_out_layers=(1,)),
+                                    call_options={"text_encoder_out_layers": [1]}),
     "QwenImagePipeline": DummyCase("QwenImagePipeline", qwen_image_pipeline, 32,
                                    call=dict(true_cfg_scale=4.0, negative_prompt="")),
     "QwenImageEditPlusPipeline": DummyCase("QwenImageEditPlusPipeline", qwen_image_edit_plus_pipeline, 32, images=2,

@@ -27,15 +27,10 @@ TEXTS = ["a photo of a cat", "a red car on the river"]
 SEEDS = [3, 11]
 STEPS = 2
 TESTS_DIR = str(Path(__file__).parent)
-#: FLUX.2 [klein]'s dummy text encoder needs text_encoder_out_layers=(1,) (diffusers_dummy_pipelines' docstring).
-KLEIN_REASON = ("diffusers' Flux2KleinPipeline dummy text encoder (2 Qwen3 layers, width 16) needs "
-                "text_encoder_out_layers=(1,), which arcflow has no option to pass")
 
 
 def _cases():
-    for name in DUMMY_CASES:
-        marks = [pytest.mark.xfail(reason=KLEIN_REASON, strict=True)] if name == "Flux2KleinPipeline" else []
-        yield pytest.param(name, id=name, marks=marks)
+    return [pytest.param(name, id=name) for name in DUMMY_CASES]
 
 
 def _sizes(name: str):
@@ -76,7 +71,7 @@ def test_teacher_reproduces_the_dummy_pipeline(name, tmp_path, one_thread):
         pipe = case.build()
         pipe.set_progress_bar_config(disable=True)
         teacher = teacher_from_pipeline(pipe, teacher_id=f"dummy-{name}", revision="r", height=case.size,
-                                        width=case.size)
+                                        width=case.size, call_options=case.call_options)
         refs = _references(case, tmp_path / "refs")
         prompts = [edit_prompt(t, refs) for t in TEXTS]
         got = sample_teacher(teacher, prompts, SEEDS, STEPS)
@@ -85,7 +80,7 @@ def test_teacher_reproduces_the_dummy_pipeline(name, tmp_path, one_thread):
     torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [n for n in DUMMY_CASES if n != "Flux2KleinPipeline"])
+@pytest.mark.parametrize("name", list(DUMMY_CASES))
 def test_a_momentum_student_runs_on_the_dummy_transformer(name, tmp_path, one_thread):
     """The student's transformer (LoRA + momentum head) runs on each dummy config: e.g. SD3's patch size 1,
     where the transformer un-patchifies with its out_channels although the head covers one position."""
@@ -94,7 +89,7 @@ def test_a_momentum_student_runs_on_the_dummy_transformer(name, tmp_path, one_th
     case = DUMMY_CASES[name]
     with _sizes(name):
         teacher = teacher_from_pipeline(case.build(), teacher_id=f"dummy-{name}", revision="r", height=case.size,
-                                        width=case.size)
+                                        width=case.size, call_options=case.call_options)
         prompts = [edit_prompt(t, _references(case, tmp_path / "refs")) for t in TEXTS]
         cond = teacher.encode_prompts(prompts)
     student = build_student(teacher, StudentConfig(momentum=True, k=4, lora_rank=2))
@@ -138,9 +133,10 @@ def test_cli_end_to_end_on_a_saved_dummy_pipeline(name, tmp_path):
     def arcflow(*args):
         return run_arcflow(*args, cwd=tmp_path, pythonpath=path)
 
+    options = [a for k, v in case.call_options.items() for a in ("--call-option", f"{k}={json.dumps(v)}")]
     arcflow("generate-trajectories", "--teacher", str(pipe_dir), "--height", size, "--width", size,
             "--num-samples", "4", "--steps", "4", "--shard-size", "2", "--prompts", str(prompts), "--out", str(ds),
-            "--no-progress")
+            "--no-progress", *options)
     arcflow("verify", str(ds))
     arcflow("distill", str(ds), "--out", str(run), "--iters", "2", "--batch-size", "2", "--checkpoint-every", "2",
             "--no-progress")
@@ -151,11 +147,30 @@ def test_cli_end_to_end_on_a_saved_dummy_pipeline(name, tmp_path):
     assert ("reference_latents" in json.dumps(spec["cond_spec"])) == bool(refs)
 
 
-def test_a_klein_text_encoder_too_shallow_for_the_default_layers_is_refused_in_one_line():
+def test_a_klein_text_encoder_too_shallow_for_the_layers_is_refused_in_one_line():
     """diffusers' klein dummy (2 Qwen3 layers) cannot run with __call__'s default text_encoder_out_layers
-    (9, 18, 27): arcflow says so in one line instead of an IndexError from inside the pipeline."""
+    (9, 18, 27), nor with layers it lacks: arcflow says so in one line (naming --call-option) instead of an
+    IndexError from inside the pipeline; call options the pipeline does not take, or that arcflow sets
+    itself, are one line too."""
     from cli_helpers import raises_one_line
 
     pipe = DUMMY_CASES["Flux2KleinPipeline"].build()
-    raises_one_line(lambda: teacher_from_pipeline(pipe, teacher_id="dummy-klein", revision="r", height=16, width=16),
-                    "Flux2KleinPipeline", "2 layers", "text_encoder_out_layers")
+    load = lambda **options: teacher_from_pipeline(pipe, teacher_id="dummy-klein", revision="r", height=16, width=16,  # noqa: E731
+                                                   **options)
+    raises_one_line(load, "Flux2KleinPipeline", "2 layers", "(9, 18, 27)", "--call-option")
+    raises_one_line(lambda: load(call_options={"text_encoder_out_layers": [5]}), "2 layers", "(5,)")
+    raises_one_line(lambda: load(call_options={"no_such_argument": 1}), "no_such_argument", "takes no such argument")
+    raises_one_line(lambda: load(call_options={"latents": 1}), "latents", "arcflow sets this argument itself")
+    assert load(call_options={"text_encoder_out_layers": [1]}).call_options == {"text_encoder_out_layers": [1]}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--teacher", "digits", "--call-option", "text_encoder_out_layers=[1]"], "--call-option apply to diffusers teachers only"),
+    (["--call-option", "no-equals-sign"], "--call-option expects KEY=VALUE"),
+])
+def test_bad_call_options_are_one_line(args, fragment, tmp_path, capsys):
+    from cli_helpers import assert_one_line_error, run_in_process
+
+    code, _, err = run_in_process(capsys, "generate-trajectories", "--out", str(tmp_path / "ds"), "-n", "2", *args)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "ds").exists()
