@@ -110,7 +110,7 @@ def stored_keys(layout: Layout) -> list[str]:
 
 def replay(
     layout: Layout, x: Tensor, timestep: Tensor, cond: Mapping[str, Tensor], dtype: torch.dtype,
-    device: torch.device, adapt_latent: Callable[[Tensor], Any] = lambda t: t,
+    device: torch.device, latent_input: Callable[[Tensor], Any] = lambda t: t,
 ) -> dict[str, Any]:
     """Keyword arguments of the conditional call at latents ``x`` with ``timestep`` (already mapped
     by the family). Floating tensors go to the model ``dtype``; others keep their recorded dtype."""
@@ -123,7 +123,7 @@ def replay(
             if "reference" in entry:
                 ref = cond[entry["reference"]].to(device, dtype)
                 hidden = torch.cat([hidden, ref], dim=1)
-            kwargs[name] = adapt_latent(hidden)
+            kwargs[name] = latent_input(hidden)
         elif kind == "timestep":
             kwargs[name] = timestep
         elif kind in ("batched", "shared", "tensor"):

@@ -286,39 +286,52 @@ class DiffusersTeacher(Teacher):
         if len(sigmas) != len(expected) or any(abs(a - b) > 1e-6 for a, b in zip(sigmas, expected)):
             raise ArcflowError(f"the {self.pipeline_class} ran sigmas {sigmas[:3]}..., arcflow expected {expected[:3]}...")
 
+    def _chunk_runs(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: Optional[float],
+                    micro_batch: Optional[int], progress: bool, record: bool):
+        """The pipeline over ``prompts`` / ``seeds`` in micro-batches of exactly ``micro_batch`` rows
+        (the last padded, as the built-in sampler does: pipeline/recording.py); yields per chunk
+        ``(start, stop, padded rows, (rows, capture) pairs)``, each call's step count checked."""
+        g = self.default_guidance if guidance is None else float(guidance)
+        noise = self.noise(seeds)
+
+        def checked(runs):
+            for rows, capture in runs:
+                if capture.steps != steps:
+                    raise ArcflowError(f"the {self.pipeline_class} made {capture.steps} scheduler steps, not {steps}")
+                yield rows, capture
+
+        for start, stop in tqdm(chunks(len(prompts), micro_batch), desc="teacher sampling", unit="chunk",
+                                disable=None if progress else True):
+            padded = pad(list(prompts[start:stop]), micro_batch)
+            yield start, stop, len(padded), checked(self._run(padded, pad(noise[start:stop], micro_batch), steps, g,
+                                                              record=record))
+
     def record(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: Optional[float] = None,
                micro_batch: Optional[int] = None, progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Conditioning]:
         """The pipeline's own sampler over ``prompts`` / ``seeds``, every state and velocity kept.
 
         Returns ``x`` ``[B, S+1, *latent]``, ``u`` ``[B, S, *latent]``, ``sigmas`` ``[S+1]`` and the
-        conditioning (float32, CPU), with the format's Euler relation exact in float32. The
-        pipeline runs on micro-batches of exactly ``micro_batch`` rows (the last padded) as the
-        built-in sampler does (pipeline/recording.py).
+        conditioning (float32, CPU), with the format's Euler relation exact in float32.
         """
-        g = self.default_guidance if guidance is None else float(guidance)
-        noise = self.noise(seeds)
         xs, us, conds = [], [], []
         sigmas: list[float] = []
-        for start, stop in tqdm(chunks(len(prompts), micro_batch), desc="teacher sampling", unit="chunk",
-                                disable=None if progress else True):
-            rows_prompts = pad(list(prompts[start:stop]), micro_batch)
-            rows_noise = pad(noise[start:stop], micro_batch)
-            n = stop - start
-            x = torch.empty((len(rows_prompts), steps + 1, *self.latent_shape))
-            u = torch.empty((len(rows_prompts), steps, *self.latent_shape))
+        for start, stop, size, runs in self._chunk_runs(prompts, seeds, steps, guidance, micro_batch, progress, True):
+            x = torch.empty((size, steps + 1, *self.latent_shape))
+            u = torch.empty((size, steps, *self.latent_shape))
             cond: dict[str, Tensor] = {}
-            for rows, capture in self._run(rows_prompts, rows_noise, steps, g, stub=False):
-                if len(capture.velocities) != steps:
-                    raise ArcflowError(f"the {self.pipeline_class} made {len(capture.velocities)} scheduler steps, not {steps}")
+            for rows, capture in runs:
                 sigmas = capture.sigmas
                 x[rows] = torch.stack([self._tokens(t) for t in capture.states], 1).reshape(
                     len(rows), steps + 1, *self.latent_shape).cpu()
                 u[rows] = torch.stack([self._tokens(t) for t in capture.velocities], 1).reshape(
                     len(rows), steps, *self.latent_shape).cpu()
                 for k, v in self._conditioning(capture, len(rows)).items():
-                    cond.setdefault(k, torch.empty((len(rows_prompts), *v.shape[1:]), dtype=torch.float32))[rows] = v.float().cpu()
+                    cond.setdefault(k, torch.empty((size, *v.shape[1:]), dtype=torch.float32))[rows] = v.float().cpu()
             self._check_schedule(sigmas, steps)
-            xs.append(x[:n]), us.append(u[:n]), conds.append({k: v[:n] for k, v in cond.items()})
+            n = stop - start
+            xs.append(x[:n])
+            us.append(u[:n])
+            conds.append({k: v[:n] for k, v in cond.items()})
         return (torch.cat(xs), torch.cat(us), torch.tensor(sigmas, dtype=torch.float32),
                 {k: torch.cat([c[k] for c in conds]) for k in conds[0]})
 
@@ -326,17 +339,10 @@ class DiffusersTeacher(Teacher):
                micro_batch: Optional[int] = None, progress: bool = False) -> Tensor:
         """Final latents ``[B, *latent]`` (scheduler layout, float32) of the pipeline's own call with
         whatever scheduler it holds: the teacher's, or a student's ``ArcFlowScheduler``."""
-        g = self.default_guidance if guidance is None else float(guidance)
-        noise = self.noise(seeds)
         out = torch.empty((len(prompts), *self.latent_shape))
-        for start, stop in tqdm(chunks(len(prompts), micro_batch), desc="sampling", unit="chunk",
-                                disable=None if progress else True):
-            rows_prompts = pad(list(prompts[start:stop]), micro_batch)
-            rows_noise = pad(noise[start:stop], micro_batch)
-            final = torch.empty((len(rows_prompts), *self.latent_shape))
-            for rows, capture in self._run(rows_prompts, rows_noise, steps, g, record=False):
-                if capture.steps != steps:
-                    raise ArcflowError(f"the {self.pipeline_class} made {capture.steps} scheduler steps, not {steps}")
+        for start, stop, size, runs in self._chunk_runs(prompts, seeds, steps, guidance, micro_batch, progress, False):
+            final = torch.empty((size, *self.latent_shape))
+            for rows, capture in runs:
                 final[rows] = self._tokens(capture.final).reshape(len(rows), *self.latent_shape).cpu()
             out[start:stop] = final[: stop - start]
         return out

@@ -219,13 +219,10 @@ class Family:
         n = float(pipe.scheduler.config.get("num_train_timesteps", 1000))
         return (sigma.to(torch.float32) * n).to(dtype) / n
 
-    def adapt_latent(self, hidden: Tensor) -> Any:
-        """The latent argument as the transformer takes it (a tensor here)."""
-        return hidden
-
     def latent_input(self, hidden: Tensor, grid: tuple[int, int]) -> Any:
-        """:meth:`adapt_latent` for a family that needs the latent grid (``hidden`` in arcflow's layout)."""
-        return self.adapt_latent(hidden)
+        """The latent argument (``hidden``, arcflow's layout, reference tokens appended) as the
+        transformer takes it (the same tensor here)."""
+        return hidden
 
     def replayed(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The replayed conditional call's keyword arguments as the transformer takes them (undoes

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .family_base import Family
+from .teacher import transformer_output
 
 
 def to_tokens(z: Tensor) -> Tensor:
@@ -71,12 +72,11 @@ class PixelFamily(Family):
 
     # ----- network -----------------------------------------------------------------------------
     def latent_input(self, hidden: Tensor, grid: tuple[int, int]) -> Any:
-        return self.adapt_latent(from_tokens(hidden, grid))
+        return from_tokens(hidden, grid)
 
     def network_output(self, output: Any, tokens: int) -> Tensor:
         """The transformer's channels-first output ``(B, C', H, W)`` as tokens ``(B, H*W, C')``."""
-        out = output[0] if isinstance(output, (tuple, list)) else output.sample
-        return to_tokens(out)
+        return to_tokens(transformer_output(output))
 
     def head_positions(self, transformer: Any) -> int:
         patch = int(transformer.config.patch_size)

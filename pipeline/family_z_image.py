@@ -25,6 +25,7 @@ from torch import Tensor
 from arcflow.core.errors import ArcflowError
 
 from .family_pixels import PixelFamily, to_tokens
+from .teacher import transformer_output
 
 #: Z-Image's text length when the caller sets none (its pipeline's default).
 Z_IMAGE_MAX_SEQUENCE_LENGTH = 512
@@ -118,14 +119,13 @@ class ZImageFamily(PixelFamily):
         n = float(pipe.scheduler.config.get("num_train_timesteps", 1000))
         return (n - sigma.to(torch.float32) * n) / n
 
-    def adapt_latent(self, hidden: Tensor) -> Any:
-        """``(B, C, H, W)`` -> the list of per-sample ``(C, 1, H, W)`` the transformer takes."""
-        return list(hidden.unsqueeze(2).unbind(0))
+    def latent_input(self, hidden: Tensor, grid: tuple[int, int]) -> Any:
+        """Tokens -> the list of per-sample ``(C, 1, H, W)`` the transformer takes."""
+        return list(super().latent_input(hidden, grid).unsqueeze(2).unbind(0))
 
     def network_output(self, output: Any, tokens: int) -> Tensor:
         """The transformer's list of ``(C', 1, H, W)`` as tokens ``(B, H*W, C')``."""
-        out = output[0] if isinstance(output, tuple) else output.sample
-        return to_tokens(torch.stack(list(out)).squeeze(2))
+        return to_tokens(torch.stack(list(transformer_output(output))).squeeze(2))
 
     def velocity(self, network_output: Tensor) -> Tensor:
         """The scheduler steps with the negated output (the model predicts ``x0 - noise``)."""
