@@ -211,6 +211,9 @@ def test_cli_and_python_build_the_same_default_student(monkeypatch, tmp_path, ca
     code, _, err = run_in_process(capsys, "distill", "ds", "--out", tmp_path / "run", "--k", "3", "--no-momentum")
     assert seen[1].student == StudentConfig(k=3, momentum=False)
     assert seen[1] == build_config({"dataset": "ds", "out": str(tmp_path / "run"), "k": 3, "momentum": False})
+    code, _, err = run_in_process(capsys, "distill", "ds", "--out", tmp_path / "run", "--lora-targets", r"blocks\.\d+\.ff")
+    assert code == 0, err
+    assert seen[2].student == StudentConfig(lora_targets=r"blocks\.\d+\.ff")
 
 
 def test_official_preset_and_explicit_flags_win(monkeypatch, tmp_path, capsys):
