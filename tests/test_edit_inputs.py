@@ -57,3 +57,18 @@ def test_an_empty_jsonl_file_is_refused(images):
     path.write_text("\n \n")
     with pytest.raises(ArcflowError, match="empty"):
         read_prompts(str(path))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--prompt", "make it red", "--image", "missing.png"], "image not found"),
+    (["--prompt", "make it red", "--image", "prompts.jsonl"], "cannot read image"),
+    (["--image", "refs/a.png"], "--image needs --prompt"),
+])
+def test_sample_image_errors_are_one_line(images, args, fragment, capsys, monkeypatch):
+    from cli_helpers import assert_one_line_error, run_in_process
+
+    monkeypatch.chdir(images)
+    (images / "prompts.jsonl").write_text("{}\n")
+    code, _, err = run_in_process(capsys, "sample", "--out", str(images / "x.png"), *args)
+    assert_one_line_error(code, err, fragment)
+    assert not (images / "x.png").exists()
