@@ -25,7 +25,7 @@ def generate_trajectories_command(
     shard_size: int = typer.Option(256, "--shard-size", help="Trajectories per shard (the unit of work and of commit)."),
     seed: int = typer.Option(0, "--seed", help="Job seed; per-sample noise seeds derive from (seed, sample index)."),
     workers: int = typer.Option(1, "--workers", help="Ray actors, each holding one teacher (one GPU each on a cluster)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads per worker (default: the worker's CPUs but one, left to shard writes)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads per worker (default: one per CPU of the worker; shard writes overlap compute)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster instead of starting a local one."),
     dtype: str = typer.Option("float16", "--dtype", help=f"Storage dtype: {'|'.join(STORAGE_DTYPES)} (float8_e4m3: 8-bit velocities with a scale per step, 16-bit states)."),
     seeds_per_prompt: int = typer.Option(1, "--seeds-per-prompt", help="Consecutive samples (noise seeds) per prompt before the next prompt; their conditioning is stored once per shard."),

@@ -72,16 +72,15 @@ def _default_cpus_per_worker(workers: int) -> float:
 
 
 def _make_actor_class(resources: dict[str, float]):
-    """The worker actor. OpenMP threads sleep instead of spinning when they wait: the worker's own
-    write thread and Ray's processes share its cores, and spinning torch threads that lose their
-    core to them stall every parallel region (10x slower on a busy 2-core machine)."""
+    """The worker actor: a threaded actor running ``IN_FLIGHT_PER_WORKER`` shard tasks at once.
+    OpenMP keeps its default wait policy (spin briefly, then sleep): forcing ``PASSIVE`` put torch's
+    threads to sleep after every small kernel and gave a 2-thread teacher 1-thread speed."""
     import ray
 
     return ray.remote(
         max_concurrency=IN_FLIGHT_PER_WORKER,
         max_restarts=WORKER_RESTARTS,
         max_task_retries=SHARD_RETRIES,
-        runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
         **resources,
     )(ShardWorker)
 

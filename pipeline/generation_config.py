@@ -50,7 +50,7 @@ class GenerationConfig:
     compress: bool = True
     workers: int = 1
     cpus_per_worker: Optional[float] = None
-    #: torch intra-op threads per worker (None: the worker's CPUs but one, see ``default_threads``).
+    #: torch intra-op threads per worker (None: one per CPU of the worker, see ``default_threads``).
     threads: Optional[int] = None
     gpus_per_worker: Optional[float] = None
     ray_address: Optional[str] = None
@@ -125,9 +125,10 @@ class GenerationConfig:
 
 
 def default_threads(cpus: float) -> int:
-    """torch threads for a worker with ``cpus`` CPUs: all but one, which stays free for the shard
-    being written while the next one computes (and for Ray's own processes)."""
-    return max(1, int(cpus) - 1)
+    """torch threads for a worker with ``cpus`` CPUs: one per CPU. Shard writes overlap the next
+    shard's compute on the worker's other task thread and take ~10% of the time, so reserving a
+    core for them idled it 90% of the time (benchmarks/builder_throughput.py)."""
+    return max(1, int(cpus))
 
 
 def prompts_digest(prompts: Sequence[str]) -> str:

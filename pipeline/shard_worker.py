@@ -1,18 +1,22 @@
 """The generation worker: ``ShardWorker`` (a Ray actor's body) holds one teacher and turns shard
 plans into committed shards; ``record_shard`` and ``commit_shard`` are its two halves.
 
-The worker runs two shard tasks at a time (a threaded actor, see pipeline/generate.py): the teacher
-is guarded by a lock, so while one task writes its shard to storage the other already computes the
-next one, and the teacher never waits on I/O. Shard contents are pure functions of the plan
+The worker runs two shard tasks at a time (a threaded actor, see pipeline/generate.py): while one
+task writes its shard to storage the other already computes the next one, so the teacher never
+waits on I/O. Every teacher call runs on ONE dedicated thread (``TeacherThread``) that owns all the
+worker's torch threads: OpenMP keeps a thread team per calling thread, and a second team (Ray runs
+tasks on a pool of threads) makes libgomp count more threads than cores and put its workers to sleep
+after every parallel region, which halved a small teacher's throughput on 2 cores
+(docs/benchmarks.md, Trajectory builder). Shard contents are pure functions of the plan
 (pipeline/plan.py), so a retried shard is identical.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
-from typing import Any, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -21,6 +25,28 @@ from arcflow.storage.format import DatasetSpec
 
 from .plan import ShardPlan
 from .registry import TeacherSource, teacher_name
+
+
+T = TypeVar("T")
+
+
+class TeacherThread:
+    """One thread that runs every teacher call of a worker, one call at a time (it also serialises
+    the two shard tasks' compute), with ``threads`` torch intra-op threads set on it."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arcflow-teacher")
+        self.run(torch.set_num_threads, threads)
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the teacher thread; its result, or its exception, here."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    started = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - started
 
 
 def _pick_device(gpus: float) -> str:
@@ -83,17 +109,17 @@ class ShardWorker:
         from .registry import load_teacher
 
         watch_driver(driver)  # a killed driver's actors stop instead of finishing shards unseen
-        torch.set_num_threads(threads)
+        self._compute = TeacherThread(threads)
         # The writer's libraries now, while the worker starts: importing them during the first
         # shard's write would take the GIL from the teacher for seconds.
+        import pandas  # noqa: F401  (pyarrow imports it when it builds the first index table: 0.4 s)
         import pyarrow.parquet  # noqa: F401
         import zarr.api.asynchronous  # noqa: F401
         options = dict(teacher_options)
         device = options.pop("device", None) or _pick_device(gpus)  # --device overrides the default
-        self._compute = threading.Lock()
         self._load_error: Optional[ArcflowError] = None
         try:
-            self.teacher = load_teacher(teacher, device=device, **options)
+            self.teacher = self._compute.run(load_teacher, teacher, device=device, **options)
         except ArcflowError as exc:
             # A user error while loading (missing weights, unknown hub id, bad option) raised here
             # would become an ActorDiedError (after restarts) that hides it behind a traceback.
@@ -109,7 +135,7 @@ class ShardWorker:
 
     def describe(self, prompts: Optional[list[str]], steps: int) -> dict[str, Any]:
         """Validate prompts and report what the dataset header needs about this teacher."""
-        return describe_teacher(self._teacher(), prompts, steps)
+        return self._compute.run(describe_teacher, self._teacher(), prompts, steps)
 
     def location(self) -> dict[str, Any]:
         import ray
@@ -118,17 +144,13 @@ class ShardWorker:
 
     def run_shard(self, spec: DatasetSpec, url: str, plan: ShardPlan, batch_size: int) -> dict[str, Any]:
         """Compute the shard's trajectories (holding the teacher), then write and commit it."""
-        self._teacher()  # raises a deferred load error
-        with self._compute:
-            started = time.perf_counter()  # after the lock: compute_s excludes waiting for the other task
-            arrays = record_shard(self.teacher, spec, plan, batch_size)
-        computed = time.perf_counter()
-        commit_shard(url, spec, plan, arrays)
-        done = time.perf_counter()
+        # compute_s is timed on the teacher thread: it excludes waiting for the other task's compute
+        arrays, compute_s = self._compute.run(_timed, record_shard, self._teacher(), spec, plan, batch_size)
+        _, write_s = _timed(commit_shard, url, spec, plan, arrays)
         return {
             "shard_id": plan.shard_id,
             "samples": len(plan),
-            "compute_s": computed - started,
-            "write_s": done - computed,
+            "compute_s": compute_s,
+            "write_s": write_s,
             **self.location(),
         }
