@@ -118,6 +118,7 @@ def main() -> None:
                         help="the builder's --threads (default: its own default)")
     args = parser.parse_args()
 
+    load = os.getloadavg()[0]  # the 1-minute load average before the first run: how idle the machine was
     scratch = Path(tempfile.mkdtemp(prefix="builder_throughput_"))
     bare_runs: dict[int, list[dict]] = {t: [] for t in args.bare_threads}
     try:
@@ -158,7 +159,7 @@ def main() -> None:
     print(f"{'worker start-up (teacher load)':40} {built['worker_start_seconds']:9.2f}")
     print(f"{'builder, end to end':40} {'':9} {built['end_to_end_samples_per_second']:10.2f}")
     print()
-    print(f"builder steady-state / fastest bare ({best} thread(s)) = {ratio:.3f}  (goal >= 0.9)")
+    print(f"builder steady-state / fastest bare ({best} thread(s)) = {ratio:.3f}  (goal >= 0.9; load before {load:.2f})")
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
@@ -174,6 +175,7 @@ def main() -> None:
                 "builder": built,
                 "ratio_steady_builder_over_bare": ratio,
                 "goal": 0.9,
+                "load_before": load,
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
             },
             indent=2,

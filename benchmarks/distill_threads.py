@@ -6,7 +6,7 @@ One digits dataset (the builder's own recording, 512 samples x 50 steps, float16
 then the real CLI (`arcflow distill`, one Ray Train worker, the main job's ArcFlow student: K=8,
 momentum) trains ``--iters`` steps with the default thread setting and with each ``--threads``
 value, interleaved ``--repeats`` times (the machine may be shared). Speed = the median
-``it_per_s`` of ``metrics.jsonl``'s rows after the first (start-up excluded). Writes
+``it_per_s`` of ``metrics.jsonl``'s rows (one per 10 steps) after the first (start-up excluded). Writes
 benchmarks/results/distill_threads.json and prints a table with default / best.
 """
 
@@ -37,9 +37,8 @@ def make_dataset(out: Path, samples: int) -> None:
 
 def distill_speed(dataset: Path, out: Path, iters: int, threads: int | None) -> float:
     """Median steps/s of one `arcflow distill` run (rows after the first one)."""
-    log_every = max(1, iters // 10)
     cmd = [*ARCFLOW, "distill", str(dataset), "--out", str(out), "--k", "8", "--momentum", "--iters", str(iters),
-           "--log-every", str(log_every), "--checkpoint-every", str(iters)]
+           "--checkpoint-every", str(iters)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the default is what a user gets

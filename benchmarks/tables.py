@@ -44,15 +44,17 @@ def storage_bytes(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def builder(throughput: dict, scaling: dict) -> str:
+def builder(throughput: dict, scaling: dict, distill: dict | None) -> str:
     b = throughput["builder"]
+    load = throughput.get("load_before")
     lines = [
         f"Trajectory builder, teacher {throughput['teacher']} (`benchmarks/builder_throughput.py`, "
         f"{throughput['samples']} samples x {throughput['steps']} steps, micro-batch {throughput['micro_batch']}, "
         f"builder {b['threads']} torch thread(s)): builder {b['samples_per_second']:.2f} samples/s vs the bare "
         f"recording sampler at its fastest thread count ({throughput['bare']['threads']}) "
         f"{throughput['bare']['samples_per_second']:.2f} samples/s in the same run: ratio {throughput['ratio_steady_builder_over_bare']:.2f} (Ray start-up {b['ray_start_seconds']:.1f} s "
-        f"and worker start-up {b['worker_start_seconds']:.1f} s excluded).",
+        f"and worker start-up {b['worker_start_seconds']:.1f} s excluded)"
+        + (f"; 1-minute load average {load:.2f} before the run." if load is not None else "."),
         "",
         f"Scaling with the GPU-latency simulator (`benchmarks/builder_scaling.py`; a stand-in teacher that "
         f"sleeps {scaling['latency_s']:g} s per network call, not a model):",
@@ -62,6 +64,20 @@ def builder(throughput: dict, scaling: dict) -> str:
     ]
     for row in scaling["rows"]:
         lines.append(f"| {row['workers']} | {row['samples_per_second']:.2f} | {row['speedup']:.2f}x |")
+    if distill is not None:
+        lines += [
+            "",
+            f"`arcflow distill` on CPU (`benchmarks/distill_threads.py`: digits, {distill['student']}, "
+            f"{distill['iters']} steps, 1 worker, {distill['machine']['cpus']} cores, 1-minute load average "
+            f"{distill['load_before']:.2f} before the run; median steps/s after the first logged row, runs interleaved):",
+            "",
+            "| torch threads | steps/s per run | mean |",
+            "|---|---|---:|",
+        ]
+        for threads, runs in distill["steps_per_second"].items():
+            label = "default (`--threads` unset)" if threads == "None" else threads
+            lines.append(f"| {label} | {', '.join(f'{v:.2f}' for v in runs)} | {distill['mean'][threads]:.2f} |")
+        lines += ["", f"default / best ({distill['best_threads']} thread(s)): {distill['ratio_default_over_best']:.2f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -129,7 +145,7 @@ def main() -> None:
         (RESULTS / "storage_bytes.md").write_text(storage_bytes(r))
         written.append("storage_bytes.md")
     if (t := load("builder_throughput")) is not None and (s := load("builder_scaling")) is not None:
-        (RESULTS / "builder.md").write_text(builder(t, s))
+        (RESULTS / "builder.md").write_text(builder(t, s, load("distill_threads")))
         written.append("builder.md")
     if (r := load("gpu_scale")) is not None:
         (RESULTS / "gpu_scale.md").write_text(gpu_scale(r))
