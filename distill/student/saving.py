@@ -32,7 +32,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from torch import Tensor, nn
 
-from arcflow.core.errors import ArcflowError, first_line
+from arcflow.core.errors import ArcflowError, first_line, quote
 
 from ..arcflow_scheduler import ArcFlowScheduler
 from .config import ADAPTER_NAME, StudentConfig
@@ -211,6 +211,24 @@ def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
     return record
 
 
+def check_teacher_revision(run_dir: Union[str, os.PathLike], record: Mapping[str, Any]) -> None:
+    """Refuse, BEFORE it is loaded, a teacher whose revision differs from the one the run recorded
+    (its ``arcflow_config.json`` names another directory, or the weights changed): one line."""
+    from arcflow.pipeline.registry import local_revision
+
+    teacher = record.get("teacher") or {}
+    saved, teacher_id = teacher.get("revision"), teacher.get("id")
+    if saved is None or not isinstance(teacher_id, str):
+        return
+    options = record.get("teacher_options") or {}
+    current = local_revision(teacher_id, options.get("weights_dir"))
+    if current is not None and current != saved:
+        raise ArcflowError(
+            f"{run_dir}/{STUDENT_CONFIG_FILE} names teacher {quote(teacher_id)}, which is revision {current}, "
+            f"but the run was trained on revision {quote(saved)}; the teacher was not loaded"
+        )
+
+
 def run_file(run_dir: Union[str, os.PathLike], name: object) -> Path:
     """A file a run config names, resolved strictly INSIDE the run directory (links included):
     a crafted config cannot make arcflow read anything else."""
@@ -245,12 +263,12 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
         if config.trainable == "lora+heads":
             _load_lora(transformer, run_file(run, files.get("lora", LORA_FILE)), adapter_name)
         if "trainable" in files:
-            weights = _finite_weights(run_file(run, files["trainable"]))
+            weights = load_weights(run_file(run, files["trainable"]))
             result = transformer.load_state_dict(weights, strict=False)
             if result.unexpected_keys:
                 raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
         head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound, spec.positions)
-        head.load_state_dict(_finite_weights(head_path))
+        head.load_state_dict(load_weights(head_path))
     except ArcflowError:
         raise
     except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
@@ -261,9 +279,21 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
     return proj
 
 
-def _finite_weights(path: Path) -> dict[str, Tensor]:
-    """A run's weights file, refused as one line naming it where a weight is NaN or infinite."""
-    weights = safetensors.torch.load_file(str(path))
+def run_weights(run_dir: Union[str, os.PathLike], record: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
+    """A run's weight files by role (``head``, and ``lora`` / ``trainable`` where it has them), each
+    read through :func:`load_weights`: a damaged run is refused before anything starts from it."""
+    files = record.get("files", {})
+    names = {"head": files.get("head", HEAD_FILE), **{role: files[role] for role in ("lora", "trainable") if role in files}}
+    return {role: load_weights(run_file(run_dir, name)) for role, name in names.items()}
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """A run's weights file (the ONE way arcflow reads one), refused as one line naming it where a
+    weight is NaN or infinite or the file does not read as safetensors."""
+    try:
+        weights = safetensors.torch.load_file(str(path))
+    except safetensors.SafetensorError as exc:  # truncated, garbage, a header that lies
+        raise ArcflowError(f"{path} is damaged: {first_line(exc)}") from None
     for name, value in weights.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ArcflowError(f"{path} holds a weight that is not finite ({name[:100]}): the run diverged or the file is damaged")
@@ -272,7 +302,7 @@ def _finite_weights(path: Path) -> dict[str, Tensor]:
 
 def _load_lora(transformer: nn.Module, path: Path, adapter_name: str) -> None:
     """diffusers' ``load_lora_adapter`` from the run's file (older runs' prefixed keys too)."""
-    weights = _finite_weights(path)
+    weights = load_weights(path)
     legacy = any(k.startswith(f"{LEGACY_LORA_PREFIX}.") for k in weights)
     transformer.load_lora_adapter(
         str(path.parent), weight_name=path.name, adapter_name=adapter_name,
