@@ -29,10 +29,12 @@ from typing import Any, Mapping, Union
 
 import safetensors.torch
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from torch import Tensor, nn
 
 from arcflow.core.errors import ArcflowError, first_line, quote
+from arcflow.core.files import canonical_safetensors, save_safetensors
 
 from ..arcflow_scheduler import ArcFlowScheduler
 from .config import ADAPTER_NAME, StudentConfig
@@ -48,6 +50,8 @@ TRAINABLE_FILE = "trainable_weights.safetensors"
 STUDENT_CONFIG_FILE = "arcflow_config.json"
 CONFIG_FORMAT = "arcflow-student"
 CONFIG_VERSION = 1
+#: ``LoraConfig`` fields peft keeps as sets (diffusers writes them as lists in the set's order).
+SET_VALUED_LORA_FIELDS = ("target_modules", "exclude_modules")
 #: Key prefix of LoRA files written by earlier arcflow versions (the diffusers pipeline format).
 LEGACY_LORA_PREFIX = "transformer"
 
@@ -101,8 +105,9 @@ def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any])
     files = {"head": HEAD_FILE}
     if student.has_lora:
         transformer.save_lora_adapter(str(out), adapter_name=ADAPTER_NAME, weight_name=LORA_FILE)
+        _canonical_lora_file(out / LORA_FILE)
         files["lora"] = LORA_FILE
-    safetensors.torch.save_file(_cpu_state(student.head.state_dict()), str(out / HEAD_FILE), metadata={"format": "pt"})
+    save_safetensors(_cpu_state(student.head.state_dict()), out / HEAD_FILE, metadata={"format": "pt"})
     head_prefix = f"{head_spec(transformer).path}."
     other = {
         n: p
@@ -110,7 +115,7 @@ def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any])
         if p.requires_grad and ".lora_" not in n and not n.startswith(head_prefix)
     }
     if other:
-        safetensors.torch.save_file(_cpu_state(other), str(out / TRAINABLE_FILE), metadata={"format": "pt"})
+        save_safetensors(_cpu_state(other), out / TRAINABLE_FILE, metadata={"format": "pt"})
         files["trainable"] = TRAINABLE_FILE
 
     record: dict[str, Any] = {
@@ -131,6 +136,22 @@ def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any])
     _scheduler_for_record(record, teacher).save_config(str(out))
     (out / STUDENT_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def _canonical_lora_file(path: Path) -> None:
+    """Rewrite diffusers' LoRA file byte-identical for the same weights: its metadata keys sorted
+    (:func:`canonical_safetensors`), and the ``LoraConfig`` fields peft keeps as sets, which
+    diffusers writes as lists in the set's (hash-seeded) order, sorted."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    metadata = dict(json.loads(data[8:8 + size]).get("__metadata__") or {})
+    if LORA_ADAPTER_METADATA_KEY in metadata:
+        config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY])
+        for key in SET_VALUED_LORA_FIELDS:
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
+    path.write_bytes(canonical_safetensors(data, metadata))
 
 
 def _scheduler_for_record(record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
