@@ -64,7 +64,9 @@ def list_shards(loc: _io.Location) -> tuple[list[int], list[int]]:
 
 def part_metadata(loc: _io.Location, shard_id: int, steps: int):
     """The Parquet footer of a shard's index part; ``ArcflowError`` naming the part when it cannot be
-    read (zero bytes, truncated, garbage) or does not hold whole trajectories of index rows."""
+    read (zero bytes, truncated, garbage), does not hold whole trajectories of index rows, or its
+    footer says its rows are another shard's (a part copied over: its manifest would otherwise
+    blame the shard's own, intact, ``zarr.json``)."""
     import pyarrow.parquet as pq
 
     name = f"{INDEX_DIR}/{index_part_name(shard_id)}"
@@ -78,14 +80,29 @@ def part_metadata(loc: _io.Location, shard_id: int, steps: int):
     names = meta.schema.to_arrow_schema().names
     if meta.num_rows < steps or meta.num_rows % steps or names != [n for n, _ in INDEX_COLUMNS]:
         raise damaged_part(loc, shard_id, f"{meta.num_rows} rows, columns {', '.join(names[:4])}...")
+    others = sorted(_shards_listed(meta) - {shard_id})
+    if others:
+        raise damaged_part(loc, shard_id, f"its rows are shard {others[0]}'s: a part copied from another shard")
     return meta
+
+
+def _shards_listed(meta) -> set[int]:
+    """The values of the ``shard`` column, from the footer's row-group statistics (no rows read;
+    empty where a writer kept no statistics)."""
+    column = [n for n, _ in INDEX_COLUMNS].index("shard")
+    found: set[int] = set()
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is not None and stats.has_min_max:
+            found |= {int(stats.min), int(stats.max)}
+    return found
 
 
 def damaged_part(loc: _io.Location, shard_id: int, reason: object) -> ArcflowError:
     """The one-line error for an index part that does not read back."""
     text = first_line(reason) if isinstance(reason, BaseException) else str(reason)
     return ArcflowError(
-        f"dataset {loc.url}: index part {INDEX_DIR}/{index_part_name(shard_id)} is damaged ({text}); "
+        f"dataset {loc.url}: index part {INDEX_DIR}/{index_part_name(shard_id)} of shard {shard_id} is damaged ({text}); "
         "rerun generate-trajectories with --resume to regenerate that shard"
     )
 

@@ -96,7 +96,9 @@ SHARD_DAMAGE = {
     "negative index row": (lambda ds: edit_index(ds, "row", lambda v: v.__setitem__(slice(0, 4), -1)),
                            "index row 0 has row -1"),
     "wrong shard column": (lambda ds: edit_index(ds, "shard", lambda v: v.__setitem__(slice(None), 1)),
-                           "has shard 1"),
+                           "rows are shard 1's"),
+    "one row of another shard": (lambda ds: edit_index(ds, "shard", lambda v: v.__setitem__(5, 1)),
+                                 "rows are shard 1's"),
     "swapped sample ids": (lambda ds: edit_index(ds, "sample_id", lambda v: v.__setitem__(slice(None), v[::-1])),
                            "sample_id"),
 }
@@ -124,7 +126,7 @@ def test_verify_finds_each_damage_and_repair_uncommits_exactly_that_shard(case, 
 
 
 @pytest.mark.parametrize("case", ["u chunk copied from another shard", "damaged sigmas chunk", "negative index row",
-                                  "wrong shard column", "garbled array zarr.json"])
+                                  "swapped sample ids", "garbled array zarr.json"])
 def test_the_stream_distill_reads_refuses_the_damage(case, ds):
     SHARD_DAMAGE[case][0](ds)
     stream = TrajectoryStream(str(ds), segment_bounds=[0, 2, 4], epochs=1, shuffle=False, shards=[0])
@@ -133,7 +135,7 @@ def test_the_stream_distill_reads_refuses_the_damage(case, ds):
     assert "\n" not in str(info.value) and "verify" in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["index row past the shard", "negative index row", "wrong shard column",
+@pytest.mark.parametrize("case", ["index row past the shard", "negative index row", "swapped sample ids",
                                   "x chunk copied from another shard"])
 def test_read_sample_and_inspect_sample_refuse_instead_of_reading_another_row(case, ds, tmp_path, capfd):
     SHARD_DAMAGE[case][0](ds)
@@ -144,6 +146,18 @@ def test_read_sample_and_inspect_sample_refuse_instead_of_reading_another_row(ca
     assert_one_line_error(code, err, "shard 0", "verify")
     assert not (tmp_path / "s.png").exists()
     assert open_dataset(str(ds)).read_sample(16)["sample_id"] == 16  # the other shard still reads
+
+
+@pytest.mark.parametrize("source, target", [(1, 0), (0, 1)])
+def test_an_index_part_copied_from_another_shard_is_named_not_its_zarr_json(source, target, ds, capfd):
+    part = f"index/shard-{target:06d}.parquet"
+    shutil.copy(ds / f"index/shard-{source:06d}.parquet", ds / part)
+    code, out, err = cli(capfd, "inspect", ds)  # plain inspect, no --sample
+    assert_one_line_error(code, err, f"index part {part} of shard {target} is damaged", f"rows are shard {source}'s")
+    assert "zarr.json" not in err and out == ""
+    report = verify_dataset(str(ds), repair=True)
+    assert list(report.problems) == [target] and part in report.problems[target]
+    assert not (ds / part).exists() and (ds / f"index/shard-{source:06d}.parquet").exists()
 
 
 def test_a_damaged_sigmas_chunk_stops_distill(ds, tmp_path):

@@ -331,15 +331,30 @@ def test_a_non_finite_loss_stops_training_and_exports_nothing(scratch, monkeypat
     with pytest.raises(ArcflowError) as info:
         train_tiny_run(scratch / "ds", out, **{**RUN, **dict(iters=8)})
     assert "the loss is not finite at step 5" in str(info.value) and "--lr" in str(info.value)
+    assert "the last good checkpoint (step 4) is kept" in str(info.value)
     assert ckpt.find_checkpoint(out).step == 4
     assert not (out / "arcflow_config.json").exists() and not (out / "momentum_head.safetensors").exists()
 
 
 def test_a_huge_learning_rate_stops_at_the_first_non_finite_step(scratch):
     out = scratch / "huge-lr"
-    with pytest.raises(ArcflowError, match="the loss is not finite at step"):
+    with pytest.raises(ArcflowError, match="the loss is not finite at step") as info:
         train_tiny_run(scratch / "ds", out, iters=20, checkpoint_every=100, lr=1e30, warmup=0)
+    assert "before its first checkpoint, so none was written" in str(info.value)
+    assert "checkpoint is kept" not in str(info.value) and ckpt.find_checkpoint(out).path is None
     assert not (out / "arcflow_config.json").exists()
+
+
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(scratch, monkeypatch):
+    """The run resumes at step 4 and diverges at once: step 4 is the last good checkpoint."""
+    from arcflow.distill import loss
+
+    real = loss.segment_loss
+    monkeypatch.setattr(loss, "segment_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    with pytest.raises(ArcflowError) as info:
+        train_tiny_run(scratch / "ds", scratch / "run", **{**RUN, **dict(iters=8, resume=True)})
+    assert "at step 5" in str(info.value) and "the last good checkpoint (step 4) is kept" in str(info.value)
+    assert ckpt.find_checkpoint(scratch / "run").step == 4
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):

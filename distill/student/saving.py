@@ -33,7 +33,7 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from torch import Tensor, nn
 
-from arcflow.core.errors import ArcflowError, first_line, quote
+from arcflow.core.errors import ArcflowError, first_line, json_object, quote
 from arcflow.core.files import canonical_safetensors, save_safetensors
 
 from ..arcflow_scheduler import ArcFlowScheduler
@@ -215,12 +215,7 @@ def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
     path = Path(run_dir) / STUDENT_CONFIG_FILE
     if not path.is_file():
         raise ArcflowError(f"{run_dir} is not a student run directory (no {STUDENT_CONFIG_FILE})")
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArcflowError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise ArcflowError(f"{path} is damaged: a JSON object was expected, got {type(record).__name__}")
+    record = json_object(path.read_bytes(), path)
     if record.get("format") != CONFIG_FORMAT or record.get("format_version") != CONFIG_VERSION:
         raise ArcflowError(
             f"{path} is not an {CONFIG_FORMAT} v{CONFIG_VERSION} config "
