@@ -165,8 +165,8 @@ def verify_command(
     from arcflow.storage.verify import verify_dataset
 
     report = verify_dataset(dataset, repair=repair, progress=progress)
-    for problem in report.problems.values():
+    for problem in ([report.header] if report.header else report.problems.values()):
         typer.echo(problem)
     typer.echo(report.summary_line())
-    if report.problems and not repair:
+    if report.header or (report.problems and not repair):
         raise typer.Exit(1)

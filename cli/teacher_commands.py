@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 import typer
 
-from arcflow.core.errors import MAX_SEED, ArcflowError, check_finite, refuse_overwrite
+from arcflow.core.errors import MAX_SEED, ArcflowError, check_finite, quote, refuse_overwrite
 
 if TYPE_CHECKING:  # torch loads lazily so that `arcflow --help` stays fast
     from torch import Tensor
@@ -75,10 +75,12 @@ def sample(
 
 
 def _with_images(prompts: list[str], images: list[Path]) -> list[str]:
-    """Each prompt with the reference images (checked to open), as edit prompts."""
+    """Each prompt with the reference images (checked to open), as edit prompts; without images,
+    plain-text prompts (one that reads as an edit prompt is refused)."""
+    from arcflow.pipeline.edit_inputs import check_image, edit_prompt, plain_prompt
+
     if not images:
-        return prompts
-    from arcflow.pipeline.edit_inputs import check_image, edit_prompt
+        return [plain_prompt(p, f"--prompt {quote(p)}") for p in prompts]
 
     if not prompts:
         raise ArcflowError("--image needs --prompt (the edit instruction)")

@@ -7,6 +7,7 @@ starts, and :func:`first_line` is the one rule for quoting another library's exc
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import fields
@@ -36,6 +37,23 @@ def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
 
 class ArcflowError(Exception):
     """Bad input (a path, a flag value, a dataset): the message is a complete one-line explanation."""
+
+
+#: What a JSON value that is not an object is, by its Python type.
+_JSON_KINDS = {list: "a JSON array", str: "a JSON string", int: "a JSON number", float: "a JSON number",
+               bool: "a JSON boolean", type(None): "JSON null"}
+
+
+def json_object(text: str | bytes, where: object) -> dict:
+    """``text`` parsed as a JSON object; one line naming ``where`` when it is not JSON, or is JSON of
+    another kind (``[]`` "holds a JSON array, not a JSON object": valid JSON, the wrong shape)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArcflowError(f"{where} is not valid JSON ({first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise ArcflowError(f"{where} holds {_JSON_KINDS.get(type(value), 'a JSON value')}, not a JSON object")
+    return value
 
 
 def _flag(name: str) -> str:

@@ -4,16 +4,19 @@ Every result file (images, reports, teacher weights) is written to a temporary n
 final one, flushed to disk, and only then renamed into place (``os.replace`` is atomic within a
 directory). A failure, a full disk or a signal leaves no partial file under the final name, so
 nothing half-written can be taken for a result or block the rerun ("already holds ...").
+
+safetensors files are also written the same byte for byte each time (:func:`canonical_safetensors`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 #: How a Rust ``std::io::Error`` names its errno in another library's message: safetensors' on a full
 #: disk is ``SafetensorError("Error while serializing: I/O error: No space left ... (os error 28)")``.
@@ -76,3 +79,26 @@ def atomic_outputs(paths: Sequence[Path | str]) -> Iterator[list[Path]]:
             if system is not None and system is not exc:
                 raise system from exc
         raise
+
+
+def canonical_safetensors(data: bytes, metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """The safetensors file ``data`` with a canonical header: its metadata (or ``metadata`` in its
+    place) first, keys sorted, the tensors' entries as written. safetensors writes metadata in the
+    order of a Rust hash map seeded per process, so the same tensors and metadata otherwise give
+    other bytes in every process (a resumed run's export would differ from an uninterrupted one's)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    recorded = header.pop("__metadata__", None)
+    metadata = recorded if metadata is None else metadata
+    if metadata:
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data to 8 bytes
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: Path | str, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """``safetensors.torch.save_file`` with a canonical header (:func:`canonical_safetensors`)."""
+    from safetensors.torch import save
+
+    Path(path).write_bytes(canonical_safetensors(save(dict(tensors), metadata=dict(metadata) if metadata else None)))

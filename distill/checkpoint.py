@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
 from torch import Tensor
 
 from arcflow.core.errors import ArcflowError, first_line
+from arcflow.core.files import canonical_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,13 @@ def write_file(path: Path, data: bytes) -> None:
         raise
 
 
+def _save(tensors: dict[str, Tensor]) -> bytes:
+    """safetensors bytes, the same for the same tensors in any process."""
+    from safetensors.torch import save
+
+    return canonical_safetensors(save(tensors))
+
+
 def write_checkpoint(
     directory: Path,
     trainable: dict[str, Tensor],
@@ -87,15 +95,15 @@ def write_checkpoint(
 ) -> None:
     """Write one checkpoint's files, then its manifest, into ``directory`` (which exists)."""
     check_finite(trainable, f"checkpoint at step {state.get('step')}")
-    files = {"trainable.safetensors": save(_cpu(trainable))}
+    files = {"trainable.safetensors": _save(_cpu(trainable))}
     if ema is not None:
         check_finite(ema, f"checkpoint at step {state.get('step')} (EMA)")
-        files["ema.safetensors"] = save(_cpu(ema))
+        files["ema.safetensors"] = _save(_cpu(ema))
     tensors, scalars = {}, {}
     for index, per_param in optimizer["state"].items():
         for name, value in per_param.items():
             (tensors if isinstance(value, Tensor) else scalars)[f"{index}.{name}"] = value
-    files["optimizer.safetensors"] = save(_cpu(tensors))
+    files["optimizer.safetensors"] = _save(_cpu(tensors))
     files["optimizer.json"] = json.dumps({"param_groups": optimizer["param_groups"], "scalars": scalars}).encode()
     files[STATE_FILE] = json.dumps(state, indent=2).encode()
     for name, data in files.items():

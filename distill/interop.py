@@ -39,6 +39,7 @@ from .student import (
     MomentumHead,
     StudentConfig,
     attach_student,
+    check_teacher_revision,
     get_head,
     head_spec,
     load_scheduler,
@@ -194,6 +195,7 @@ def load_arcflow_generator(
     from arcflow.pipeline.registry import load_teacher
 
     record = read_student_config(run_dir)
+    check_teacher_revision(run_dir, record)
     options = dict(record.get("teacher_options", {}) or {})
     options.pop("text_encoders", None)
     if torch_dtype is not None:

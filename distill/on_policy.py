@@ -343,22 +343,27 @@ class OnPolicySource:
 
 def resolve(config: DistillConfig) -> DistillConfig:
     """A polish (``from_run``) takes its student from the run it continues: the config with that
-    student (the user's NFE must match; other student settings are the run's). Other configs as given."""
+    student (the user's NFE must match; other student settings are the run's). Other configs as given.
+    The run's weights are read here, so a damaged or diverged parent is refused before Ray starts."""
+    from .student import run_weights
+
     if not config.on_policy or config.from_run is None:
         return config
     record = _run_record(config.from_run)
+    run_weights(config.from_run, record)
     saved = StudentConfig.from_dict(record["student"])
     return replace(config, student=replace(saved, init_seed=config.student.init_seed))
 
 
 def _run_record(run: str) -> dict[str, Any]:
-    from .student import read_student_config
+    from .student import check_teacher_revision, read_student_config
 
     if not Path(run).is_dir():
         raise ArcflowError(f"--from {run}: no such run directory")
     record = read_student_config(run)
     if not isinstance(record.get("teacher"), dict) or "student" not in record:
         raise ArcflowError(f"--from {run}: its arcflow_config.json names no teacher or student")
+    check_teacher_revision(run, record)
     return record
 
 
@@ -423,27 +428,22 @@ def plan_source(config: DistillConfig) -> OnPolicySource:
 
 def parent_weights(student: Any, run: str) -> None:
     """Start ``student`` (built with the run's own config) from a finished run's exported weights:
-    its LoRA, head and other trained weights, matched by parameter name."""
-    import safetensors.torch
-
-    from .student import read_student_config, run_file
+    its LoRA, head and other trained weights, matched by parameter name, read through the run
+    loader's one path (``run_weights``: non-finite or damaged files refused)."""
+    from .student import read_student_config, run_weights
     from .student.config import ADAPTER_NAME
 
-    record = read_student_config(run)
-    files = record.get("files", {})
+    weights = run_weights(run, read_student_config(run))
     wanted = {n: p for n, p in student.named_parameters() if p.requires_grad}
     found: dict[str, Tensor] = {}
-    if "lora" in files:
-        for key, value in safetensors.torch.load_file(str(run_file(run, files["lora"]))).items():
-            key = key.removeprefix("transformer.")
-            for part in ("lora_A", "lora_B"):
-                key = key.replace(f".{part}.weight", f".{part}.{ADAPTER_NAME}.weight")
-            found[f"transformer.{key}"] = value
-    for key, value in safetensors.torch.load_file(str(run_file(run, files.get("head", "momentum_head.safetensors")))).items():
-        found[f"transformer.{head_spec(student.transformer).path}.{key}"] = value
-    if "trainable" in files:
-        for key, value in safetensors.torch.load_file(str(run_file(run, files["trainable"]))).items():
-            found[f"transformer.{key}"] = value
+    for key, value in weights.get("lora", {}).items():
+        key = key.removeprefix("transformer.")
+        for part in ("lora_A", "lora_B"):
+            key = key.replace(f".{part}.weight", f".{part}.{ADAPTER_NAME}.weight")
+        found[f"transformer.{key}"] = value
+    head = head_spec(student.transformer).path
+    found.update({f"transformer.{head}.{key}": value for key, value in weights["head"].items()})
+    found.update({f"transformer.{key}": value for key, value in weights.get("trainable", {}).items()})
     missing = sorted(set(wanted) - set(found))
     if missing:
         raise ArcflowError(f"--from {run}: its files lack {len(missing)} trained weights of its student (e.g. {missing[0]})")

@@ -12,7 +12,7 @@ from torch import Tensor
 from arcflow.core.errors import ArcflowError
 
 from .arcflow_scheduler import ArcFlowScheduler
-from .student import Student, load_scheduler, load_student, read_student_config
+from .student import Student, check_teacher_revision, load_scheduler, load_student, read_student_config
 from .student import merge_lora as fuse_lora
 
 
@@ -75,6 +75,7 @@ def load_run_teacher(run_dir: Union[str, os.PathLike], device: str = "cpu") -> t
     teacher_id = saved.get("id") if isinstance(saved, dict) else None
     if not teacher_id or "student" not in record:
         raise ArcflowError(f"{run_dir} has an incomplete arcflow_config.json (no teacher id or student config)")
+    check_teacher_revision(run_dir, record)
     try:
         teacher = load_teacher(teacher_id, device=device, **(record.get("teacher_options") or {}))
     except TypeError as exc:  # options the teacher does not take: a tampered or foreign config

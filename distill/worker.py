@@ -92,6 +92,7 @@ def train_worker(
                 data = _gather(run.stream.state_dict(), world_size)  # every rank's data position
                 write = functools.partial(checkpoint_files, run, data) if rank == 0 else None
                 checkpoints.save(run.step, write, {"step": run.step, "loss": row["loss"]})
+                run.checkpointed = run.step
     finally:
         if metrics is not None:
             metrics.close()
@@ -119,6 +120,8 @@ class Training:
     stream: Any  # arcflow.storage.streaming.TrajectoryStream of this rank (on-policy: on_policy.PromptStream)
     batches: Iterator[dict[str, Any]]
     step: int = 0
+    #: The step of the newest checkpoint (written or resumed from); 0: none yet.
+    checkpointed: int = 0
     #: On-policy: the tied teacher and the rollout's settings (None offline).
     on_policy: Optional[tuple[Any, Any]] = None
     #: The student's sampling schedule (the export's ``segment_sigmas``).
@@ -194,7 +197,7 @@ def setup(
     loader = stream if tied is not None else torch.utils.data.DataLoader(
         stream, batch_size=config.batch_size, num_workers=config.loader_workers, pin_memory=device.type == "cuda")
     return Training(config, config.student.nfe, device, rank, world_size, student, model, params, optimizer,
-                    scheduler, ema, stream, iter(loader), step, on_policy=rollout, segment_sigmas=sigmas,
+                    scheduler, ema, stream, iter(loader), step, checkpointed=step, on_policy=rollout, segment_sigmas=sigmas,
                     teacher_evals_before=plan.teacher_evals)
 
 
@@ -257,7 +260,7 @@ def train_step(run: Training) -> dict[str, Any]:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
     lr = run.scheduler.get_last_lr()[0]
     value = loss.item()
-    stop_if_diverged(run.step + 1, value, float(grad_norm), config.lr)
+    stop_if_diverged(run.step + 1, value, float(grad_norm), config.lr, run.checkpointed)
     run.optimizer.step()
     run.scheduler.step()
     if run.ema is not None:
@@ -275,14 +278,16 @@ def train_step(run: Training) -> dict[str, Any]:
     }
 
 
-def stop_if_diverged(step: int, loss: float, grad_norm: float, lr: float) -> None:
+def stop_if_diverged(step: int, loss: float, grad_norm: float, lr: float, checkpointed: int = 0) -> None:
     """Stop a diverged run with one line naming the step, BEFORE its optimizer step touches the
-    weights: the last checkpoint stays the last good one and nothing is exported. Every rank agrees
-    (the gradients, and so their norm, are all-reduced)."""
+    weights: the last checkpoint (step ``checkpointed``; 0: none was written) stays the last good one
+    and nothing is exported. Every rank agrees (the gradients, and so their norm, are all-reduced)."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        kept = (f"the last good checkpoint (step {checkpointed}) is kept" if checkpointed
+                else "it diverged before its first checkpoint, so none was written")
         raise ArcflowError(
             f"the loss is not finite at step {step} (loss {loss}, gradient norm {grad_norm}): training diverged; "
-            f"the last good checkpoint is kept and no student was exported; lower --lr (now {lr:g}) and distill into a new --out"
+            f"{kept} and no student was exported; lower --lr (now {lr:g}) and distill into a new --out"
         )
 
 

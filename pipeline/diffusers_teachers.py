@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from tqdm.auto import tqdm
 
-from arcflow.core.errors import ArcflowError, first_line, quote
+from arcflow.core.errors import ArcflowError, first_line, json_object, quote
 
 from .conditioning_layout import REFERENCE_KEY, Layout, replay, split_call, stored_key
 from .edit_inputs import load_image, parse_prompt
@@ -72,10 +72,7 @@ def pipeline_class_name(directory: str | os.PathLike) -> str:
     index = Path(directory) / "model_index.json"
     if not index.is_file():
         raise ArcflowError(f"{directory} is not a diffusers pipeline directory (no model_index.json)")
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ArcflowError(f"{index} is not valid JSON: {exc}") from None
+    name = json_object(index.read_bytes(), index).get("_class_name")
     if not isinstance(name, str):
         raise ArcflowError(f"{index} names no pipeline class (_class_name)")
     family_for(name)
@@ -575,7 +572,8 @@ def load_diffusers_teacher(
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     if not text_encoders:
-        for name in text_component_names(json.loads((Path(directory) / "model_index.json").read_text())):
+        index = Path(directory) / "model_index.json"
+        for name in text_component_names(json_object(index.read_bytes(), index)):
             kwargs[name] = None
     try:
         with warnings.catch_warnings():  # diffusers >= 0.41 renames torch_dtype to dtype; both work

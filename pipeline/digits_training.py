@@ -21,12 +21,11 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from arcflow.core.files import atomic_outputs
+from arcflow.core.files import atomic_outputs, save_safetensors
 from arcflow.pipeline.classifier import CLASSIFIER_FILE, DigitsClassifier
 from arcflow.pipeline.digits import TEACHER_CONFIG_FILE, TEACHER_FILE
 from arcflow.pipeline.digits_data import SPLIT_SEED, digits_split, images_to_latents
@@ -204,9 +203,9 @@ def train_digits(
     config["training"]["threads"] = threads
     # all three or none: a teacher cut short by a full disk must not block the rerun ("already holds")
     with atomic_outputs([out / name for name in OUTPUT_FILES]) as (teacher_path, config_path, classifier_path):
-        save_file(teacher_state, str(teacher_path))
+        save_safetensors(teacher_state, teacher_path)
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-        save_file(classifier_state, str(classifier_path))
+        save_safetensors(classifier_state, classifier_path)
     summary = {
         "out_dir": str(out),
         "teacher_seconds": round(teacher_time, 1),

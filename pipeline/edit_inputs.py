@@ -35,9 +35,22 @@ def parse_prompt(prompt: str) -> tuple[str, list[str]]:
             data = json.loads(prompt)
         except json.JSONDecodeError:
             return prompt, []
-        if isinstance(data, dict) and set(data) == {"prompt", "image"}:
-            return str(data["prompt"]), [str(p) for p in data["image"]]
+        if isinstance(data, dict) and set(data) == {"prompt", "image"} and _is_paths(data["image"]):
+            return str(data["prompt"]), list(data["image"])
     return prompt, []
+
+
+def _is_paths(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) for p in value)
+
+
+def plain_prompt(text: str, where: str) -> str:
+    """``text`` as a plain-text prompt; ``ArcflowError`` (naming ``where``) when the string would not
+    read back as itself but as an edit prompt: images come only from ``.jsonl`` files and ``--image``."""
+    if parse_prompt(text) != (text, []):
+        raise ArcflowError(f'{where} is a JSON edit prompt ("prompt" and "image"); plain-text prompts are plain text: '
+                           "give prompts with reference images in a .jsonl file (or with --image)")
+    return text
 
 
 def has_images(prompts: Sequence[str]) -> bool:

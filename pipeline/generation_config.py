@@ -150,7 +150,8 @@ def check_outlives_process(url: str) -> None:
 
 def read_prompts(path: Optional[str]) -> Optional[list[str]]:
     """Prompts from a text file, one per line (blank lines skipped), or from a JSON Lines file
-    (``.jsonl``: prompts with reference images, pipeline/edit_inputs.py); None means the teacher's own."""
+    (``.jsonl``: prompts with reference images, pipeline/edit_inputs.py); None means the teacher's own.
+    Any other file is plain text: a line that would read as an edit prompt is refused."""
     if path is None:
         return None
     p = Path(path)
@@ -164,7 +165,10 @@ def read_prompts(path: Optional[str]) -> Optional[list[str]]:
         from .edit_inputs import read_jsonl_prompts
 
         return read_jsonl_prompts(p, text)
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    from .edit_inputs import plain_prompt
+
+    prompts = [plain_prompt(line.strip(), f"{path} line {number}")
+               for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not prompts:
         raise ArcflowError(f"prompts file is empty: {path}")
     return prompts

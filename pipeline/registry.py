@@ -99,6 +99,24 @@ def teacher_options_for_dataset(spec: Any, text_encoders: bool = False) -> dict[
     return options
 
 
+def local_revision(teacher_id: str, weights_dir: Any = None) -> str | None:
+    """A teacher's ``revision`` as known WITHOUT loading it: the digits weights' hash, a local pipeline
+    directory's (``directory_revision``); None for a hub id (known once its snapshot is fetched) or a
+    directory that is not a pipeline (loading it refuses it)."""
+    from pathlib import Path
+
+    if teacher_id == "digits":
+        from .digits import TEACHER_FILE, WEIGHTS_DIR, file_revision
+
+        weights = Path(weights_dir or WEIGHTS_DIR) / TEACHER_FILE
+        return file_revision(weights) if weights.is_file() else None
+    if not (Path(teacher_id) / "model_index.json").is_file():
+        return None
+    from .diffusers_teachers import directory_revision
+
+    return directory_revision(teacher_id)
+
+
 def load_teacher(teacher: TeacherSource, device: str = "cpu", **options: Any) -> Teacher:
     """Instantiate the teacher ``teacher`` names, or that a factory builds (``options`` go to its
     constructor)."""

@@ -59,7 +59,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, json_object
 
 #: The version this arcflow writes; READABLE_VERSIONS are the ones it reads.
 FORMAT_VERSION = 2
@@ -354,13 +354,7 @@ class DatasetSpec:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "DatasetSpec":
-        try:
-            d = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ArcflowError(f"dataset.json is not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ArcflowError("dataset.json must hold a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(json_object(text, DATASET_JSON))
 
     def diff(self, other: "DatasetSpec", skip: tuple[str, ...] = ()) -> list[str]:
         """Differences ``field: mine != other``, short (each value at most ~40 characters; dict fields

@@ -16,7 +16,7 @@ import numpy as np
 
 from arcflow.storage import _io
 from arcflow.core.errors import ArcflowError, first_line
-from arcflow.storage.shards import INDEX_CHECKED, ShardArrays, damaged_shard
+from arcflow.storage.shards import INDEX_CHECKED, ShardArrays, damaged_shard, open_arrays
 from arcflow.storage.format import (
     DATASET_JSON,
     INDEX_COLUMNS,
@@ -64,7 +64,9 @@ def list_shards(loc: _io.Location) -> tuple[list[int], list[int]]:
 
 def part_metadata(loc: _io.Location, shard_id: int, steps: int):
     """The Parquet footer of a shard's index part; ``ArcflowError`` naming the part when it cannot be
-    read (zero bytes, truncated, garbage) or does not hold whole trajectories of index rows."""
+    read (zero bytes, truncated, garbage), does not hold whole trajectories of index rows, or its
+    footer says its rows are another shard's (a part copied over: its manifest would otherwise
+    blame the shard's own, intact, ``zarr.json``)."""
     import pyarrow.parquet as pq
 
     name = f"{INDEX_DIR}/{index_part_name(shard_id)}"
@@ -78,14 +80,29 @@ def part_metadata(loc: _io.Location, shard_id: int, steps: int):
     names = meta.schema.to_arrow_schema().names
     if meta.num_rows < steps or meta.num_rows % steps or names != [n for n, _ in INDEX_COLUMNS]:
         raise damaged_part(loc, shard_id, f"{meta.num_rows} rows, columns {', '.join(names[:4])}...")
+    others = sorted(_shards_listed(meta) - {shard_id})
+    if others:
+        raise damaged_part(loc, shard_id, f"its rows are shard {others[0]}'s: a part copied from another shard")
     return meta
+
+
+def _shards_listed(meta) -> set[int]:
+    """The values of the ``shard`` column, from the footer's row-group statistics (no rows read;
+    empty where a writer kept no statistics)."""
+    column = [n for n, _ in INDEX_COLUMNS].index("shard")
+    found: set[int] = set()
+    for i in range(meta.num_row_groups):
+        stats = meta.row_group(i).column(column).statistics
+        if stats is not None and stats.has_min_max:
+            found |= {int(stats.min), int(stats.max)}
+    return found
 
 
 def damaged_part(loc: _io.Location, shard_id: int, reason: object) -> ArcflowError:
     """The one-line error for an index part that does not read back."""
     text = first_line(reason) if isinstance(reason, BaseException) else str(reason)
     return ArcflowError(
-        f"dataset {loc.url}: index part {INDEX_DIR}/{index_part_name(shard_id)} is damaged ({text}); "
+        f"dataset {loc.url}: index part {INDEX_DIR}/{index_part_name(shard_id)} of shard {shard_id} is damaged ({text}); "
         "rerun generate-trajectories with --resume to regenerate that shard"
     )
 
@@ -157,12 +174,13 @@ class TrajectoryReader:
         ids = sorted(self.committed_shards() if shards is None else shards)
         return {i: part_metadata(self.loc, i, self.spec.steps).num_rows // self.spec.steps for i in ids}
 
-    def manifest(self, shard_id: int) -> dict[str, list] | None:
+    def manifest(self, shard_id: int, steps: int | None = None) -> dict[str, list] | None:
         """The chunk manifest committed with a shard's index part (None: written before manifests);
-        one line naming the part when it is unreadable or its manifest malformed."""
+        one line naming the part when it is unreadable, its manifest malformed, or its rows not whole
+        trajectories of ``steps`` (default: dataset.json's) steps."""
         from arcflow.storage.chunk_store import manifest_from_json
 
-        meta = part_metadata(self.loc, shard_id, self.spec.steps).metadata or {}
+        meta = part_metadata(self.loc, shard_id, steps or self.spec.steps).metadata or {}
         raw = meta.get(MANIFEST_KEY.encode())
         if raw is None:
             return None
@@ -178,26 +196,38 @@ class TrajectoryReader:
         every object read must match the shard's manifest. The first time a reader opens a shard,
         it checks the arrays' metadata and small arrays against dataset.json and the index part
         against the arrays, so no reader ever reads a row the index misplaced."""
-        import zarr
-
         manifest = self.manifest(shard_id)
-        store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=True)
-        if self.spec.format_version >= 2:
-            from arcflow.storage.chunk_store import StrictStore
-
-            store = StrictStore(store, manifest)
-        try:
-            group = zarr.open_group(store, mode="r", zarr_format=3)
-        except FileNotFoundError:
-            raise ArcflowError(f"dataset {self.url}: shard {shard_id} is committed but its Zarr group is missing") from None
-        except Exception as exc:  # a garbled or altered group zarr.json
-            raise damaged_shard(self.url, shard_id, f"group metadata zarr.json is damaged ({first_line(exc, 160)})") from None
+        group = self._group(shard_id, manifest)
         shard = ShardArrays.open(self.url, self.spec, shard_id, group, self._array_names(shard_id, manifest))
         if shard_id not in self._checked:
             shard.check_values()
             shard.check_index(self._read_part(shard_id, list(INDEX_CHECKED)))
             self._checked.add(shard_id)
         return shard
+
+    def stored(self, shard_id: int) -> tuple[dict, dict]:
+        """(group attributes, name -> zarr array) of a committed shard as stored, each object checked
+        against the shard's manifest but nothing against dataset.json (what the shard records)."""
+        manifest = self.manifest(shard_id, steps=1)
+        group = self._group(shard_id, manifest)
+        arrays, _ = open_arrays(self.url, shard_id, group, self._array_names(shard_id, manifest))
+        return dict(group.attrs), arrays
+
+    def _group(self, shard_id: int, manifest: dict | None):
+        """The shard's zarr group (format v2: on a strict store checked against ``manifest``)."""
+        import zarr
+
+        store = self.loc.zarr_store(SHARDS_DIR, shard_zarr_name(shard_id), read_only=True)
+        if self.spec.format_version >= 2:
+            from arcflow.storage.chunk_store import StrictStore
+
+            store = StrictStore(store, manifest)
+        try:
+            return zarr.open_group(store, mode="r", zarr_format=3)
+        except FileNotFoundError:
+            raise ArcflowError(f"dataset {self.url}: shard {shard_id} is committed but its Zarr group is missing") from None
+        except Exception as exc:  # a garbled or altered group zarr.json
+            raise damaged_shard(self.url, shard_id, f"group metadata zarr.json is damaged ({first_line(exc, 160)})") from None
 
     def _array_names(self, shard_id: int, manifest: dict | None) -> list[str]:
         """The arrays of a shard: its group's sub-directories, and any its manifest lists (a

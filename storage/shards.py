@@ -37,7 +37,7 @@ def damaged_array(url: str, shard_id: int, name: str, reason: object) -> Arcflow
     return damaged_shard(url, shard_id, f"array {name!r} is damaged ({text})")
 
 
-def _stored_dtype(dtype: str) -> str:
+def stored_dtype(dtype: str) -> str:
     """The zarr dtype an array of ``dtype`` is stored as (bfloat16 and float8 as raw bits)."""
     return {"bfloat16": "uint16", "float8_e4m3": "uint8"}.get(dtype, dtype)
 
@@ -46,10 +46,10 @@ def expected_layout(spec: DatasetSpec, n: int) -> dict[str, tuple[tuple[int | No
     """name -> (shape, stored dtype) that dataset.json implies for a shard of ``n`` samples; None in a
     shape is any length >= 1 (v2's unique conditioning rows), a None dtype is not checked (v1)."""
     S, lat, v2 = spec.steps, spec.latent_shape, spec.format_version >= 2
-    states = _stored_dtype(spec.state_dtype) if v2 else None
+    states = stored_dtype(spec.state_dtype) if v2 else None
     out: dict[str, tuple[tuple[int | None, ...], str | None]] = {
         "x": ((n, len(spec.keyframe_steps) if v2 else S + 1, *lat), states),
-        "u": ((n, S, *lat), _stored_dtype(spec.storage_dtype) if v2 else None),
+        "u": ((n, S, *lat), stored_dtype(spec.storage_dtype) if v2 else None),
         "sigmas": ((S + 1,), "float64"),
         "sample_id": ((n,), "int64"),
         "seed": ((n,), "int64"),
@@ -81,6 +81,18 @@ def layout_problem(spec: DatasetSpec, arrays: dict) -> str | None:
     return None
 
 
+def open_arrays(url: str, shard_id: int, group, names: Sequence[str]) -> tuple[dict, dict[str, str | None]]:
+    """(name -> zarr array, name -> ``arcflow_dtype`` attribute) of a shard's ``group``, as stored."""
+    arrays, kinds = {}, {}
+    for name in names:
+        try:
+            arr = group[name]
+        except Exception as exc:  # a deleted, garbled or altered zarr.json
+            raise damaged_array(url, shard_id, name, exc) from None
+        arrays[name], kinds[name] = arr, arr.attrs.get(DTYPE_ATTR)
+    return arrays, kinds
+
+
 class ShardArrays:
     """Decoded access to one committed shard. ``arrays`` maps names to zarr or numpy arrays as stored
     (``kinds[name]`` is the ``arcflow_dtype`` attribute: "bfloat16"/"float8_e4m3" for bit arrays)."""
@@ -95,13 +107,7 @@ class ShardArrays:
     @classmethod
     def open(cls, url: str, spec: DatasetSpec, shard_id: int, group, names: Sequence[str]) -> "ShardArrays":
         """The arrays ``names`` of a shard's zarr ``group``, their metadata checked against dataset.json."""
-        arrays, kinds = {}, {}
-        for name in names:
-            try:
-                arr = group[name]
-            except Exception as exc:  # a deleted, garbled or altered zarr.json
-                raise damaged_array(url, shard_id, name, exc) from None
-            arrays[name], kinds[name] = arr, arr.attrs.get(DTYPE_ATTR)
+        arrays, kinds = open_arrays(url, shard_id, group, names)
         problem = layout_problem(spec, arrays)
         if problem is not None:
             raise damaged_shard(url, shard_id, problem)

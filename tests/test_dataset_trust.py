@@ -96,7 +96,9 @@ SHARD_DAMAGE = {
     "negative index row": (lambda ds: edit_index(ds, "row", lambda v: v.__setitem__(slice(0, 4), -1)),
                            "index row 0 has row -1"),
     "wrong shard column": (lambda ds: edit_index(ds, "shard", lambda v: v.__setitem__(slice(None), 1)),
-                           "has shard 1"),
+                           "rows are shard 1's"),
+    "one row of another shard": (lambda ds: edit_index(ds, "shard", lambda v: v.__setitem__(5, 1)),
+                                 "rows are shard 1's"),
     "swapped sample ids": (lambda ds: edit_index(ds, "sample_id", lambda v: v.__setitem__(slice(None), v[::-1])),
                            "sample_id"),
 }
@@ -124,7 +126,7 @@ def test_verify_finds_each_damage_and_repair_uncommits_exactly_that_shard(case, 
 
 
 @pytest.mark.parametrize("case", ["u chunk copied from another shard", "damaged sigmas chunk", "negative index row",
-                                  "wrong shard column", "garbled array zarr.json"])
+                                  "swapped sample ids", "garbled array zarr.json"])
 def test_the_stream_distill_reads_refuses_the_damage(case, ds):
     SHARD_DAMAGE[case][0](ds)
     stream = TrajectoryStream(str(ds), segment_bounds=[0, 2, 4], epochs=1, shuffle=False, shards=[0])
@@ -133,7 +135,7 @@ def test_the_stream_distill_reads_refuses_the_damage(case, ds):
     assert "\n" not in str(info.value) and "verify" in str(info.value)
 
 
-@pytest.mark.parametrize("case", ["index row past the shard", "negative index row", "wrong shard column",
+@pytest.mark.parametrize("case", ["index row past the shard", "negative index row", "swapped sample ids",
                                   "x chunk copied from another shard"])
 def test_read_sample_and_inspect_sample_refuse_instead_of_reading_another_row(case, ds, tmp_path, capfd):
     SHARD_DAMAGE[case][0](ds)
@@ -146,29 +148,87 @@ def test_read_sample_and_inspect_sample_refuse_instead_of_reading_another_row(ca
     assert open_dataset(str(ds)).read_sample(16)["sample_id"] == 16  # the other shard still reads
 
 
+@pytest.mark.parametrize("source, target", [(1, 0), (0, 1)])
+def test_an_index_part_copied_from_another_shard_is_named_not_its_zarr_json(source, target, ds, capfd):
+    part = f"index/shard-{target:06d}.parquet"
+    shutil.copy(ds / f"index/shard-{source:06d}.parquet", ds / part)
+    code, out, err = cli(capfd, "inspect", ds)  # plain inspect, no --sample
+    assert_one_line_error(code, err, f"index part {part} of shard {target} is damaged", f"rows are shard {source}'s")
+    assert "zarr.json" not in err and out == ""
+    report = verify_dataset(str(ds), repair=True)
+    assert list(report.problems) == [target] and part in report.problems[target]
+    assert not (ds / part).exists() and (ds / f"index/shard-{source:06d}.parquet").exists()
+
+
 def test_a_damaged_sigmas_chunk_stops_distill(ds, tmp_path):
     SHARD_DAMAGE["damaged sigmas chunk"][0](ds)
     with pytest.raises(ArcflowError, match="array 'sigmas'"):
         train_tiny_run(ds, tmp_path / "run", iters=2, checkpoint_every=2)
 
 
-# -- dataset.json against the arrays ------------------------------------------------------------------------
+# -- dataset.json against the arrays: an edited header is the damaged object, never the shards ---------------
+def drop_cond_field(d: dict) -> None:
+    d["cond_spec"].pop("pooled_prompt_embeds")
+
+
+# An edit of dataset.json: name -> (how, the field the line names, a fragment inspect's line names).
 HEADER_DAMAGE = {
-    "edited latent_shape": (lambda d: d.update(latent_shape=[8, 8]), "array 'x' has shape"),
-    "edited sigmas": (lambda d: d.update(sigmas=[1.0, 0.6, 0.3, 0.1, 0.0]), "sigmas"),
-    "edited storage dtype": (lambda d: d.update(storage_dtype="float16"), "stored as float32"),
+    "edited latent_shape": (lambda d: d.update(latent_shape=[8, 8]), "latent_shape", "array 'x' has shape"),
+    "edited sigmas": (lambda d: d.update(sigmas=[1.0, 0.6, 0.3, 0.1, 0.0]), "sigmas", "sigmas"),
+    "one more step": (lambda d: d.update(sigmas=[1.0, 0.8, 0.6, 0.4, 0.2, 0.0], steps=5), "sigmas", None),
+    "edited storage dtype": (lambda d: d.update(storage_dtype="float16"), "storage_dtype", "stored as float32"),
+    "edited keyframe interval": (lambda d: d.update(keyframe_every=1), "keyframe_every", "array 'x' has shape"),
+    "edited cond shape": (lambda d: d["cond_spec"]["prompt_embeds"].update(shape=[4, 32]),
+                          "cond_spec.prompt_embeds", "prompt_embeds"),
+    "edited cond dtype": (lambda d: d["cond_spec"]["prompt_embeds"].update(dtype="int32"),
+                          "cond_spec.prompt_embeds", "prompt_embeds"),
+    "dropped cond field": (drop_cond_field, "cond_spec.pooled_prompt_embeds", None),
+    "edited format version": (lambda d: d.update(format_version=1), "format_version", "array 'x' has shape"),
 }
 
 
 @pytest.mark.parametrize("case", list(HEADER_DAMAGE))
-def test_an_edited_header_is_found_by_verify_and_refused_by_inspect(case, ds, capfd):
-    edit, fragment = HEADER_DAMAGE[case]
+def test_an_edited_header_is_named_by_verify_and_repair_keeps_every_shard(case, ds, capfd):
+    edit, field, _ = HEADER_DAMAGE[case]
+    original = (ds / "dataset.json").read_text()
     edit_json(ds / "dataset.json", edit)
     report = verify_dataset(str(ds))
-    assert sorted(report.problems) == [0, 1] and all(fragment in p for p in report.problems.values()), report.problems
+    assert report.problems == {} and report.header is not None, report
+    assert "dataset.json is damaged" in report.header and f"{field}: dataset.json has" in report.header, report.header
+    code, out, _ = cli(capfd, "verify", ds, "--no-progress")
+    assert code == 1 and f"{field}: dataset.json has" in out and "shard 0" not in out, out
+    code, _, err = cli(capfd, "verify", ds, "--repair", "--no-progress")
+    assert_one_line_error(code, err, "dataset.json is damaged", field, "none was uncommitted")
+    assert sorted(p.name for p in (ds / "index").iterdir()) == ["shard-000000.parquet", "shard-000001.parquet"]
+    (ds / "dataset.json").write_text(original)  # what the line asks: the header restored, every sample is back
+    assert verify_dataset(str(ds)).problems == {}
+    assert open_dataset(str(ds)).read_sample(20)["sample_id"] == 20
+
+
+@pytest.mark.parametrize("case", [c for c, (_, _, fragment) in HEADER_DAMAGE.items() if fragment])
+def test_an_edited_header_is_refused_by_inspect(case, ds, capfd):
+    edit, _, fragment = HEADER_DAMAGE[case]
+    edit_json(ds / "dataset.json", edit)
     code, out, err = cli(capfd, "inspect", ds)
-    assert_one_line_error(code, err, fragment, "verify")
+    assert_one_line_error(code, err, fragment)
     assert out == ""
+
+
+def test_a_header_edit_beside_one_shards_own_damage_still_uncommits_nothing(ds):
+    SHARD_DAMAGE["garbled group zarr.json"][0](ds)
+    edit_json(ds / "dataset.json", HEADER_DAMAGE["edited latent_shape"][0])
+    with pytest.raises(ArcflowError, match="latent_shape: dataset.json has"):
+        verify_dataset(str(ds), repair=True)
+    assert len(list((ds / "index").iterdir())) == 2
+
+
+def test_shards_that_disagree_with_each_other_are_judged_one_by_one(ds):
+    """Only a disagreement shared by every shard blames the header: one shard's altered metadata is its own."""
+    without_manifest(ds)  # nothing binds the array metadata to the shard any more
+    edit_json(ds / SHARD0 / "u/zarr.json", lambda d: d.update(shape=[16, 4, 8, 8]))
+    report = verify_dataset(str(ds), repair=True)
+    assert report.header is None and list(report.problems) == [0] and report.repaired == [0]
+    assert (ds / "index/shard-000001.parquet").exists()
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])

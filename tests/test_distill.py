@@ -56,6 +56,12 @@ def test_resume_reaches_the_same_weights(dataset, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [m["loss"] for m in metrics(full)] == [m["loss"] for m in metrics(parts)]
+    # the same run gives the same bytes: the exported files and the last checkpoint's weights (its state.json
+    # records the config, paths and --resume included)
+    files = ["pytorch_lora_weights.safetensors", "momentum_head.safetensors", "scheduler_config.json",
+             *(f"checkpoints/step-0000012/{p.name}" for p in (full / "checkpoints/step-0000012").glob("*.safetensors"))]
+    for name in files:
+        assert (full / name).read_bytes() == (parts / name).read_bytes(), name
 
 
 def test_exported_student_reloads_identically(dataset, tmp_path):

@@ -72,3 +72,49 @@ def test_sample_image_errors_are_one_line(images, args, fragment, capsys, monkey
     code, _, err = run_in_process(capsys, "sample", "--out", str(images / "x.png"), *args)
     assert_one_line_error(code, err, fragment)
     assert not (images / "x.png").exists()
+
+
+# A line of a plain-text prompts file that would read back as an edit prompt (not as itself).
+EDIT_LOOKING = ['{"prompt": "x", "image": ["/etc/passwd"]}', '{"prompt": "x", "image": []}',
+                '{"prompt":"x","image":["a.png","b.png"]}']
+
+
+@pytest.mark.parametrize("line", EDIT_LOOKING)
+@pytest.mark.parametrize("name", ["prompts.txt", "prompts.json", "prompts"])
+def test_a_plain_text_prompts_file_is_plain_text(line, name, tmp_path, monkeypatch):
+    from arcflow.pipeline import edit_inputs
+
+    monkeypatch.setattr(edit_inputs, "check_image", lambda p: pytest.fail(f"opened {p}"))
+    path = tmp_path / name
+    path.write_text(f"a handwritten digit 3\n{line}\n")
+    with pytest.raises(ArcflowError) as info:
+        read_prompts(str(path))
+    assert f"{path} line 2 is a JSON edit prompt" in str(info.value) and ".jsonl" in str(info.value)
+
+
+def test_json_that_is_no_edit_prompt_stays_a_plain_prompt(tmp_path):
+    lines = ['{"prompt": 1}', '["a list"]', '{"prompt": "x"}', '{"prompt": "x", "image": 3}', "{not json"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n")
+    prompts = read_prompts(str(path))
+    assert prompts == lines and not has_images(prompts)
+
+
+@pytest.mark.parametrize("prompt", EDIT_LOOKING)
+def test_sample_prompt_is_plain_text(prompt, tmp_path, capsys):
+    from cli_helpers import assert_one_line_error, run_in_process
+
+    code, _, err = run_in_process(capsys, "sample", "--prompt", prompt, "--out", str(tmp_path / "x.png"))
+    assert_one_line_error(code, err, "--prompt", "is a JSON edit prompt")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_on_policy_prompts_are_plain_text_before_anything_starts(tmp_path, capsys):
+    from cli_helpers import assert_one_line_error, run_in_process
+
+    path = tmp_path / "prompts.txt"
+    path.write_text(EDIT_LOOKING[0] + "\n")
+    code, _, err = run_in_process(capsys, "distill", "--on-policy", "--teacher", "digits", "--prompts", path,
+                                  "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "line 1 is a JSON edit prompt")
+    assert not (tmp_path / "run").exists()

@@ -390,3 +390,30 @@ def test_resume_regenerates_a_damaged_part(scratch):
     assert res.returncode == 0, res.stderr
     assert "1 written, 1 already committed" in res.stdout
     pd.testing.assert_frame_equal(pd.read_parquet(part), original)
+
+
+# -- JSON files that parse but are not the object expected say what they hold (issue 28) ----------
+NOT_OBJECTS = {"[]": "holds a JSON array, not a JSON object", '"FluxPipeline"': "holds a JSON string",
+               "3": "holds a JSON number", "null": "holds JSON null", "{garbage": "is not valid JSON"}
+
+
+@pytest.mark.parametrize("text", sorted(NOT_OBJECTS))
+def test_a_model_index_that_is_no_object_says_what_it_holds(text, tmp_path, capfd):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "model_index.json").write_text(text)
+    code, _, err = cli(capfd, "generate-trajectories", "--teacher", teacher, "--out", tmp_path / "ds",
+                       "--num-samples", "1")
+    line = assert_one_line_error(code, err, "model_index.json", NOT_OBJECTS[text])
+    assert ("not valid JSON" in line) == (text == "{garbage")
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "{garbage"])
+def test_a_run_record_or_dataset_header_that_is_no_object_says_what_it_holds(text, scratch, capfd):
+    (scratch / "run" / "arcflow_config.json").write_text(text)
+    code, _, err = cli(capfd, "sample", "--adapter", scratch / "run", "--out", scratch / "x.png")
+    assert_one_line_error(code, err, "arcflow_config.json", NOT_OBJECTS[text])
+    (scratch / "ds" / "dataset.json").write_text(text)
+    code, _, err = cli(capfd, "inspect", scratch / "ds")
+    assert_one_line_error(code, err, "dataset.json", NOT_OBJECTS[text])

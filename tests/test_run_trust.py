@@ -331,15 +331,30 @@ def test_a_non_finite_loss_stops_training_and_exports_nothing(scratch, monkeypat
     with pytest.raises(ArcflowError) as info:
         train_tiny_run(scratch / "ds", out, **{**RUN, **dict(iters=8)})
     assert "the loss is not finite at step 5" in str(info.value) and "--lr" in str(info.value)
+    assert "the last good checkpoint (step 4) is kept" in str(info.value)
     assert ckpt.find_checkpoint(out).step == 4
     assert not (out / "arcflow_config.json").exists() and not (out / "momentum_head.safetensors").exists()
 
 
 def test_a_huge_learning_rate_stops_at_the_first_non_finite_step(scratch):
     out = scratch / "huge-lr"
-    with pytest.raises(ArcflowError, match="the loss is not finite at step"):
+    with pytest.raises(ArcflowError, match="the loss is not finite at step") as info:
         train_tiny_run(scratch / "ds", out, iters=20, checkpoint_every=100, lr=1e30, warmup=0)
+    assert "before its first checkpoint, so none was written" in str(info.value)
+    assert "checkpoint is kept" not in str(info.value) and ckpt.find_checkpoint(out).path is None
     assert not (out / "arcflow_config.json").exists()
+
+
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(scratch, monkeypatch):
+    """The run resumes at step 4 and diverges at once: step 4 is the last good checkpoint."""
+    from arcflow.distill import loss
+
+    real = loss.segment_loss
+    monkeypatch.setattr(loss, "segment_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    with pytest.raises(ArcflowError) as info:
+        train_tiny_run(scratch / "ds", scratch / "run", **{**RUN, **dict(iters=8, resume=True)})
+    assert "at step 5" in str(info.value) and "the last good checkpoint (step 4) is kept" in str(info.value)
+    assert ckpt.find_checkpoint(scratch / "run").step == 4
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
@@ -422,3 +437,91 @@ def test_a_second_job_on_one_run_is_refused_in_one_line(scratch, capfd):
     assert hashes(scratch) == before
     with hold_run(scratch / "run"):  # released with the first job
         pass
+
+
+# -- 6. a run's record is checked before it is trusted (issue 28) ------------------------------------
+@pytest.fixture
+def no_teacher_load(monkeypatch):
+    """Any teacher or pipeline load is a failure: the refusal must come first."""
+    from arcflow.pipeline import diffusers_teachers, registry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a teacher was loaded")
+
+    monkeypatch.setattr(registry, "load_teacher", refuse)
+    monkeypatch.setattr(diffusers_teachers, "load_diffusers_teacher", refuse)
+
+
+def _edit_record(run: Path, change) -> None:
+    path = run / "arcflow_config.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _another_pipeline(run: Path) -> None:
+    from tiny_pipelines import save_tiny_flux_pipeline
+
+    other = save_tiny_flux_pipeline(run.parent / "other-teacher")
+    _edit_record(run, lambda r: r["teacher"].update(id=str(other)))
+
+
+FOREIGN_TEACHERS = {
+    "another pipeline directory": _another_pipeline,
+    "an edited revision": lambda run: _edit_record(run, lambda r: r["teacher"].update(revision="0123456789abcdef")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_TEACHERS))
+def test_a_run_naming_another_teacher_is_refused_before_loading_it(case, scratch, capfd, no_teacher_load):
+    FOREIGN_TEACHERS[case](scratch / "run")
+    code, _, err = cli(capfd, "sample", "--adapter", scratch / "run", "--prompt", "a handwritten digit 3",
+                       "--num", "1", "--out", scratch / "x.png")
+    assert_one_line_error(code, err, "arcflow_config.json names teacher", "the teacher was not loaded")
+    assert not (scratch / "x.png").exists()
+    code, _, err = cli(capfd, "distill", "--on-policy", "--from", scratch / "run", "--out", scratch / "polish")
+    assert_one_line_error(code, err, "arcflow_config.json names teacher", "the teacher was not loaded")
+    assert not (scratch / "polish").exists()
+
+
+def test_a_pipeline_generator_for_a_run_compares_the_revision_first(scratch, no_teacher_load):
+    from arcflow.distill.interop import load_arcflow_generator
+
+    _another_pipeline(scratch / "run")
+    with pytest.raises(ArcflowError, match="the teacher was not loaded"):
+        load_arcflow_generator(scratch / "run")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+DAMAGED_PARENTS = {
+    "NaN head weight": (lambda r: _nan_in(r / "momentum_head.safetensors"), "momentum_head.safetensors", "not finite"),
+    "NaN LoRA weight": (lambda r: _nan_in(r / "pytorch_lora_weights.safetensors"), "pytorch_lora_weights", "not finite"),
+    "truncated head": (lambda r: _truncate(r / "momentum_head.safetensors"), "momentum_head.safetensors", "is damaged"),
+    "truncated LoRA": (lambda r: _truncate(r / "pytorch_lora_weights.safetensors"), "pytorch_lora_weights", "is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_PARENTS))
+def test_a_polish_of_a_damaged_run_is_refused_up_front(case, scratch, capfd, no_teacher_load):
+    damage, *fragments = DAMAGED_PARENTS[case]
+    damage(scratch / "run")
+    code, _, err = cli(capfd, "distill", "--on-policy", "--from", scratch / "run", "--out", scratch / "polish")
+    assert_one_line_error(code, err, *fragments)
+    assert not (scratch / "polish").exists()
+
+
+def test_the_polish_start_reads_weights_through_the_run_loader(scratch):
+    """``parent_weights`` itself refuses a NaN weight (the worker's own read, not only the driver's)."""
+    from arcflow.distill.on_policy import parent_weights
+    from arcflow.distill.student import build_student, read_student_config
+    from arcflow.distill.student.config import StudentConfig
+    from arcflow.pipeline.registry import load_teacher
+
+    record = read_student_config(scratch / "run")
+    student = build_student(load_teacher("digits"), StudentConfig.from_dict(record["student"]))
+    _nan_in(scratch / "run" / "momentum_head.safetensors")
+    with pytest.raises(ArcflowError, match="not finite"):
+        parent_weights(student, str(scratch / "run"))

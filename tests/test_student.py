@@ -5,6 +5,7 @@ import math
 
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 from arcflow.distill.loss import segment_batch, segment_loss
 from arcflow.distill.momentum import displacement, velocity_at
@@ -286,6 +287,45 @@ def test_saved_lora_loads_through_diffusers_with_alpha(teacher, cond, noise, tmp
         expected = student.transformer(**inputs)[0]
         got = fresh(**inputs)[0]
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("trainable", ["lora+heads", "full"])
+def test_the_same_student_exports_the_same_bytes(teacher, tmp_path, trainable):
+    """safetensors orders metadata by a hash map seeded anew for each file: every export of one
+    student (and every ``save_safetensors``) must still give the same bytes."""
+    from arcflow.core.files import save_safetensors
+
+    student = build_student(teacher, StudentConfig(momentum=True, k=2, lora_rank=4, trainable=trainable))
+    _perturb(student)
+    runs = [save_student(student, tmp_path / f"run{i}", {}) for i in range(6)]
+    for name in (LORA_FILE, HEAD_FILE, TRAINABLE_FILE):
+        if (runs[0] / name).exists():
+            assert len({(run / name).read_bytes() for run in runs}) == 1, name
+    metadata = {"format": "pt", "b": "1", "a": "2", "lora_adapter_metadata": "{}"}
+    for i in range(6):
+        save_safetensors({"w": torch.ones(3), "v": torch.zeros(2)}, tmp_path / f"w{i}.safetensors", metadata)
+    assert len({(tmp_path / f"w{i}.safetensors").read_bytes() for i in range(6)}) == 1
+    with safetensors.safe_open(str(tmp_path / "w0.safetensors"), "pt") as f:
+        assert f.metadata() == metadata and torch.equal(f.get_tensor("w"), torch.ones(3))
+
+
+def test_lora_targets_are_written_in_one_order_whatever_the_sets_order(teacher, tmp_path):
+    """peft keeps target_modules as a set, which diffusers writes in the set's (hash-seeded) order."""
+    from arcflow.distill.student import saving
+
+    targets = ["ff.net.2", "proj_mlp", "ff_context.net.2", "attn.to_q"]  # a list: peft keeps it as a set
+    student = build_student(teacher, StudentConfig(momentum=True, k=2, lora_rank=4, lora_targets=targets))
+    run = save_student(student, tmp_path / "run", {})
+    path = run / LORA_FILE
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["target_modules"] == sorted(targets)
+    written = path.read_bytes()
+    shuffled = {**meta, "target_modules": meta["target_modules"][::-1]}
+    safetensors.torch.save_file(tensors, str(path), {"lora_adapter_metadata": json.dumps(shuffled), "format": "pt"})
+    saving._canonical_lora_file(path)
+    assert path.read_bytes() == written
 
 
 def test_student_config_round_trip_and_validation():

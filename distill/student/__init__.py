@@ -17,8 +17,9 @@ _HOMES = {
                "default_lora_targets", "lora_config_for"),
     "head": ("MomentumHead", "head_for", "soft_clamp"),
     "model": ("Student", "build_student", "get_head", "head_spec", "set_head", "transformer_class_name"),
-    "saving": ("HEAD_FILE", "LORA_FILE", "STUDENT_CONFIG_FILE", "TRAINABLE_FILE", "attach_student", "load_scheduler",
-               "load_student", "merge_lora", "read_student_config", "run_file", "save_student"),
+    "saving": ("HEAD_FILE", "LORA_FILE", "STUDENT_CONFIG_FILE", "TRAINABLE_FILE", "attach_student", "check_teacher_revision", "load_scheduler",
+               "load_student", "load_weights", "merge_lora", "read_student_config", "run_file", "run_weights",
+               "save_student"),
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 

@@ -29,10 +29,12 @@ from typing import Any, Mapping, Union
 
 import safetensors.torch
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from torch import Tensor, nn
 
-from arcflow.core.errors import ArcflowError, first_line
+from arcflow.core.errors import ArcflowError, first_line, json_object, quote
+from arcflow.core.files import canonical_safetensors, save_safetensors
 
 from ..arcflow_scheduler import ArcFlowScheduler
 from .config import ADAPTER_NAME, StudentConfig
@@ -48,6 +50,8 @@ TRAINABLE_FILE = "trainable_weights.safetensors"
 STUDENT_CONFIG_FILE = "arcflow_config.json"
 CONFIG_FORMAT = "arcflow-student"
 CONFIG_VERSION = 1
+#: ``LoraConfig`` fields peft keeps as sets (diffusers writes them as lists in the set's order).
+SET_VALUED_LORA_FIELDS = ("target_modules", "exclude_modules")
 #: Key prefix of LoRA files written by earlier arcflow versions (the diffusers pipeline format).
 LEGACY_LORA_PREFIX = "transformer"
 
@@ -101,8 +105,9 @@ def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any])
     files = {"head": HEAD_FILE}
     if student.has_lora:
         transformer.save_lora_adapter(str(out), adapter_name=ADAPTER_NAME, weight_name=LORA_FILE)
+        _canonical_lora_file(out / LORA_FILE)
         files["lora"] = LORA_FILE
-    safetensors.torch.save_file(_cpu_state(student.head.state_dict()), str(out / HEAD_FILE), metadata={"format": "pt"})
+    save_safetensors(_cpu_state(student.head.state_dict()), out / HEAD_FILE, metadata={"format": "pt"})
     head_prefix = f"{head_spec(transformer).path}."
     other = {
         n: p
@@ -110,7 +115,7 @@ def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any])
         if p.requires_grad and ".lora_" not in n and not n.startswith(head_prefix)
     }
     if other:
-        safetensors.torch.save_file(_cpu_state(other), str(out / TRAINABLE_FILE), metadata={"format": "pt"})
+        save_safetensors(_cpu_state(other), out / TRAINABLE_FILE, metadata={"format": "pt"})
         files["trainable"] = TRAINABLE_FILE
 
     record: dict[str, Any] = {
@@ -131,6 +136,22 @@ def _write_student(student: Student, out: Path, extra_config: Mapping[str, Any])
     _scheduler_for_record(record, teacher).save_config(str(out))
     (out / STUDENT_CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def _canonical_lora_file(path: Path) -> None:
+    """Rewrite diffusers' LoRA file byte-identical for the same weights: its metadata keys sorted
+    (:func:`canonical_safetensors`), and the ``LoraConfig`` fields peft keeps as sets, which
+    diffusers writes as lists in the set's (hash-seeded) order, sorted."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    metadata = dict(json.loads(data[8:8 + size]).get("__metadata__") or {})
+    if LORA_ADAPTER_METADATA_KEY in metadata:
+        config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY])
+        for key in SET_VALUED_LORA_FIELDS:
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
+    path.write_bytes(canonical_safetensors(data, metadata))
 
 
 def _scheduler_for_record(record: Mapping[str, Any], teacher: Any) -> ArcFlowScheduler:
@@ -194,12 +215,7 @@ def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
     path = Path(run_dir) / STUDENT_CONFIG_FILE
     if not path.is_file():
         raise ArcflowError(f"{run_dir} is not a student run directory (no {STUDENT_CONFIG_FILE})")
-    try:
-        record = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArcflowError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise ArcflowError(f"{path} is damaged: a JSON object was expected, got {type(record).__name__}")
+    record = json_object(path.read_bytes(), path)
     if record.get("format") != CONFIG_FORMAT or record.get("format_version") != CONFIG_VERSION:
         raise ArcflowError(
             f"{path} is not an {CONFIG_FORMAT} v{CONFIG_VERSION} config "
@@ -209,6 +225,24 @@ def read_student_config(run_dir: Union[str, os.PathLike]) -> dict[str, Any]:
         if key in record and not isinstance(record[key], kind):
             raise ArcflowError(f"{path} is damaged: {key!r} must be a JSON object")
     return record
+
+
+def check_teacher_revision(run_dir: Union[str, os.PathLike], record: Mapping[str, Any]) -> None:
+    """Refuse, BEFORE it is loaded, a teacher whose revision differs from the one the run recorded
+    (its ``arcflow_config.json`` names another directory, or the weights changed): one line."""
+    from arcflow.pipeline.registry import local_revision
+
+    teacher = record.get("teacher") or {}
+    saved, teacher_id = teacher.get("revision"), teacher.get("id")
+    if saved is None or not isinstance(teacher_id, str):
+        return
+    options = record.get("teacher_options") or {}
+    current = local_revision(teacher_id, options.get("weights_dir"))
+    if current is not None and current != saved:
+        raise ArcflowError(
+            f"{run_dir}/{STUDENT_CONFIG_FILE} names teacher {quote(teacher_id)}, which is revision {current}, "
+            f"but the run was trained on revision {quote(saved)}; the teacher was not loaded"
+        )
 
 
 def run_file(run_dir: Union[str, os.PathLike], name: object) -> Path:
@@ -245,12 +279,12 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
         if config.trainable == "lora+heads":
             _load_lora(transformer, run_file(run, files.get("lora", LORA_FILE)), adapter_name)
         if "trainable" in files:
-            weights = _finite_weights(run_file(run, files["trainable"]))
+            weights = load_weights(run_file(run, files["trainable"]))
             result = transformer.load_state_dict(weights, strict=False)
             if result.unexpected_keys:
                 raise ArcflowError(f"{files['trainable']} in {run} holds weights the transformer lacks")
         head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound, spec.positions)
-        head.load_state_dict(_finite_weights(head_path))
+        head.load_state_dict(load_weights(head_path))
     except ArcflowError:
         raise
     except Exception as exc:  # shapes, dtypes, keys or file bytes that do not fit the config
@@ -261,9 +295,21 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
     return proj
 
 
-def _finite_weights(path: Path) -> dict[str, Tensor]:
-    """A run's weights file, refused as one line naming it where a weight is NaN or infinite."""
-    weights = safetensors.torch.load_file(str(path))
+def run_weights(run_dir: Union[str, os.PathLike], record: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
+    """A run's weight files by role (``head``, and ``lora`` / ``trainable`` where it has them), each
+    read through :func:`load_weights`: a damaged run is refused before anything starts from it."""
+    files = record.get("files", {})
+    names = {"head": files.get("head", HEAD_FILE), **{role: files[role] for role in ("lora", "trainable") if role in files}}
+    return {role: load_weights(run_file(run_dir, name)) for role, name in names.items()}
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """A run's weights file (the ONE way arcflow reads one), refused as one line naming it where a
+    weight is NaN or infinite or the file does not read as safetensors."""
+    try:
+        weights = safetensors.torch.load_file(str(path))
+    except safetensors.SafetensorError as exc:  # truncated, garbage, a header that lies
+        raise ArcflowError(f"{path} is damaged: {first_line(exc)}") from None
     for name, value in weights.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise ArcflowError(f"{path} holds a weight that is not finite ({name[:100]}): the run diverged or the file is damaged")
@@ -272,7 +318,7 @@ def _finite_weights(path: Path) -> dict[str, Tensor]:
 
 def _load_lora(transformer: nn.Module, path: Path, adapter_name: str) -> None:
     """diffusers' ``load_lora_adapter`` from the run's file (older runs' prefixed keys too)."""
-    weights = _finite_weights(path)
+    weights = load_weights(path)
     legacy = any(k.startswith(f"{LEGACY_LORA_PREFIX}.") for k in weights)
     transformer.load_lora_adapter(
         str(path.parent), weight_name=path.name, adapter_name=adapter_name,
