@@ -101,13 +101,6 @@ def stored_key(layout: Layout, arg: str) -> str:
     return layout[arg].get("key", arg)
 
 
-def stored_keys(layout: Layout) -> list[str]:
-    """The conditioning keys a dataset holds for ``layout``."""
-    keys = [e["reference"] for e in layout.values() if e["kind"] == "latent" and "reference" in e]
-    keys += [e.get("key", name) for name, e in layout.items() if e["kind"] in ("batched", "shared")]
-    return sorted(keys)
-
-
 def replay(
     layout: Layout, x: Tensor, timestep: Tensor, cond: Mapping[str, Tensor], dtype: torch.dtype,
     device: torch.device, latent_input: Callable[[Tensor], Any] = lambda t: t,

@@ -448,18 +448,6 @@ class DiffusersTeacher(Teacher):
             images.append(self.family.decode(self.pipe, chunk.to(vae_device, vae.dtype), self.grid).float().cpu())
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
-    def describe(self) -> dict[str, Any]:
-        """What a dataset or run should record about this teacher's set-up."""
-        return {
-            "pipeline_class": self.pipeline_class,
-            "height": self.height,
-            "width": self.width,
-            "mu": self.mu,
-            "shift": self.shift,
-            "true_cfg": self.true_cfg,
-            "default_guidance": self.default_guidance,
-        }
-
 
 #: ``__call__`` arguments arcflow sets itself; ``call_options`` may not override them.
 ARCFLOW_CALL_ARGUMENTS = frozenset({

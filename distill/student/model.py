@@ -91,10 +91,6 @@ class Student(nn.Module):
         out = self.transformer(**self.teacher.transformer_inputs(x, sigma, cond))
         return self.head.unpack(self.teacher.network_output(out, x.shape[1]))
 
-    def predict(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor]) -> MomentumParams:
-        """Same as calling the module (kept for readability at call sites)."""
-        return self(x, sigma, cond)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates."""
         return [p for p in self.parameters() if p.requires_grad]
