@@ -1,7 +1,8 @@
 """What stays per pipeline family (docs/architecture.md, Teachers): small and explicit.
 
 Everything else a diffusers teacher does goes through the pipeline's own ``__call__``
-(pipeline/pipeline_teacher.py). A :class:`Family` says, for its pipeline classes:
+(pipeline/diffusers_teachers.py, watched by pipeline/pipeline_capture.py). A :class:`Family` says,
+for its pipeline classes:
 
 * the layout of the latents the scheduler steps (``latent_shape``), how the pipeline draws the
   noise for a seed (``noise``) and how final latents become images (``decode``);
@@ -13,7 +14,8 @@ Everything else a diffusers teacher does goes through the pipeline's own ``__cal
   default LoRA targets.
 
 The code here reproduces the pipelines' latent packing with plain reshapes; no private diffusers
-helper is called. Tests check each family against its stock pipeline (tests/test_families.py).
+helper is called. Tests check each family against its stock pipeline (tests/test_family_*.py, with
+tests/family_checks.py).
 
 The registry of families (``ALL_FAMILIES``, :func:`family_for`) is pipeline/families.py; the base
 class lives here so that a family in its own module (pipeline/family_<name>.py) can subclass it

@@ -145,7 +145,8 @@ def _record(pipe, **kw):
 
 
 def test_kontext_recorder_facts():
-    """What facts-famflux.md states for a generic recorder: noise layout, timestep, velocity slice."""
+    """What a generic recorder relies on in FluxKontextPipeline: the noise's packed layout, the timestep
+    (the scheduler's t / 1000) and the velocity (the output's first n tokens; the rest are the reference's)."""
     pipe = tiny_flux_kontext_pipeline()
     B, C, h = 2, 4, 16
     gens = [torch.Generator().manual_seed(i) for i in range(B)]
