@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command one: the main job, end to end, on the embedded digits teacher.
-#   1. set up .venv (CPU torch pinned) and install arcflow;
+#   1. set up .venv (torch pinned to 2.13.0) and install arcflow;
 #   2. record teacher trajectories (50 Euler steps x 2 for CFG) on a local Ray cluster;
 #   3. distill the ArcFlow student and the K=1 linear baseline with the same data and budget;
 #   4. evaluate both against the teacher, print the table, and say where the grid is.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install arcflow with CPU torch pinned. Idempotent and quiet.
+# Create .venv (if missing) and install arcflow with torch pinned to 2.13.0. Idempotent and quiet.
 #
 # The install is editable, so code changes need no reinstall: setup installs again only when
 # pyproject.toml, this script, the Python or the clone's location changed since the last install
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.arcflow-setup-stamp
 if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv and installing arcflow (CPU torch); the first time takes a few minutes"
+  echo "setup: creating .venv and installing arcflow (torch 2.13.0); the first time takes a few minutes"
   "$PY" -m venv .venv
 fi
 want=$( { cat pyproject.toml scripts/setup.sh; pwd; .venv/bin/python -VV; } | sha256sum | cut -d' ' -f1)
@@ -21,7 +21,12 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x .venv/bin/arcflow 
 fi
 pip() { .venv/bin/python -m pip -qq --disable-pip-version-check "$@"; }
 pip install --upgrade pip
-# The CPU build of torch, pinned so the multi-GB CUDA build is never pulled on a CPU machine.
+# torch pinned to one release. Which build the pin gets depends on the indexes pip sees: from PyPI
+# alone on Linux it is the CUDA build (multi-GB with its nvidia-* wheels), on a CPU-only machine too;
+# where pip's config lists a local CPU wheel first (find-links, as on this project's CPU machines) it
+# is 2.13.0+cpu. A torch 2.13.0 already in .venv satisfies the pin and is kept, so for the CPU build
+# elsewhere install it first: .venv/bin/python -m pip install torch==2.13.0 --index-url
+# https://download.pytorch.org/whl/cpu (README.md, Installing torch).
 pip install "torch==2.13.0"
 pip install -e ".[dev]"
 echo "$want" > "$STAMP"
