@@ -27,7 +27,7 @@ MAX_PROMPT_CHARS = 10_000
 def check_prompt_length(text: str, where: str) -> None:
     """One line naming ``where`` (a flag, a file's line) for a prompt longer than ``MAX_PROMPT_CHARS``."""
     if len(text) > MAX_PROMPT_CHARS:
-        raise ArcflowError(f"{where}: the prompt has {len(text)} characters; at most {MAX_PROMPT_CHARS}")
+        raise ArcflowError(f"{where}: the prompt is too long ({len(text)} characters); at most {MAX_PROMPT_CHARS}")
 
 
 def edit_prompt(text: str, images: Sequence[str]) -> str:
