@@ -13,14 +13,12 @@ import typer
 from typer.exceptions import TyperException
 
 
+from arcflow.core.errors import one_line
+from arcflow.core.quiet import quiet_libraries
 from arcflow.core.signals import handle_stop_signals, received_sigterm
 
 from . import dataset_commands, distill_commands, evaluate_commands, teacher_commands
 from .errors import TRACEBACK_ENV, describe
-
-#: Loggers whose warnings are noise on a user's terminal: Ray's token-auth notice on every local
-#: cluster, diffusers' loading chatter.
-QUIET_LOGGERS = ("ray._private.authentication.authentication_token_setup", "diffusers", "transformers")
 
 app = typer.Typer(
     name="arcflow",
@@ -58,8 +56,7 @@ def root(
     if verbose:
         os.environ[TRACEBACK_ENV] = "1"
     else:  # library notices that say nothing about the user's job (they come back with --verbose)
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        quiet_libraries()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -79,8 +76,6 @@ app.command("train-teacher")(teacher_commands.train_teacher)
 
 #: Exit statuses of a stopped job: 128 + the signal's number, as a shell reports it.
 INTERRUPTED_STATUS, TERMINATED_STATUS = 130, 143
-#: The longest error line printed: a last resort, messages quote at most ~100 characters of input.
-MAX_LINE = 1000
 
 
 def _command_name(args: Sequence[str]) -> Optional[str]:
@@ -132,8 +127,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    line = " ".join(str(message).split())
-    if len(line) > MAX_LINE:
-        line = f"{line[: MAX_LINE - 40]}... ({len(line)} characters)"
-    typer.echo(f"arcflow: error: {line}", err=True)
+    typer.echo(f"arcflow: error: {one_line(message)}", err=True)
     sys.exit(code)

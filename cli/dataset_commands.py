@@ -95,13 +95,10 @@ def parse_call_options(values: Optional[List[str]]) -> Optional[dict]:
 def _teacher_options(teacher: str, **given: object) -> dict:
     """The non-None options, as ``GenerationConfig.teacher_options``; diffusers-only ones are refused
     for embedded teachers."""
-    from arcflow.pipeline.registry import DIFFUSERS_OPTIONS, is_diffusers_teacher
+    from arcflow.pipeline.registry import check_teacher_options
 
     options = {k: v for k, v in given.items() if v is not None}
-    misplaced = [k for k in options if k in DIFFUSERS_OPTIONS and not is_diffusers_teacher(teacher)]
-    if misplaced:
-        flags = ", ".join("--" + k.replace("_", "-").removesuffix("s" if k == "call_options" else "") for k in misplaced)
-        raise ArcflowError(f"{flags} apply to diffusers teachers only, not to {quote(teacher)}")
+    check_teacher_options(teacher, options)
     if "torch_dtype" in options:
         from arcflow.pipeline.diffusers_teachers import resolve_torch_dtype
 

@@ -15,7 +15,7 @@ import errno
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from arcflow.core.errors import TRACEBACK_ENV, ArcflowError, first_line
+from arcflow.core.errors import TRACEBACK_ENV, ArcflowError, clip, first_line
 
 __all__ = ["TRACEBACK_ENV", "causes", "describe", "message_of"]
 
@@ -59,7 +59,7 @@ _ERRNO_ADVICE = {
 
 
 def _describe_os_error(exc: OSError, resumable: bool) -> str:
-    where = exc.filename if exc.filename is not None else None
+    where = clip(exc.filename) if exc.filename is not None else None
     rerun = "rerun with --resume" if resumable else "rerun the command"
     advice = _ERRNO_ADVICE.get(exc.errno or -1, exc.strerror or str(exc)).format(rerun=rerun)
     return f"{where}: {advice}" if where is not None else advice

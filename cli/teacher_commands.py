@@ -27,7 +27,9 @@ def _teacher_images(
 ) -> tuple[Tensor, Optional[int]]:
     """Sample ``num`` images per prompt with the teacher; returns images and the grid row length."""
     from arcflow.pipeline.recording import sample_teacher
+    from arcflow.pipeline.registry import require_prompts
 
+    require_prompts(teacher_name, bool(prompts), "--prompt")
     teacher = _load_teacher(teacher_name)
     prompts = prompts or teacher.prompt_set()
     teacher.validate_prompts(prompts)
@@ -61,8 +63,12 @@ def sample(
     """Generate images with a teacher or a distilled student; write a PNG grid or a .npy array."""
     from arcflow.pipeline.images import check_image_path, write_images
 
+    from arcflow.pipeline.edit_inputs import check_prompt_length
+
     check_image_path(out)
     check_finite("--guidance", guidance, minimum=0.0)
+    for text in prompt or []:
+        check_prompt_length(text, "--prompt")
     prompts = _with_images(list(prompt or []), list(image or []))
     if adapter is None:
         if compare_teacher or nfe is not None:
@@ -77,13 +83,15 @@ def sample(
 def _with_images(prompts: list[str], images: list[Path]) -> list[str]:
     """Each prompt with the reference images (checked to open), as edit prompts; without images,
     plain-text prompts (one that reads as an edit prompt is refused)."""
-    from arcflow.pipeline.edit_inputs import check_image, edit_prompt, plain_prompt
+    from arcflow.pipeline.edit_inputs import check_image, check_image_name, edit_prompt, plain_prompt
 
     if not images:
         return [plain_prompt(p, f"--prompt {quote(p)}") for p in prompts]
 
     if not prompts:
         raise ArcflowError("--image needs --prompt (the edit instruction)")
+    for p in images:
+        check_image_name(str(p))
     paths = [str(p.resolve()) for p in images]
     for p in paths:
         check_image(p)

@@ -19,6 +19,8 @@ from typing import Iterable, Mapping
 TRACEBACK_ENV = "ARCFLOW_TRACEBACK"
 #: How many characters of a user's input (a prompt, an id, an address) an error line quotes.
 QUOTE_LIMIT = 100
+#: The longest error line printed: a last resort, messages quote at most ~100 characters of input.
+MAX_LINE = 1000
 
 
 def verbose() -> bool:
@@ -33,6 +35,21 @@ def quote(text: object, limit: int = QUOTE_LIMIT) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def clip(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` as it is (a path, a class name), cut like :func:`quote` when longer than ``limit``."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def one_line(message: object) -> str:
+    """``message`` as the CLI prints it: one line (whitespace collapsed), every word longer than
+    twice ``QUOTE_LIMIT`` (input no message quoted through :func:`quote` or :func:`clip`) cut to
+    ``QUOTE_LIMIT`` characters, and the whole at most ``MAX_LINE``."""
+    words = [w if len(w) <= 2 * QUOTE_LIMIT else clip(w) for w in str(message).split()]
+    line = " ".join(words)
+    return line if len(line) <= MAX_LINE else f"{line[: MAX_LINE - 40]}... ({len(line)} characters)"
 
 
 class ArcflowError(Exception):

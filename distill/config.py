@@ -19,6 +19,11 @@ RESUMABLE_CHANGES = (
 )
 
 
+#: Settings only an on-policy run uses (an offline run's data fixes them), and only an offline one.
+ON_POLICY_FIELDS = ("teacher", "prompts", "from_run", "guidance", "teacher_options", "teacher_mix_iters",
+                    "intermediate_states", "total_substeps", "window_substeps", "mixture_dropout")
+OFFLINE_FIELDS = ("dataset", "shards", "shuffle_buffer", "loader_workers")
+
 #: ``ema_schedule`` values: a fixed decay (diffusers' ``EMAModel``, which warms it up) or the
 #: Karras power-function schedule of the official recipe (distill/optim.py).
 EMA_SCHEDULES = ("constant", "karras")
@@ -189,9 +194,11 @@ class DistillConfig:
         return cls(**{k: v for k, v in data.items() if k in names}, student=StudentConfig.from_dict(student))
 
     def differences(self, other: "DistillConfig") -> list[str]:
-        """Names of fields that differ and would change what training computes."""
+        """Names of fields that differ and would change what training computes (an offline run's
+        on-policy settings compute nothing: runs saved before they were refused may hold any)."""
         mine, theirs = _flat(self.to_dict()), _flat(other.to_dict())
-        return [k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k)]
+        unused = () if self.on_policy else ON_POLICY_FIELDS
+        return [k for k in mine if k not in RESUMABLE_CHANGES + unused and mine[k] != theirs.get(k)]
 
 
 def _flat(data: Mapping[str, Any]) -> dict[str, Any]:

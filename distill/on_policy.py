@@ -388,7 +388,7 @@ def run_guidance(record: Mapping[str, Any]) -> Optional[float]:
 def plan_source(config: DistillConfig) -> OnPolicySource:
     """The teacher, its options and guidance, the run's fingerprint (prompts, teacher, parent run)
     and the evaluations spent before it; one ``ArcflowError`` line for what cannot work."""
-    from arcflow.pipeline.registry import check_teacher_id, is_diffusers_teacher
+    from arcflow.pipeline.registry import check_teacher_id, check_teacher_options, is_diffusers_teacher, require_prompts
 
     if config.from_run is not None:
         record = _run_record(config.from_run)
@@ -404,6 +404,8 @@ def plan_source(config: DistillConfig) -> OnPolicySource:
         teacher_id, options, guidance, before, parent = str(config.teacher), {}, config.guidance, 0, ""
     options.update(config.teacher_options or {})
     check_teacher_id(teacher_id)
+    check_teacher_options(teacher_id, config.teacher_options or {})
+    require_prompts(teacher_id, config.prompts is not None, "--prompts")
     if is_diffusers_teacher(teacher_id):
         options = {**options, "text_encoders": True}
         if guidance is not None:

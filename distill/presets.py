@@ -13,9 +13,9 @@ the official one and its source, and the deliberate differences.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, clip, quote
 
 #: Shared by every family's official recipe.
 _OFFICIAL_COMMON: dict[str, Any] = {
@@ -54,8 +54,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                    "iters": 1000, "teacher_mix_iters": 200, "warmup": 10, "ema_start": 10},
     },
 }
-#: Settings that only an on-policy run takes (an offline run gets them from its dataset).
-ON_POLICY_ONLY = ("guidance",)
 
 
 def teacher_family(teacher_id: str) -> str:
@@ -74,21 +72,22 @@ def teacher_family(teacher_id: str) -> str:
     for key, family in (("qwen", "qwen-image"), ("flux", "flux")):
         if key in name:
             return family
-    raise ArcflowError(f"--preset: cannot tell the family of teacher {teacher_id!r}; name one: "
+    raise ArcflowError(f"--preset: cannot tell the family of teacher {quote(teacher_id)}; name one: "
                        f"--preset official-flux or official-qwen-image")
 
 
 def preset_settings(preset: str, teacher_id: Optional[str]) -> dict[str, Any]:
     """The settings of ``preset`` (``official``, or ``official-<family>`` to name the family)."""
+    if preset not in preset_names():  # exact names only: "official-" is not "official"
+        raise ArcflowError(f"--preset must be one of {', '.join(preset_names())}, got {quote(preset)}")
     name, _, family = preset.partition("-")
-    if name not in PRESETS:
-        raise ArcflowError(f"--preset must be one of {', '.join(preset_names())}, got {preset!r}")
     if not family:
         if teacher_id is None:
             raise ArcflowError(f"--preset {preset}: no teacher to take the family from; name it (e.g. {name}-flux)")
         family = teacher_family(teacher_id)
-    if family not in PRESETS[name]:
-        raise ArcflowError(f"--preset must be one of {', '.join(preset_names())}, got {preset!r}")
+        if family not in PRESETS[name]:
+            raise ArcflowError(f"--preset {preset} has no recipe for the {family} family; name one: "
+                               f"{', '.join(p for p in preset_names() if p.startswith(f'{name}-'))}")
     return dict(PRESETS[name][family])
 
 
@@ -111,16 +110,73 @@ def run_teacher_id(settings: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
+def _flags(names: Iterable[str], settings: Mapping[str, Any] = {}) -> str:
+    """The flags of ``names`` (the CLI's teacher options by their own flags)."""
+    from arcflow.pipeline.registry import option_flags
+
+    return ", ".join(option_flags(settings.get("teacher_options") or {}) if n == "teacher_options"
+                     else "--" + n.replace("_", "-") for n in names)
+
+
+def check_applicable(settings: Mapping[str, Any]) -> None:
+    """A setting given explicitly that cannot apply to the run is refused in one line: on-policy
+    settings on an offline run and dataset settings on an on-policy one, LoRA settings when no LoRA
+    trains, and student settings a polish (``from_run``) takes from its run that differ from it."""
+    from arcflow.distill.config import OFFLINE_FIELDS, ON_POLICY_FIELDS
+
+    on_policy = bool(settings.get("on_policy"))
+    misplaced = [n for n in ON_POLICY_FIELDS if n in settings and settings[n] is not None] if not on_policy else []
+    if misplaced:
+        raise ArcflowError(f"{_flags(misplaced, settings)} only apply with --on-policy (an offline run's dataset fixes them)")
+    misplaced = [n for n in OFFLINE_FIELDS if n in settings and n != "dataset"] if on_policy else []
+    if misplaced:
+        raise ArcflowError(f"{_flags(misplaced)} do not apply with --on-policy (it reads no dataset)")
+    trainable = settings.get("trainable")
+    lora = [n for n in LORA_FIELDS if n in settings]
+    if trainable not in (None, "lora+heads") and lora:
+        raise ArcflowError(f"{_flags(lora)} apply to the LoRA; --trainable {trainable} trains none")
+    if on_policy and settings.get("from_run"):
+        _check_polish_student(settings)
+
+
+#: Student settings that only shape the LoRA.
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def _check_polish_student(settings: Mapping[str, Any]) -> None:
+    """A polish keeps its run's student: a student setting given that differs from it is refused
+    (the NFE is compared by :func:`~arcflow.distill.on_policy.plan_source`)."""
+    from dataclasses import fields
+
+    from arcflow.distill.student import read_student_config
+    from arcflow.distill.student.config import StudentConfig
+
+    names = {f.name for f in fields(StudentConfig)} - {"nfe", "init_seed"}
+    given = {k: v for k, v in settings.items() if k in names}
+    if not given:
+        return
+    run = str(settings["from_run"])
+    saved = StudentConfig.from_dict(read_student_config(run).get("student") or {})
+    wanted = StudentConfig.from_dict({**saved.to_dict(), **given})
+    differ = [n for n in given if getattr(wanted, n) != getattr(saved, n)]
+    if differ:
+        theirs = ", ".join(f"{n}={getattr(saved, n)}" for n in differ)
+        raise ArcflowError(f"{_flags(differ)} cannot apply with --from {clip(run)}: a polish keeps the run's student "
+                           f"({theirs}); drop the flag or distill a new run")
+
+
 def build_config(settings: Mapping[str, Any], preset: Optional[str] = None):
     """The ``DistillConfig`` of explicit ``settings`` (flat: student fields beside the trainer's) over
-    ``preset``'s values over the defaults. The CLI passes only the flags a user gave."""
-    from arcflow.distill.config import DistillConfig
+    ``preset``'s values over the defaults. The CLI passes only the flags a user gave; one that
+    cannot apply is refused (:func:`check_applicable`)."""
+    from arcflow.distill.config import ON_POLICY_FIELDS, DistillConfig
 
+    check_applicable(settings)
     values: dict[str, Any] = {}
     if preset is not None:
         values = preset_settings(preset, run_teacher_id(settings))
         if not settings.get("on_policy"):
-            values = {k: v for k, v in values.items() if k not in ON_POLICY_ONLY}
+            values = {k: v for k, v in values.items() if k not in ON_POLICY_FIELDS}
         if settings.get("from_run"):  # a polish keeps the run's student (distill/on_policy.py resolve)
             from arcflow.distill.student.config import StudentConfig
             from dataclasses import fields

@@ -29,7 +29,7 @@ from arcflow.core.ray_runtime import check_cluster_gpus, ray_session
 from .checkpoint import CHECKPOINTS_DIR, find_checkpoint, forget_ray_record
 from .config import DistillConfig
 from .run_plan import DISTILL_CONFIG_FILE, FINGERPRINT_KEY, RunPlan, find_resume, plan_run
-from .worker import METRICS_FILE
+from .worker import METRICS_FILE, STOP_FILE
 
 if TYPE_CHECKING:
     from ray.util.queue import Queue
@@ -101,7 +101,7 @@ def _absolute_paths(config: DistillConfig) -> DistillConfig:
 
 
 #: What a distill job writes into its run directory before its first checkpoint.
-_RUN_FILES = (DISTILL_CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR)
+_RUN_FILES = (DISTILL_CONFIG_FILE, METRICS_FILE, CHECKPOINTS_DIR, STOP_FILE)
 
 
 def _remove_run_files(out: Path) -> None:
@@ -142,6 +142,7 @@ def _fit(config: DistillConfig, plan: RunPlan) -> None:
 
     out = Path(config.out)
     forget_ray_record(out)  # Ray Train must not restore or delete what an earlier job's record names
+    (out / STOP_FILE).unlink(missing_ok=True)  # an earlier job's stop request
     cpus_per_worker = max(1, (os.cpu_count() or 1) // config.num_workers)
     with (
         ray_session(config.ray_address, max(os.cpu_count() or 1, config.num_workers)),
@@ -169,7 +170,11 @@ def _fit(config: DistillConfig, plan: RunPlan) -> None:
                 failure_config=FailureConfig(max_failures=config.max_failures),
             ),
         )
-        _fit_with_progress(trainer.fit, bar, rows)
+        try:
+            _fit_with_progress(trainer.fit, bar, rows)
+        except BaseException:  # Ctrl-C, SIGTERM or a failure: no worker trains on or exports
+            (out / STOP_FILE).touch()
+            raise
 
 
 def _fit_with_progress(fit: Callable[[], Any], bar: tqdm, rows: Optional[Queue]) -> None:

@@ -3,7 +3,7 @@
 :func:`ray_train_loop` (Ray Train's entry) calls :func:`train_worker`: :func:`setup` (from the
 latest checkpoint when there is one), then :func:`train_step` (the loss is
 :func:`arcflow.distill.loss.segment_loss`) up to ``--iters`` with rank 0 logging ``metrics.jsonl``
-and every rank checkpointing on the way, then rank 0 runs :func:`export`. Offline the teacher's
+and every rank checkpointing on the way, then rank 0 runs :func:`export`; a stopped driver stops them all before their next step (:data:`STOP_FILE`). Offline the teacher's
 velocity is never evaluated: its transformer only provides the frozen base weights under the LoRA
 adapters; on-policy (:mod:`arcflow.distill.on_policy`) that same base, tied, gives the targets.
 Tests and benchmarks call :func:`train_worker` in their own process (no Ray).
@@ -37,6 +37,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+#: Written into the run directory by a driver that was stopped (Ctrl-C, SIGTERM): every worker
+#: stops before its next step and exports nothing, however long Ray takes to end it.
+STOP_FILE = ".stop"
+
+
+class Stopped(Exception):
+    """The driver of this run was stopped (its :data:`STOP_FILE` appeared)."""
+
+
+def stop_if_requested(out: Path) -> None:
+    """Raise :class:`Stopped` when the driver asked the workers to stop (or removed the run it
+    never checkpointed)."""
+    if os.path.lexists(out / STOP_FILE) or not out.is_dir():
+        raise Stopped(f"{out}: the driver was stopped")
 
 
 def ray_train_loop(payload: dict[str, Any]) -> None:
@@ -83,6 +97,7 @@ def train_worker(
     row = None
     try:
         while run.step < config.iters:
+            stop_if_requested(Path(config.out))
             row = train_step(run)
             if metrics is not None and (run.step % config.log_every == 0 or run.step == config.iters):
                 metrics.write(row)
@@ -96,6 +111,7 @@ def train_worker(
     finally:
         if metrics is not None:
             metrics.close()
+    stop_if_requested(Path(config.out))
     if rank == 0:
         export(run, plan)
     return {"step": run.step, "loss": row["loss"] if row is not None else None}

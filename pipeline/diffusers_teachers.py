@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
-import inspect
-import json
 import os
 import re
 import warnings
@@ -37,10 +35,11 @@ from torch import Tensor, nn
 
 from tqdm.auto import tqdm
 
-from arcflow.core.errors import ArcflowError, first_line, json_object, quote
+from arcflow.core.errors import ArcflowError, clip, first_line, json_object, quote
 
+from .call_options import check_call_options
 from .conditioning_layout import REFERENCE_KEY, Layout, replay, split_call, stored_key
-from .edit_inputs import load_image, parse_prompt
+from .edit_inputs import check_prompt_length, load_image, parse_prompt
 from .families import Family, family_for
 from .pipeline_capture import optional_kwargs, run_pipeline
 from .recording import chunks, pad
@@ -71,7 +70,7 @@ def pipeline_class_name(directory: str | os.PathLike) -> str:
     """``_class_name`` of a local pipeline directory; ``ArcflowError`` if it is not a supported one."""
     index = Path(directory) / "model_index.json"
     if not index.is_file():
-        raise ArcflowError(f"{directory} is not a diffusers pipeline directory (no model_index.json)")
+        raise ArcflowError(f"{clip(directory)} is not a diffusers pipeline directory (no model_index.json)")
     name = json_object(index.read_bytes(), index).get("_class_name")
     if not isinstance(name, str):
         raise ArcflowError(f"{index} names no pipeline class (_class_name)")
@@ -134,7 +133,7 @@ class DiffusersTeacher(Teacher):
         self.pipe = pipe
         self.pipeline_class = type(pipe).__name__
         self.family = family or family_for(self.pipeline_class)
-        self.call_options = check_call_options(pipe, call_options)
+        self.call_options = check_call_options(type(pipe), call_options)
         check_drivable(pipe, self.family, self.call_options)
         self.teacher_id = teacher_id
         self.revision = revision
@@ -192,6 +191,8 @@ class DiffusersTeacher(Teacher):
         for p in prompts:
             if not isinstance(p, str):
                 raise ArcflowError(f"prompts must be strings, got {type(p).__name__}")
+        for p in prompts:
+            check_prompt_length(parse_prompt(p)[0], "prompt")
         edits = [bool(parse_prompt(p)[1]) for p in prompts]
         if self.family.edit and not all(edits):
             raise ArcflowError(
@@ -447,35 +448,6 @@ class DiffusersTeacher(Teacher):
         for chunk in latents.split(DECODE_BATCH):
             images.append(self.family.decode(self.pipe, chunk.to(vae_device, vae.dtype), self.grid).float().cpu())
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
-
-
-#: ``__call__`` arguments arcflow sets itself; ``call_options`` may not override them.
-ARCFLOW_CALL_ARGUMENTS = frozenset({
-    "prompt", "prompt_2", "prompt_3", "image", "height", "width", "num_inference_steps", "sigmas", "latents",
-    "output_type", "return_dict", "generator", "num_images_per_prompt", "guidance_scale", "true_cfg_scale",
-    "negative_prompt", "prompt_embeds", "negative_prompt_embeds", "callback_on_step_end", "max_area", "_auto_resize",
-})
-
-
-def check_call_options(pipe: Any, options: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """``call_options``: further ``__call__`` arguments (JSON values) arcflow passes on every call of
-    the pipeline, e.g. FLUX.2's ``text_encoder_out_layers``. ``ArcflowError`` (one line) for one the
-    pipeline does not take or that arcflow sets itself."""
-    if not options:
-        return {}
-    if not isinstance(options, Mapping):
-        raise ArcflowError(f"call_options must be a mapping of __call__ arguments, got {type(options).__name__}")
-    params = inspect.signature(type(pipe).__call__).parameters
-    for key, value in options.items():
-        if key not in params:
-            raise ArcflowError(f"--call-option {key}: {type(pipe).__name__}.__call__ takes no such argument")
-        if key in ARCFLOW_CALL_ARGUMENTS:
-            raise ArcflowError(f"--call-option {key}: arcflow sets this argument itself")
-        try:
-            json.dumps(value)
-        except (TypeError, ValueError):
-            raise ArcflowError(f"--call-option {key}: the value must be JSON (a number, string, list, ...)") from None
-    return dict(options)
 
 
 def check_drivable(pipe: Any, family: Family, call_options: Optional[Mapping[str, Any]] = None) -> None:

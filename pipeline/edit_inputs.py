@@ -19,6 +19,15 @@ from arcflow.core.errors import ArcflowError, first_line, quote
 
 #: Image files a pipeline is given are resized to at most this many pixels per side first.
 MAX_IMAGE_SIDE = 8192
+#: The longest prompt text taken: several times what any supported text encoder reads (FLUX's T5
+#: 512 tokens, Qwen-Image's 1024), so a longer one is a mistake that would only cost tokenizer time.
+MAX_PROMPT_CHARS = 10_000
+
+
+def check_prompt_length(text: str, where: str) -> None:
+    """One line naming ``where`` (a flag, a file's line) for a prompt longer than ``MAX_PROMPT_CHARS``."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ArcflowError(f"{where}: the prompt is too long ({len(text)} characters); at most {MAX_PROMPT_CHARS}")
 
 
 def edit_prompt(text: str, images: Sequence[str]) -> str:
@@ -72,6 +81,7 @@ def read_jsonl_prompts(path: str | Path, text: str) -> list[str]:
             raise ArcflowError(f"{where} is not JSON: {exc.msg}") from None
         if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
             raise ArcflowError(f'{where}: expected an object with a "prompt" string')
+        check_prompt_length(data["prompt"], where)
         unknown = sorted(set(data) - {"prompt", "image"})
         if unknown:
             raise ArcflowError(f"{where}: unknown keys {', '.join(unknown)} (known: prompt, image)")
@@ -80,6 +90,8 @@ def read_jsonl_prompts(path: str | Path, text: str) -> list[str]:
             images = [images]
         if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
             raise ArcflowError(f'{where}: "image" must be a path or a list of paths')
+        for p in images:
+            check_image_name(p)
         paths = [str((base / p).resolve()) for p in images]
         for p in paths:
             check_image(p)
@@ -94,17 +106,38 @@ def check_image(path: str) -> None:
     load_image(path)
 
 
+def check_image_name(path: str) -> None:
+    """A path no filesystem call can take (a NUL byte) is one line, before anything opens it."""
+    if "\0" in str(path):
+        raise ArcflowError(f"image path {quote(path)} contains a NUL byte")
+
+
 def load_image(path: str) -> Any:
-    """The RGB ``PIL.Image`` at ``path``; a missing or unreadable file is one line."""
+    """The RGB ``PIL.Image`` at ``path``; a missing or unreadable file, or one whose header claims
+    more than ``MAX_IMAGE_SIDE`` pixels per side, is one line (the size is checked before decoding:
+    PIL's decompression-bomb warning and error become that line too)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    check_image_name(path)
     p = Path(path)
-    if not p.is_file():
-        raise ArcflowError(f"image not found: {quote(path)}")
     try:
-        with Image.open(p) as image:
-            if max(image.size) > MAX_IMAGE_SIDE:
-                raise ArcflowError(f"image {quote(path)} is {image.size[0]}x{image.size[1]}; at most {MAX_IMAGE_SIDE} per side")
-            return image.convert("RGB")
+        if not p.is_file():
+            raise ArcflowError(f"image not found: {quote(path)}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as image:
+                _check_size(image.size, path)
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ArcflowError(f"image {quote(path)} is too large: its header claims more than {Image.MAX_IMAGE_PIXELS} "
+                           f"pixels; at most {MAX_IMAGE_SIDE} per side") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ArcflowError(f"cannot read image {quote(path)}: {first_line(exc)}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, 100)
+        raise ArcflowError(f"cannot read image {quote(path)}: {reason}") from None
+
+
+def _check_size(size: tuple[int, int], path: str) -> None:
+    if max(size) > MAX_IMAGE_SIDE:
+        raise ArcflowError(f"image {quote(path)} is {size[0]}x{size[1]}; at most {MAX_IMAGE_SIDE} per side")

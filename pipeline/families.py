@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, clip
 
 from .family_base import Family, FluxFamily, QwenImageFamily
 from .family_flux2 import Flux2KleinFamily
@@ -51,7 +51,7 @@ def family_for(class_name: str) -> Family:
     if class_name in FAMILIES:
         return FAMILIES[class_name]
     raise ArcflowError(
-        f"arcflow cannot drive a {class_name}: {refusal_reason(class_name)}; "
+        f"arcflow cannot drive a {clip(class_name)}: {refusal_reason(class_name)}; "
         f"supported pipelines: {', '.join(supported_pipelines())}"
     )
 

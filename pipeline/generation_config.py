@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from arcflow.core.errors import ArcflowError, check_numbers, quote
+from arcflow.core.errors import ArcflowError, check_numbers, clip, quote
 from arcflow.core.ray_runtime import check_device, check_local_workers
 from arcflow.storage.format import DEFAULT_KEYFRAME_EVERY, STORAGE_DTYPES
 
@@ -94,9 +94,10 @@ class GenerationConfig:
             raise ArcflowError("--out is required")
         check_outlives_process(self.out)
         if isinstance(self.teacher, str):
-            from .registry import check_teacher_id
+            from .registry import check_teacher_id, require_prompts
 
             check_teacher_id(self.teacher)
+            require_prompts(self.teacher, self.prompts_file is not None, "--prompts")
         elif not callable(self.teacher) or not isinstance(getattr(self.teacher, "teacher_id", None), str):
             raise ArcflowError(f"teacher must be a teacher id or a TeacherFactory, got {self.teacher!r}")
 
@@ -165,10 +166,14 @@ def read_prompts(path: Optional[str]) -> Optional[list[str]]:
         from .edit_inputs import read_jsonl_prompts
 
         return read_jsonl_prompts(p, text)
-    from .edit_inputs import plain_prompt
+    from .edit_inputs import check_prompt_length, plain_prompt
 
-    prompts = [plain_prompt(line.strip(), f"{path} line {number}")
-               for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            where = f"{clip(path)} line {number}"
+            check_prompt_length(line.strip(), where)
+            prompts.append(plain_prompt(line.strip(), where))
     if not prompts:
         raise ArcflowError(f"prompts file is empty: {path}")
     return prompts

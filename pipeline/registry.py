@@ -8,7 +8,7 @@ benchmarks and reach ``load_teacher`` from Python only, as a :class:`TeacherFact
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, Union
+from typing import Any, Mapping, Protocol, Sequence, Union
 
 from arcflow.core.errors import ArcflowError, quote
 from arcflow.storage.format import GENERATION_KEY, LAYOUT_KEY
@@ -79,6 +79,36 @@ def is_diffusers_teacher(teacher_id: str) -> bool:
 #: ``teacher_options`` that only diffusers teachers understand.
 DIFFUSERS_OPTIONS = ("height", "width", "torch_dtype", "guidance", "negative_prompt", "max_sequence_length",
                      "conditioning_layout", "call_options")
+
+
+def option_flags(options: Mapping[str, Any]) -> str:
+    """The CLI flags that give teacher ``options`` (``call_options`` by ``--call-option``)."""
+    return ", ".join("--" + k.replace("_", "-").removesuffix("s" if k == "call_options" else "") for k in options)
+
+
+def check_teacher_options(teacher_id: str, options: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming the flags, diffusers-only ``options`` for an embedded teacher, and
+    call options a local pipeline directory's class does not take as given (before any weight loads)."""
+    misplaced = {k: v for k, v in options.items() if k in DIFFUSERS_OPTIONS and v is not None}
+    if misplaced and not is_diffusers_teacher(teacher_id):
+        raise ArcflowError(f"{option_flags(misplaced)} apply to diffusers teachers only, not to {quote(teacher_id)}")
+    import os
+
+    if options.get("call_options") and os.path.isdir(teacher_id):
+        import diffusers
+
+        from .call_options import check_call_options
+        from .diffusers_teachers import pipeline_class_name
+
+        check_call_options(getattr(diffusers, pipeline_class_name(teacher_id)), options["call_options"])
+
+
+def require_prompts(teacher_id: str, given: bool, flag: str) -> None:
+    """Only embedded teachers have a prompt set of their own: a diffusers teacher without prompts
+    (``flag``) is one line, before anything loads."""
+    if not given and is_diffusers_teacher(teacher_id):
+        raise ArcflowError(f"{flag} is required for teacher {quote(teacher_id)}: only embedded teachers "
+                           f"({', '.join(EMBEDDED_TEACHERS)}) have a prompt set of their own")
 
 
 def teacher_options_for_dataset(spec: Any, text_encoders: bool = False) -> dict[str, Any]:

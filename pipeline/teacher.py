@@ -147,4 +147,7 @@ class Teacher(ABC):
 
     def prompt_set(self) -> list[str]:
         """The teacher's own prompts, used when the user gives no prompts file."""
-        raise NotImplementedError(f"teacher {self.teacher_id} has no built-in prompt set")
+        from arcflow.core.errors import ArcflowError, quote
+
+        raise ArcflowError(f"teacher {quote(self.teacher_id)} has no built-in prompt set; give prompts "
+                           "(--prompts FILE, or sample --prompt)")

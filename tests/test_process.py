@@ -283,7 +283,7 @@ def test_megabyte_prompt_file_is_refused_before_ray(tmp_path, capfd, monkeypatch
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit 1\n" + "z" * 1_000_000 + "\n")
     code, _, err = cli(capfd, "generate-trajectories", "-n", "4", "--out", tmp_path / "ds", "--prompts", prompts)
-    line = assert_one_line_error(code, err, "does not understand the prompt", "(1000000 characters)")
+    line = assert_one_line_error(code, err, "prompts.txt line 2", "(1000000 characters)", "at most 10000")
     assert len(line) < 400
     assert not (tmp_path / "ds").exists()
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
-from arcflow.core.errors import ArcflowError, check_numbers
+from arcflow.core.errors import ArcflowError, check_numbers, quote
 
 if TYPE_CHECKING:  # torch and peft load lazily: the CLI reads this config before any model exists
     from peft import LoraConfig
@@ -72,6 +73,7 @@ class StudentConfig:
             self.lora_alpha = float(self.lora_rank)
         if isinstance(self.lora_targets, tuple):
             self.lora_targets = list(self.lora_targets)
+        check_lora_targets(self.lora_targets)
         if self.train_modules is not None:
             self.train_modules = [str(m) for m in self.train_modules]
             if any(m == HEAD_ATTRIBUTE or not m for m in self.train_modules):
@@ -103,6 +105,48 @@ class StudentConfig:
         return cls(**dict(data))
 
 
+def check_lora_targets(targets: Optional[Union[str, list[str]]]) -> None:
+    """``--lora-targets``: a regular expression that compiles, or a list of module-name suffixes."""
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise ArcflowError(f"--lora-targets {quote(targets)} is not a regular expression ({exc.msg} at position {exc.pos})") from None
+        return
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ArcflowError(f"lora_targets must be a regex or a list of module names, got {quote(targets)}")
+
+
+def lora_target_names(targets: Union[str, list[str]], transformer: nn.Module, head_path: str) -> list[str]:
+    """The modules of ``transformer`` the LoRA adapts: the linear layers ``targets`` names (a regex
+    full-matched against module names, or module-name suffixes, as peft reads them), the output
+    projection ``head_path`` (the momentum head's) excluded. One line when that leaves none."""
+    import torch
+
+    def named(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith(f".{t}") for t in targets)
+
+    def in_head(name: str) -> bool:
+        return name == head_path or name.startswith(f"{head_path}.")
+
+    matched = {n: m for n, m in transformer.named_modules() if n and named(n)}
+    names = [n for n, m in matched.items() if isinstance(m, torch.nn.Linear) and not in_head(n)]
+    if names:
+        return names
+    flag = f"--lora-targets {quote(targets if isinstance(targets, str) else ','.join(targets))}"
+    what = type(transformer).__name__
+    if not matched:
+        raise ArcflowError(f"{flag} match no module of the {what}")
+    if all(in_head(n) for n in matched):
+        raise ArcflowError(f"{flag} match only the output projection {head_path}, which the momentum head replaces")
+    kinds = sorted({type(m).__name__ for n, m in matched.items() if not in_head(n)})
+    raise ArcflowError(f"{flag} match no linear layer of the {what} (only {', '.join(kinds)}); LoRA adapts linear layers")
+
+
 def default_lora_targets(transformer: nn.Module) -> str:
     """The default LoRA target regex of ``transformer``'s family (pipeline/families.py)."""
     from arcflow.pipeline.families import lora_targets_for
@@ -114,8 +158,9 @@ def default_lora_targets(transformer: nn.Module) -> str:
     return targets
 
 
-def lora_config_for(config: StudentConfig, transformer: nn.Module) -> LoraConfig:
-    """The peft ``LoraConfig`` a student config implies for ``transformer``."""
+def lora_config_for(config: StudentConfig, transformer: nn.Module, head_path: str = HEAD_ATTRIBUTE) -> LoraConfig:
+    """The peft ``LoraConfig`` a student config implies for ``transformer`` (whose momentum head
+    sits at ``head_path``): its targets resolved to module names (:func:`lora_target_names`)."""
     from peft import LoraConfig
 
     targets = config.lora_targets if config.lora_targets is not None else default_lora_targets(transformer)
@@ -123,7 +168,7 @@ def lora_config_for(config: StudentConfig, transformer: nn.Module) -> LoraConfig
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=targets,
+        target_modules=lora_target_names(targets, transformer, head_path),
         init_lora_weights=True,
     )
 

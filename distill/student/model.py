@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from arcflow.core.errors import ArcflowError
+from arcflow.core.errors import ArcflowError, first_line
 
 from ..momentum import MomentumParams
 from .config import ADAPTER_NAME, HeadSpec, StudentConfig, lora_config_for
@@ -151,14 +151,9 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
         if not hasattr(transformer, "add_adapter"):
             raise ArcflowError(f"{type(transformer).__name__} does not support peft adapters (add_adapter)")
         try:
-            transformer.add_adapter(lora_config_for(config, transformer), adapter_name=ADAPTER_NAME)
-        except ValueError as exc:  # peft's NoMatchingPeftModuleError and friends
-            raise ArcflowError(f"LoRA targets {config.lora_targets!r} match no module of the transformer ({exc})") from None
-        wrapped = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
-        if not wrapped:
-            raise ArcflowError(f"LoRA targets {config.lora_targets!r} match no module of the transformer")
-        if any(n == spec.path or n.startswith(f"{spec.path}.") for n in wrapped):
-            raise ArcflowError(f"LoRA targets must not match the output head ({spec.path})")
+            transformer.add_adapter(lora_config_for(config, transformer, spec.path), adapter_name=ADAPTER_NAME)
+        except ValueError as exc:  # peft's own refusals
+            raise ArcflowError(f"cannot add the LoRA adapters to the {type(transformer).__name__}: {first_line(exc)}") from None
     elif config.trainable == "full":
         transformer.requires_grad_(True)
     # After add_adapter: peft marks only adapter weights trainable.
