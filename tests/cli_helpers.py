@@ -16,8 +16,12 @@ CLI_ENV = {**os.environ, **CLI_SETTINGS}
 
 def cli_env() -> dict[str, str]:
     """The environment NOW, with ``CLI_SETTINGS``: what a fixture set after import (e.g. the S3
-    endpoint of tests/object_store.py) reaches the subprocess too."""
-    return {**os.environ, **CLI_SETTINGS}
+    endpoint of tests/object_store.py) reaches the subprocess too. Without the quiet defaults an
+    in-process CLI run left in ``os.environ`` (``core/quiet.py``): a user's shell has none of them,
+    and the subprocess sets them itself unless ``--verbose``."""
+    from arcflow.core.quiet import QUIET_ENVIRONMENT
+
+    return {**{k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}, **CLI_SETTINGS}
 
 
 def run_in_process(capture, *args):
