@@ -160,7 +160,6 @@ def setup(
     tied = on_policy.TiedTeacher.capture(teacher, config.student) if config.on_policy else None
     # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
     student = build_student(teacher, dataclasses.replace(config.student, init_seed=config.seed), inplace=True).to(device)
-    student.train()  # LoRA dropout (--lora-dropout) acts only in training mode
     if config.from_run is not None and saved is None:
         on_policy.parent_weights(student, config.from_run)
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
@@ -244,6 +243,7 @@ def train_step(run: Training) -> dict[str, Any]:
     # the stream's items are (sample, segment) pairs: one copy to the device, none back in the loss
     batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     run.optimizer.zero_grad(set_to_none=True)
+    run.student.train()  # LoRA dropout acts in training steps only (the tied teacher switches itself to eval)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
         if run.on_policy is None:
             loss, per_segment = segment_loss(run.model, batch, run.num_segments)
@@ -319,7 +319,8 @@ def export(run: Training, plan: RunPlan) -> None:
     # what the run cost in teacher network evaluations (data + rollouts, parent runs included)
     extra["teacher_evals"] = run.teacher_evals
     extra["teacher_evals_own"] = run.teacher_evals - (plan.teacher_evals if config.on_policy else 0)
+    run.student.eval()  # training is over: what follows (and any caller's use of the student) samples
     if run.ema is not None:
-        run.ema.copy_to(run.params.values())  # training is over: the export is the average
+        run.ema.copy_to(run.params.values())  # the export is the average
     check_finite(dict(run.params), f"the student of {config.out} at step {run.step}")
     save_student(run.student, Path(config.out), extra_config=extra)

@@ -130,7 +130,8 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
     The teacher's transformer is deep-copied (``inplace=True`` adapts it in place instead, saving
     memory when the teacher is no longer needed), frozen, given the momentum head and, for
     ``trainable="lora+heads"``, fresh LoRA adapters. ``"heads"`` trains only the head, ``"full"``
-    every transformer weight plus the head.
+    every transformer weight plus the head. Returned in eval mode (peft creates its dropout modules
+    in training mode): the trainer switches to training mode itself, for its training steps only.
     """
     transformer = teacher.transformer if inplace else copy.deepcopy(teacher.transformer)
     transformer.requires_grad_(False)
@@ -173,7 +174,7 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
         except AttributeError:
             raise ArcflowError(f"train_modules: {type(transformer).__name__} has no submodule {name!r}") from None
 
-    student = Student(teacher, transformer, config)
+    student = Student(teacher, transformer, config).eval()
     logger.info(student.describe_trainable())
     return student
 
