@@ -143,13 +143,11 @@ def setup(
     """Build the student on the teacher's frozen weights, AdamW, the LR warm-up, the EMA and this
     rank's data stream; continue from ``saved`` (a
     :func:`~arcflow.distill.checkpoint.read_checkpoint` result) if given."""
-    from diffusers.optimization import get_constant_schedule_with_warmup
-
     from arcflow.pipeline.registry import load_teacher
     from arcflow.storage.streaming import TrajectoryStream
 
     from . import on_policy
-    from .optim import make_ema, make_optimizer
+    from .optim import make_ema, make_optimizer, make_scheduler
     from .student import build_student
 
     if config.threads is not None:
@@ -187,8 +185,7 @@ def setup(
             ema.load_state_dict({**counters, "shadow_params": [saved["ema"][n] for n in params]})
         stream.load_state_dict(saved["state"]["data"][rank])
         log.info("resumed at step %d", step)
-    # The LR is a function of the step alone (so --resume may extend --iters): rebuilt at ``step``.
-    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup, last_epoch=step - 1)
+    scheduler = make_scheduler(optimizer, config, step)
     model = prepare_student(student, config, world_size)
     loader = stream if tied is not None else torch.utils.data.DataLoader(
         stream, batch_size=config.batch_size, num_workers=config.loader_workers, pin_memory=device.type == "cuda")
@@ -254,7 +251,8 @@ def train_step(run: Training) -> dict[str, Any]:
             run.stream.teacher_evals += evals * run.world_size  # every rank spends the same
     if loss.requires_grad:
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
+    clip = config.grad_clip if run.step >= config.grad_clip_from else math.inf  # inf: the norm alone
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), clip)
     lr = run.scheduler.get_last_lr()[0]
     value = loss.item()
     stop_if_diverged(run.step + 1, value, float(grad_norm), config.lr)

@@ -14,7 +14,7 @@ from arcflow.core.errors import ArcflowError
 
 from ..momentum import MomentumParams
 from .config import ADAPTER_NAME, HeadSpec, StudentConfig, lora_config_for
-from .head import MomentumHead, head_for
+from .head import PACKED_PATCH, MomentumHead, head_for
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,9 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
     if spec.path in (config.train_modules or ()):
         raise ArcflowError(f"train_modules must not name the head ({spec.path})")
     head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound, spec.positions)
-    head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed), sign=spec.sign)
+    patch = 1 if spec.unpatchifies or spec.positions > 1 else PACKED_PATCH  # a packed token: 2x2 pixels per channel
+    head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed), sign=spec.sign,
+                              mode=config.head_init, patch=patch)
     set_head(transformer, spec, head)
 
     if config.trainable == "lora+heads":
