@@ -193,7 +193,7 @@ def distill_steps(teacher: Any, steps: int, batches: list[int], device: torch.de
     from arcflow.distill.student import build_student
 
     recipe = DistillConfig.from_dict(dict(dataset="", out="", bf16=True, **RECIPE))
-    student = build_student(teacher, dataclasses.replace(recipe.student, init_seed=recipe.seed), inplace=True)
+    student = build_student(teacher, dataclasses.replace(recipe.student, init_seed=recipe.seed), inplace=True).train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
     bounds = segment_step_indices(steps, recipe.student.nfe)

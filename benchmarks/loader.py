@@ -296,7 +296,7 @@ def trainer_consumption(batch: int, steps: int = 20) -> float:
     from arcflow.pipeline.registry import load_teacher
 
     teacher = load_teacher("digits")
-    student = build_student(teacher, StudentConfig(), inplace=True)
+    student = build_student(teacher, StudentConfig(), inplace=True).train()
     optimizer = torch.optim.AdamW(student.trainable_parameters(), lr=1e-3)
     cond = teacher.encode_prompts(teacher.prompt_set() * (batch // 10 + 1))
     sigmas = teacher.sigmas(STEPS).float()

@@ -15,7 +15,7 @@ ArcFlow K with momentum) x four methods, all at the SAME teacher network evaluat
 * ``offline``: today's defaults (K=8, one weight group, lr 1e-3, EMA 0.99, ...) on a dataset of
   E / (50 steps x 2) trajectories;
 * ``offline-official``: the same dataset and steps with the official recipe adapted to digits
-  (``--preset official``: K=16, 4 weight groups, loss x30, betas (0.9, 0.95), Karras EMA, ...);
+  (``--preset official``: K=16, 4 weight groups, 0.5 x MSE x 30, betas (0.9, 0.95), Karras EMA, ...);
 * ``on-policy``: the official procedure from prompts alone (``--on-policy --preset official``),
   iterations x batch x NFE x states x 2 = E;
 * ``polish``: ``offline-official`` on half the dataset, then ``--on-policy --from`` for half the

@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from arcflow.distill.config import EMA_SCHEDULES, DistillConfig
-from arcflow.distill.student.config import TRAINABLE_MODES, StudentConfig
+from arcflow.distill.student.config import HEAD_INITS, LORA_INITS, TRAINABLE_MODES, StudentConfig
 
 D, S = DistillConfig, StudentConfig
 
@@ -50,6 +50,10 @@ def distill_command(
     mixture_dropout: float = typer.Option(D.mixture_dropout, "--mixture-dropout", help="On-policy: dropout on the rollout's mixture components."),
     window_substeps: int = typer.Option(D.window_substeps, "--window-substeps", help="On-policy: prediction window, in raw sub-steps."),
     total_substeps: int = typer.Option(D.total_substeps, "--total-substeps", help="On-policy: raw sub-steps per unit of time."),
+    plain_cfg: bool = typer.Option(
+        D.plain_cfg, "--plain-cfg/--pipeline-cfg",
+        help="On-policy true-CFG targets: uncond + g (cond - uncond) (--plain-cfg, official) or as the pipeline combines them (Qwen-Image: norm-rescaled).",
+    ),
     height: Optional[int] = typer.Option(None, "--height", help="On-policy diffusers teacher: image height."),
     width: Optional[int] = typer.Option(None, "--width", help="On-policy diffusers teacher: image width."),
     torch_dtype: Optional[str] = typer.Option(None, "--torch-dtype", help="On-policy diffusers teacher: weights dtype (bfloat16, ...)."),
@@ -71,8 +75,13 @@ def distill_command(
         help="Modules the LoRA adapts: a regex full-matched against module names (default: the teacher family's, see README).",
     ),
     log_gamma_bound: float = typer.Option(
-        S.log_gamma_bound, "--log-gamma-bound", help="Soft bound on |log gamma| of the momentum components (with --momentum)."
+        S.log_gamma_bound, "--log-gamma-bound", help="Soft bound on |log gamma| of the momentum components (with --momentum; 0: none)."
     ),
+    head_init: str = typer.Option(
+        S.head_init, "--head-init",
+        help=f"Momentum head init: {'|'.join(HEAD_INITS)} (relative: component 0 exact; official: N(0, 0.05^2) on every component's bias).",
+    ),
+    lora_init: str = typer.Option(S.lora_init, "--lora-init", help=f"LoRA A init: {'|'.join(LORA_INITS)} (B starts at 0)."),
     trainable: str = typer.Option(S.trainable, "--trainable", help=f"What trains: {'|'.join(TRAINABLE_MODES)}."),
     iters: int = typer.Option(D.iters, "--iters", help="Optimizer steps."),
     batch_size: int = typer.Option(D.batch_size, "--batch-size", help="Items per step and worker: (sample, segment) pairs offline, rollouts on-policy."),
@@ -80,11 +89,13 @@ def distill_command(
     adam_beta2: float = typer.Option(D.adam_beta2, "--adam-beta2", help="AdamW beta2."),
     log_gamma_lr_mult: float = typer.Option(D.log_gamma_lr_mult, "--log-gamma-lr-mult", help="LR multiplier of the head's log-gamma projection."),
     loss_scale: float = typer.Option(D.loss_scale, "--loss-scale", help="Multiply the loss by this."),
-    warmup: int = typer.Option(D.warmup, "--warmup", help="Warm-up steps: the LR rises linearly from 0 (diffusers' constant schedule with warm-up)."),
+    warmup: int = typer.Option(D.warmup, "--warmup", help="Warm-up steps: the LR rises linearly from --warmup-start x --lr."),
+    warmup_start: float = typer.Option(D.warmup_start, "--warmup-start", help="The warm-up's first LR as a fraction of --lr."),
     weight_decay: float = typer.Option(D.weight_decay, "--weight-decay", help="AdamW weight decay."),
     ema_decay: float = typer.Option(D.ema_decay, "--ema-decay", help="EMA decay of trainable weights, reached after a warm-up (diffusers' EMAModel; 0 disables); the export uses the EMA."),
     ema_schedule: str = typer.Option(D.ema_schedule, "--ema-schedule", help=f"EMA schedule: {'|'.join(EMA_SCHEDULES)} (karras: the official power-function schedule)."),
     grad_clip: float = typer.Option(D.grad_clip, "--grad-clip", help="Gradient-norm clip."),
+    grad_clip_from: int = typer.Option(D.grad_clip_from, "--grad-clip-from", help="The clip applies from this (0-based) step on."),
     bf16: bool = typer.Option(D.bf16, "--bf16", help="bf16 autocast for the network (the integral stays float32)."),
     gradient_checkpointing: bool = typer.Option(
         D.gradient_checkpointing, "--gradient-checkpointing",

@@ -21,7 +21,7 @@ RESUMABLE_CHANGES = (
 
 #: Settings only an on-policy run uses (an offline run's data fixes them), and only an offline one.
 ON_POLICY_FIELDS = ("teacher", "prompts", "from_run", "guidance", "teacher_options", "teacher_mix_iters",
-                    "intermediate_states", "total_substeps", "window_substeps", "mixture_dropout")
+                    "intermediate_states", "total_substeps", "window_substeps", "mixture_dropout", "plain_cfg")
 OFFLINE_FIELDS = ("dataset", "shards", "shuffle_buffer", "loader_workers")
 
 #: ``ema_schedule`` values: a fixed decay (diffusers' ``EMAModel``, which warms it up) or the
@@ -48,6 +48,8 @@ class DistillConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
+    #: The warm-up's first LR as a fraction of ``lr`` (0: from 0, diffusers' schedule; official 0.001).
+    warmup_start: float = 0.0
     weight_decay: float = 0.0
     #: AdamW's second-moment decay (the official recipe uses 0.95); beta1 is 0.9.
     adam_beta2: float = 0.999
@@ -56,6 +58,8 @@ class DistillConfig:
     #: The loss is multiplied by this (the official recipe: MSE x 30); matters with --grad-clip.
     loss_scale: float = 1.0
     grad_clip: float = 1.0
+    #: The gradient clip applies from this (0-based) step on (official: 100).
+    grad_clip_from: int = 0
     ema_decay: float = 0.99
     #: ``constant``: ``ema_decay`` (warmed up by diffusers' EMAModel); ``karras``: the decay at step
     #: t is (1 - 1/(t - ema_start))^(ema_gamma + 1), the official recipe's schedule.
@@ -109,6 +113,9 @@ class DistillConfig:
     window_substeps: int = 3
     #: Probability of dropping each mixture component of the detached student rollout.
     mixture_dropout: float = 0.1
+    #: True CFG targets as plain ``uncond + g (cond - uncond)`` (the official code) rather than as the
+    #: pipeline combines them (Qwen-Image rescales to the conditional velocity's norm per token).
+    plain_cfg: bool = False
 
     def validate(self) -> None:
         """One-line ``ArcflowError`` for values no run can use (dataset checks happen elsewhere)."""
@@ -117,7 +124,7 @@ class DistillConfig:
             positive=("iters", "batch_size", "checkpoint_every", "log_every", "num_workers", "intermediate_states",
                       "total_substeps"),
             non_negative=("warmup", "loader_workers", "shuffle_buffer", "weight_decay", "max_failures",
-                          "teacher_mix_iters", "window_substeps", "ema_start"),
+                          "teacher_mix_iters", "window_substeps", "ema_start", "grad_clip_from"),
             at_most={"iters": 10**9, "batch_size": 10**6, "num_workers": 10_000,
                      "loader_workers": 256, "shuffle_buffer": 10**6, "max_failures": 10**6,
                      "intermediate_states": 1000, "total_substeps": 10**6},
@@ -140,6 +147,8 @@ class DistillConfig:
             raise ArcflowError(f"--lr must be > 0, got {self.lr}")
         if self.grad_clip <= 0:
             raise ArcflowError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        if not 0.0 <= self.warmup_start <= 1.0:
+            raise ArcflowError(f"--warmup-start must be in [0, 1], got {self.warmup_start}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ArcflowError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if self.fsdp and self.student.trainable == "full":
@@ -157,7 +166,8 @@ class DistillConfig:
         """Where the training data comes from: a dataset, or (on-policy) a teacher or a finished run."""
         if not self.on_policy:
             given = [f for f, v in (("--teacher", self.teacher), ("--prompts", self.prompts), ("--from", self.from_run),
-                                    ("--guidance", self.guidance), ("teacher options", self.teacher_options)) if v]
+                                    ("--guidance", self.guidance), ("teacher options", self.teacher_options),
+                                    ("--plain-cfg", self.plain_cfg)) if v]
             if given:
                 raise ArcflowError(f"{', '.join(given)} only apply with --on-policy (offline runs take them from the dataset)")
             if not self.dataset:

@@ -133,10 +133,12 @@ class TiedTeacher:
                 p.requires_grad_(True)
 
     @torch.no_grad()
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float) -> Tensor:
-        """The teacher's guided velocity at tokens ``x`` ``(B, N, C)`` and per-sample ``sigma``."""
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float,
+                 plain_cfg: bool = False) -> Tensor:
+        """The teacher's guided velocity at tokens ``x`` ``(B, N, C)`` and per-sample ``sigma``
+        (``plain_cfg``: true CFG combined plainly, see ``DistillConfig.plain_cfg``)."""
         with self.as_teacher():
-            return self.teacher.velocity(x, sigma, cond, guidance).float()
+            return self.teacher.velocity(x, sigma, cond, guidance, plain_cfg=plain_cfg).float()
 
 
 # ----- the rollout loss ----------------------------------------------------------------------------
@@ -152,11 +154,13 @@ class RolloutSettings:
     window_substeps: int
     mixture_dropout: float
     loss_scale: float
+    plain_cfg: bool = False
 
     @classmethod
     def of(cls, config: DistillConfig, shift: float, guidance: float) -> "RolloutSettings":
         return cls(config.student.nfe, float(shift), float(guidance), config.intermediate_states,
-                   config.total_substeps, config.window_substeps, config.mixture_dropout, config.loss_scale)
+                   config.total_substeps, config.window_substeps, config.mixture_dropout, config.loss_scale,
+                   config.plain_cfg)
 
 
 def detached_with_dropout(params: MomentumParams, p: float, generator: torch.Generator) -> MomentumParams:
@@ -232,7 +236,7 @@ def rollout_loss(
             s_now, s_a, s_b, s_end = (shift_sigmas(r, settings.shift).float().to(device) for r in (raw, raw_a, raw_b, raw_end))
             with torch.no_grad():
                 x_a = _step(x, rollout, s_src.float().to(device), s_now, s_a)
-                target = tied.velocity(x_a, s_a, cond, settings.guidance)
+                target = tied.velocity(x_a, s_a, cond, settings.guidance, settings.plain_cfg)
             evals += batch * per_call
             mean = average_velocities(params, s_src.float().to(device), torch.stack([s_a, s_end], dim=1))[:, 0]
             instant = velocity_at(params, s_src.float().to(device), s_a)

@@ -2,6 +2,8 @@
 
 * AdamW with betas ``(0.9, adam_beta2)``; the momentum head's log-gamma projection in a group of its
   own at ``lr * log_gamma_lr_mult`` (the official recipe: 0.1x);
+* the learning rate: a linear warm-up over ``warmup`` steps from ``warmup_start x lr`` (0: diffusers'
+  constant schedule with warm-up; the official 0.001 is mmcv's ``warmup_ratio``), then constant;
 * the EMA of the trainable weights: diffusers' ``EMAModel`` with a fixed decay (``constant``), or the
   Karras power-function schedule of the official recipe (``karras``): at step t the decay is
   ``(1 - 1/(t - start))^(gamma + 1)`` (the average over roughly the last ``1/(gamma + 1)`` of the
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Iterable, Mapping, Optional
 
 import torch
@@ -34,6 +37,20 @@ def make_optimizer(params: Mapping[str, nn.Parameter], config: DistillConfig) ->
     rest = [p for n, p in params.items() if LOG_GAMMA_PARAMS not in n]
     groups = [{"params": rest}, {"params": log_gamma, "lr": config.lr * config.log_gamma_lr_mult}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, warmup: int, start: float) -> float:
+    """The LR of optimizer step ``step`` (0-based) as a fraction of ``lr``."""
+    if step >= warmup:
+        return 1.0
+    return start + (1.0 - start) * step / warmup
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The run's LR schedule, positioned at ``step`` (a function of the step alone, so a resumed run
+    may extend ``iters``)."""
+    factor = functools.partial(lr_factor, warmup=config.warmup, start=config.warmup_start)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
 def karras_decay(step: int, gamma: float, start: int) -> float:

@@ -29,8 +29,15 @@ _OFFICIAL_COMMON: dict[str, Any] = {
     "weight_decay": 0.0,
     "log_gamma_lr_mult": 0.1,
     "warmup": 100,
+    "warmup_start": 0.001,  # mmcv's linear warm-up, warmup_ratio=0.001
     "grad_clip": 50.0,
-    "loss_scale": 30.0,
+    "grad_clip_from": 100,
+    # DiffusionMSELoss: 0.5 x MSE, rescaled x30 (rescale_cfg), per segment x its raw length
+    "loss_scale": 15.0,
+    "head_init": "official",
+    "lora_init": "gaussian",
+    "log_gamma_bound": 0.0,  # the official log-gammas are unbounded
+    "plain_cfg": True,
     "ema_schedule": "karras",
     "ema_gamma": 7.0,
     "ema_start": 100,
@@ -48,10 +55,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                        "iters": 15_000, "teacher_mix_iters": 1000, "guidance": 4.0},
         # digits: the paper's adapter budget (rank 4 trains ~4.5% of the digits transformer), 4 weight
         # groups = one mixture weight per pixel as in FLUX's 2x2 patches, and the schedule scaled to a
-        # 1,000-step CPU run (teacher mixing over the same first 20%, warm-up and EMA start at 1%),
+        # 1,000-step CPU run (teacher mixing over the same first 20%, warm-up, clip and EMA start at 1%),
         # with a 10x larger learning rate for the 10x shorter run.
         "digits": {**_OFFICIAL_COMMON, "lora_rank": 4, "lora_alpha": 4.0, "lr": 1e-3, "batch_size": 32,
-                   "iters": 1000, "teacher_mix_iters": 200, "warmup": 10, "ema_start": 10},
+                   "iters": 1000, "teacher_mix_iters": 200, "warmup": 10, "ema_start": 10, "grad_clip_from": 10},
     },
 }
 
@@ -174,7 +181,8 @@ def build_config(settings: Mapping[str, Any], preset: Optional[str] = None):
     check_applicable(settings)
     values: dict[str, Any] = {}
     if preset is not None:
-        values = preset_settings(preset, run_teacher_id(settings))
+        named = "-" in preset  # official-<family> names it: no teacher, run or dataset to read
+        values = preset_settings(preset, None if named else run_teacher_id(settings))
         if not settings.get("on_policy"):
             values = {k: v for k, v in values.items() if k not in ON_POLICY_FIELDS}
         if settings.get("from_run"):  # a polish keeps the run's student (distill/on_policy.py resolve)

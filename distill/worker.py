@@ -162,13 +162,11 @@ def setup(
     """Build the student on the teacher's frozen weights, AdamW, the LR warm-up, the EMA and this
     rank's data stream; continue from ``saved`` (a
     :func:`~arcflow.distill.checkpoint.read_checkpoint` result) if given."""
-    from diffusers.optimization import get_constant_schedule_with_warmup
-
     from arcflow.pipeline.registry import load_teacher
     from arcflow.storage.streaming import TrajectoryStream
 
     from . import on_policy
-    from .optim import make_ema, make_optimizer
+    from .optim import make_ema, make_optimizer, make_scheduler
     from .student import build_student
 
     if config.threads is not None:
@@ -179,7 +177,6 @@ def setup(
     tied = on_policy.TiedTeacher.capture(teacher, config.student) if config.on_policy else None
     # inplace: the teacher is only needed as the student's frozen base, so don't hold two copies.
     student = build_student(teacher, dataclasses.replace(config.student, init_seed=config.seed), inplace=True).to(device)
-    student.train()  # LoRA dropout (--lora-dropout) acts only in training mode
     if config.from_run is not None and saved is None:
         on_policy.parent_weights(student, config.from_run)
     params = {n: p for n, p in student.named_parameters() if p.requires_grad}
@@ -207,8 +204,7 @@ def setup(
             ema.load_state_dict({**counters, "shadow_params": [saved["ema"][n] for n in params]})
         stream.load_state_dict(saved["state"]["data"][rank])
         log.info("resumed at step %d", step)
-    # The LR is a function of the step alone (so --resume may extend --iters): rebuilt at ``step``.
-    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup, last_epoch=step - 1)
+    scheduler = make_scheduler(optimizer, config, step)
     model = prepare_student(student, config, world_size)
     loader = stream if tied is not None else torch.utils.data.DataLoader(
         stream, batch_size=config.batch_size, num_workers=config.loader_workers, pin_memory=device.type == "cuda")
@@ -263,6 +259,7 @@ def train_step(run: Training) -> dict[str, Any]:
     # the stream's items are (sample, segment) pairs: one copy to the device, none back in the loss
     batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     run.optimizer.zero_grad(set_to_none=True)
+    run.student.train()  # LoRA dropout acts in training steps only (the tied teacher switches itself to eval)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.bf16):
         if run.on_policy is None:
             loss, per_segment = segment_loss(run.model, batch, run.num_segments)
@@ -273,7 +270,8 @@ def train_step(run: Training) -> dict[str, Any]:
             run.stream.teacher_evals += evals * run.world_size  # every rank spends the same
     if loss.requires_grad:
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), config.grad_clip)
+    clip = config.grad_clip if run.step >= config.grad_clip_from else math.inf  # inf: the norm alone
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params.values(), clip)
     lr = run.scheduler.get_last_lr()[0]
     value = loss.item()
     stop_if_diverged(run.step + 1, value, float(grad_norm), config.lr, run.checkpointed)
@@ -340,7 +338,8 @@ def export(run: Training, plan: RunPlan) -> None:
     # what the run cost in teacher network evaluations (data + rollouts, parent runs included)
     extra["teacher_evals"] = run.teacher_evals
     extra["teacher_evals_own"] = run.teacher_evals - (plan.teacher_evals if config.on_policy else 0)
+    run.student.eval()  # training is over: what follows (and any caller's use of the student) samples
     if run.ema is not None:
-        run.ema.copy_to(run.params.values())  # training is over: the export is the average
+        run.ema.copy_to(run.params.values())  # the export is the average
     check_finite(dict(run.params), f"the student of {config.out} at step {run.step}")
     save_student(run.student, Path(config.out), extra_config=extra)

@@ -390,9 +390,11 @@ class DiffusersTeacher(Teacher):
         out = self.transformer(**self.transformer_inputs(x, sigma, cond))
         return self.family.velocity(self.network_output(out, x.shape[1]))
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float) -> Tensor:
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float,
+                 plain_cfg: bool = False) -> Tensor:
         """The guided velocity as the pipeline computes it: embedded guidance as an input, true CFG
-        (guidance > 1) from the conditional and negative-prompt calls combined as the family does."""
+        (guidance > 1) from the conditional and negative-prompt calls combined as the family does
+        (``plain_cfg``: as ``uncond + g (cond - uncond)``, without e.g. Qwen-Image's norm rescale)."""
         if self.guidance_embeds:
             key = stored_key(self._layout_for(cond), self.family.guidance_arg)
             cond = {**cond, key: torch.full((x.shape[0],), float(guidance), device=self.device)}
@@ -403,6 +405,8 @@ class DiffusersTeacher(Teacher):
         both = {k: torch.cat([cond[k].to(self.device), uncond[k].to(self.device)]) for k in cond}
         u = self.conditional_velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         u_cond, u_uncond = u.chunk(2)
+        if plain_cfg:
+            return u_uncond + guidance * (u_cond - u_uncond)
         return self.family.combine(u_cond, u_uncond, guidance)
 
     def negative_conditioning(self) -> Conditioning:

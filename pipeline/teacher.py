@@ -99,12 +99,14 @@ class Teacher(ABC):
         """One network evaluation: the velocity for ``cond`` (no guidance)."""
         return transformer_output(self.transformer(**self.transformer_inputs(x, sigma, cond)))
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float) -> Tensor:
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Mapping[str, Tensor], guidance: float,
+                 plain_cfg: bool = False) -> Tensor:
         """The guided velocity ``u(x, sigma, cond, guidance)``.
 
         With true CFG and guidance != 1 the conditional and unconditional halves run as ONE batched
         forward (2 network evaluations per step: "50x2"); with guidance == 1 it is the conditional
-        velocity alone.
+        velocity alone. The halves combine as ``uncond + g (cond - uncond)`` here whatever
+        ``plain_cfg`` says (a pipeline teacher combines them as its pipeline does unless it is set).
         """
         if not self.true_cfg or guidance == 1.0:
             return self.conditional_velocity(x, sigma, cond)

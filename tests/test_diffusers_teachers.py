@@ -220,6 +220,10 @@ def test_qwen_image_cfg_is_one_batched_forward_with_norm_rescale(qwen):
     comb = u_n + 4.0 * (u_c - u_n)
     torch.testing.assert_close(u, comb * u_c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(u.norm(dim=-1), u_c.norm(dim=-1), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # plain CFG (the official on-policy target, --plain-cfg): no rescale
+        plain = qwen.velocity(x, s, cond, 4.0, plain_cfg=True)
+    torch.testing.assert_close(plain, comb, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, u, atol=1e-3)
 
 
 # ----- students -----------------------------------------------------------------------------------

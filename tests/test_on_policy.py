@@ -229,17 +229,29 @@ def test_official_preset_and_explicit_flags_win(monkeypatch, tmp_path, capsys):
     assert config.student.k == 16 and config.student.weight_groups == 4 and config.student.momentum
     assert config.student.lora_rank == official["lora_rank"] and config.student.train_modules == ["norm_out"]
     assert config.lr == 3e-4, "an explicit flag overrides the preset"
-    assert (config.loss_scale, config.adam_beta2, config.ema_schedule, config.teacher_mix_iters) == (30.0, 0.95, "karras", 200)
+    assert (config.loss_scale, config.adam_beta2, config.ema_schedule, config.teacher_mix_iters) == (15.0, 0.95, "karras", 200)
+    assert (config.warmup_start, config.grad_clip_from, config.plain_cfg) == (0.001, 10, True)
+    assert (config.student.head_init, config.student.lora_init, config.student.log_gamma_bound) == ("official", "gaussian", 0.0)
+    recorded = DistillConfig.from_dict(json.loads(json.dumps(config.to_dict())))  # the run's distill_config.json
+    assert recorded == config
     assert config.preset == "official"
+    offline = build_config({"dataset": "ds", "out": "x"}, "official-digits")
+    assert not offline.plain_cfg and offline.grad_clip_from == 10, "offline: the dataset's targets, the rest of the recipe"
+    default = DistillConfig(dataset="ds", out="x")
+    assert (default.loss_scale, default.warmup_start, default.grad_clip_from, default.plain_cfg) == (1.0, 0.0, 0, False)
+    assert (default.student.head_init, default.student.lora_init, default.student.log_gamma_bound) == ("relative", "kaiming", 6.0)
     flux = build_config({"on_policy": True, "teacher": "black-forest-labs/FLUX.1-dev", "out": "x"}, "official")
     assert (flux.student.lora_rank, flux.lr, flux.iters, flux.teacher_mix_iters, flux.guidance) == (256, 1e-4, 10_000, 2000, 3.5)
     qwen = build_config({"on_policy": True, "teacher": "Qwen/Qwen-Image", "out": "x"}, "official")
-    assert (qwen.iters, qwen.teacher_mix_iters, qwen.guidance) == (15_000, 1000, 4.0)
+    assert (qwen.iters, qwen.teacher_mix_iters, qwen.guidance, qwen.plain_cfg, qwen.grad_clip_from) == (15_000, 1000, 4.0, True, 100)
 
 
 @pytest.mark.parametrize("args, fragment", [
     (["ds", "--on-policy", "--teacher", "digits"], "drop DATASET"),
     (["ds", "--prompts", "p.txt"], "only apply with --on-policy"),
+    (["ds", "--plain-cfg"], "--plain-cfg only apply with --on-policy"),
+    (["ds", "--head-init", "zero"], "--head-init must be one of"),
+    (["ds", "--lora-init", "zero"], "--lora-init must be one of"),
     (["--on-policy"], "exactly one of --teacher"),
     (["--on-policy", "--teacher", "digits", "--from", "x"], "exactly one of --teacher"),
     (["--on-policy", "--teacher", "digits", "--preset", "fastest"], "--preset must be one of"),

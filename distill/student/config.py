@@ -13,6 +13,10 @@ if TYPE_CHECKING:  # torch and peft load lazily: the CLI reads this config befor
     from torch import nn
 
 TRAINABLE_MODES = ("lora+heads", "heads", "full")
+#: ``head_init`` values (:meth:`~arcflow.distill.student.head.MomentumHead.init_from_projection`).
+HEAD_INITS = ("relative", "official")
+#: ``lora_init`` values: peft's default (Kaiming-uniform A) or ``gaussian`` (A ~ N(0, 1/r^2)); B is 0.
+LORA_INITS = ("kaiming", "gaussian")
 #: Name of the peft adapter the student trains.
 ADAPTER_NAME = "arcflow"
 #: The transformer attribute holding the output projection that the momentum head replaces (the
@@ -47,7 +51,10 @@ class StudentConfig:
     ``lora_alpha``: None means equal to ``lora_rank``. ``momentum=False`` fixes every log-gamma at 0
     (the no-momentum control). ``nfe`` is the number of segments the student is trained for.
     ``train_modules``: transformer submodules (by name, e.g. ``["norm_out"]``) trained outright
-    besides the LoRA and the head (the official recipe trains ``norm_out``).
+    besides the LoRA and the head (the official recipe trains ``norm_out``). ``head_init``:
+    ``relative`` (component 0 exact, 1e-3-relative noise on the others) or ``official`` (N(0, 0.05^2)
+    on every component's bias, as the official code). ``lora_init``: one of :data:`LORA_INITS`.
+    ``log_gamma_bound``: soft bound on |log gamma| (0: none, as the official code).
 
     These defaults are the ONE source: ``DistillConfig()`` and ``arcflow distill`` build this same
     student when no flag says otherwise. Momentum is off by default: in benchmarks/method_comparison.py
@@ -65,6 +72,8 @@ class StudentConfig:
     train_modules: Optional[list[str]] = None
     trainable: str = "lora+heads"
     log_gamma_bound: float = 6.0
+    head_init: str = "relative"
+    lora_init: str = "kaiming"
     nfe: int = 2
     init_seed: int = 0
 
@@ -88,8 +97,12 @@ class StudentConfig:
             raise ArcflowError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ArcflowError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.log_gamma_bound > 0:
-            raise ArcflowError(f"--log-gamma-bound must be > 0, got {self.log_gamma_bound}")
+        if not self.log_gamma_bound >= 0:
+            raise ArcflowError(f"--log-gamma-bound must be >= 0 (0: none), got {self.log_gamma_bound}")
+        if self.head_init not in HEAD_INITS:
+            raise ArcflowError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
+        if self.lora_init not in LORA_INITS:
+            raise ArcflowError(f"--lora-init must be one of {', '.join(LORA_INITS)}, got {self.lora_init!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict (inverse of :meth:`from_dict`)."""
@@ -169,7 +182,7 @@ def lora_config_for(config: StudentConfig, transformer: nn.Module, head_path: st
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=lora_target_names(targets, transformer, head_path),
-        init_lora_weights=True,
+        init_lora_weights=True if config.lora_init == "kaiming" else config.lora_init,
     )
 
 

@@ -22,8 +22,13 @@ from ..momentum import MomentumParams, packed_width, unpack_momentum
 
 #: Range of the initial momentum factors gamma_k = exp(g_k) of components 1..K-1.
 INITIAL_GAMMA_RANGE = (0.2, 4.0)
-#: Relative scale of the noise added to velocity heads 1..K-1 at init (component 0 stays exact).
+#: ``relative`` init: scale of the noise on velocity heads 1..K-1 (component 0 stays exact).
 INIT_NOISE_SCALE = 1e-3
+#: ``official`` init: standard deviation of the noise on every velocity component's bias
+#: (pnotp/ArcFlow ``ArcFluxTransformer2DModel.init_weights``).
+OFFICIAL_BIAS_NOISE_STD = 0.05
+#: Channels of one latent channel in a packed token: 2x2 pixels, channel-major (FLUX-style packing).
+PACKED_PATCH = 4
 
 
 def soft_clamp(x: Tensor, bound: float) -> Tensor:
@@ -55,8 +60,8 @@ class MomentumHead(nn.Module):
         if groups < 1 or channels % groups:
             raise ValueError(f"weight_groups={groups} must divide the {channels} latent channels")
         widest = max(abs(math.log(g)) for g in INITIAL_GAMMA_RANGE)
-        if log_gamma_bound <= widest:
-            raise ValueError(f"log_gamma_bound must exceed {widest:.3f} (the initial range), got {log_gamma_bound}")
+        if log_gamma_bound < 0 or 0 < log_gamma_bound <= widest:
+            raise ValueError(f"log_gamma_bound must be 0 (none) or exceed {widest:.3f} (the initial range), got {log_gamma_bound}")
         self.hidden, self.channels, self.k, self.groups = hidden, channels, k, groups
         self.momentum = momentum
         self.log_gamma_bound = float(log_gamma_bound)
@@ -71,69 +76,35 @@ class MomentumHead(nn.Module):
         return packed_width(self.k, self.channels, self.groups, self.momentum)
 
     @torch.no_grad()
-    def init_from_projection(self, proj: nn.Linear, generator: torch.Generator | None = None, sign: int = 1) -> None:
+    def init_from_projection(self, proj: nn.Linear, generator: torch.Generator | None = None, sign: int = 1,
+                             mode: str = "relative", patch: int = 1) -> None:
         """Start from the teacher's output projection ``proj`` (hidden -> C, or hidden -> P*C ordered
         ``(position, channel)``); ``sign=-1`` where the scheduler's velocity is the negated output.
 
-        Every velocity head copies ``proj``; heads 1..K-1 get a little noise to break symmetry (head 0
-        stays exact, so K=1 reproduces the teacher). Logits start at zero (uniform mixture); log-gamma
-        weights start at zero with biases placing ``exp(g)`` evenly in log space over
-        :data:`INITIAL_GAMMA_RANGE` after the soft clamp.
+        Every velocity head copies ``proj``, then ``mode`` breaks the symmetry: ``relative`` adds
+        noise (1e-3 of the weights' std and the biases' mean magnitude) to heads 1..K-1, so head 0
+        stays exact and K=1 reproduces the teacher; ``official`` adds N(0, 0.05^2) to the bias of
+        every head, one draw per head and latent channel shared by that channel's pixels (the
+        ``patch`` consecutive channels of a packed token, and all output positions). Logits start at
+        zero (uniform mixture); log-gamma weights at zero with biases placing ``exp(g)`` evenly in
+        log space over :data:`INITIAL_GAMMA_RANGE` (after the soft clamp).
         """
-        if proj.in_features != self.hidden or proj.out_features != self.positions * self.channels:
-            raise ValueError(
-                f"projection {proj.in_features}->{proj.out_features} does not match head "
-                f"{self.hidden}->{self.positions * self.channels}"
-            )
-        if self.positions > 1 or sign != 1:
-            self._init_per_position(proj, generator, sign)
-            return
-        w = proj.weight.to(self.velocity.weight.dtype)
-        b = proj.bias.to(w.dtype) if proj.bias is not None else w.new_zeros(self.channels)
-        weight = w.repeat(self.k, 1)
-        bias = b.repeat(self.k)
-        if self.k > 1:
-            extra = (self.k - 1) * self.channels
-            noise_w = torch.randn((extra, self.hidden), generator=generator).to(weight)
-            noise_b = torch.randn((extra,), generator=generator).to(bias)
-            weight[self.channels :] += INIT_NOISE_SCALE * w.float().std().to(w.dtype) * noise_w
-            bias[self.channels :] += INIT_NOISE_SCALE * b.float().abs().mean().to(b.dtype) * noise_b
-        self.velocity.weight.copy_(weight)
-        self.velocity.bias.copy_(bias)
-        self.logits.weight.zero_()
-        self.logits.bias.zero_()
-        if self.log_gamma is not None:
-            lo, hi = (math.log(g) for g in INITIAL_GAMMA_RANGE)
-            # One momentum component sits at the geometric middle of the range.
-            if self.k > 2:
-                targets = torch.linspace(lo, hi, self.k - 1, dtype=torch.float64)
-            else:
-                targets = torch.tensor([(lo + hi) / 2], dtype=torch.float64)
-            # Inverse of the soft clamp, so the clamped output starts exactly at the targets.
-            pre = self.log_gamma_bound * torch.atanh(targets / self.log_gamma_bound)
-            self.log_gamma.weight.zero_()
-            self.log_gamma.bias.copy_(pre.repeat_interleave(self.groups).to(self.log_gamma.bias))
-
-    def _initial_log_gammas(self) -> Tensor:
-        """Pre-clamp log-gamma biases placing ``exp(g)`` evenly in log space (``(K-1,)``, float64)."""
-        lo, hi = (math.log(g) for g in INITIAL_GAMMA_RANGE)
-        if self.k > 2:
-            targets = torch.linspace(lo, hi, self.k - 1, dtype=torch.float64)
-        else:
-            targets = torch.tensor([(lo + hi) / 2], dtype=torch.float64)
-        return self.log_gamma_bound * torch.atanh(targets / self.log_gamma_bound)
-
-    @torch.no_grad()
-    def _init_per_position(self, proj: nn.Linear, generator: torch.Generator | None, sign: int) -> None:
-        """:meth:`init_from_projection` for ``positions`` output positions (and/or a sign): the
-        same rule per position."""
         p, k, c, g, hidden = self.positions, self.k, self.channels, self.groups, self.hidden
+        if proj.in_features != hidden or proj.out_features != p * c:
+            raise ValueError(f"projection {proj.in_features}->{proj.out_features} does not match head {hidden}->{p * c}")
+        if c % patch:
+            raise ValueError(f"{patch} channels per latent channel do not divide the {c} channels")
         w = (sign * proj.weight).to(self.velocity.weight.dtype).reshape(p, 1, c, hidden)
         b = (sign * proj.bias).to(w.dtype) if proj.bias is not None else w.new_zeros(p * c)
         b = b.reshape(p, 1, c)
         weight = w.repeat(1, k, 1, 1)
         bias = b.repeat(1, k, 1)
-        if k > 1:
+        if mode == "official":
+            noise = torch.randn((k, c // patch), generator=generator) * OFFICIAL_BIAS_NOISE_STD
+            bias += noise.repeat_interleave(patch, dim=1).to(bias)
+        elif mode != "relative":
+            raise ValueError(f"unknown head init {mode!r}")
+        elif k > 1:
             noise_w = torch.randn((p, k - 1, c, hidden), generator=generator).to(weight)
             noise_b = torch.randn((p, k - 1, c), generator=generator).to(bias)
             weight[:, 1:] += INIT_NOISE_SCALE * w.float().std().to(w.dtype) * noise_w
@@ -147,13 +118,26 @@ class MomentumHead(nn.Module):
             self.log_gamma.weight.zero_()
             self.log_gamma.bias.copy_(pre.to(self.log_gamma.bias))
 
+    def _initial_log_gammas(self) -> Tensor:
+        """Pre-clamp log-gamma biases placing ``exp(g)`` evenly in log space (``(K-1,)``, float64)."""
+        lo, hi = (math.log(g) for g in INITIAL_GAMMA_RANGE)
+        if self.k > 2:
+            targets = torch.linspace(lo, hi, self.k - 1, dtype=torch.float64)
+        else:  # one momentum component: at the geometric middle of the range
+            targets = torch.tensor([(lo + hi) / 2], dtype=torch.float64)
+        if not self.log_gamma_bound:
+            return targets
+        # Inverse of the soft clamp, so the clamped output starts exactly at the targets.
+        return self.log_gamma_bound * torch.atanh(targets / self.log_gamma_bound)
+
     def forward(self, hidden_states: Tensor) -> Tensor:
         """Packed ``(..., positions * out_features)``, ordered ``(position, packed)``; log-gammas
-        are already soft-clamped."""
+        are already soft-clamped (unless the bound is 0)."""
         h = hidden_states.to(self.velocity.weight.dtype)
         parts = [self.velocity(h), self.logits(h)]
         if self.log_gamma is not None:
-            parts.append(soft_clamp(self.log_gamma(h), self.log_gamma_bound))
+            log_gamma = self.log_gamma(h)
+            parts.append(soft_clamp(log_gamma, self.log_gamma_bound) if self.log_gamma_bound else log_gamma)
         if self.positions == 1:
             return torch.cat(parts, dim=-1)
         lead = h.shape[:-1]

@@ -14,7 +14,7 @@ from arcflow.core.errors import ArcflowError, first_line
 
 from ..momentum import MomentumParams
 from .config import ADAPTER_NAME, HeadSpec, StudentConfig, lora_config_for
-from .head import MomentumHead, head_for
+from .head import PACKED_PATCH, MomentumHead, head_for
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
     The teacher's transformer is deep-copied (``inplace=True`` adapts it in place instead, saving
     memory when the teacher is no longer needed), frozen, given the momentum head and, for
     ``trainable="lora+heads"``, fresh LoRA adapters. ``"heads"`` trains only the head, ``"full"``
-    every transformer weight plus the head.
+    every transformer weight plus the head. Returned in eval mode (peft creates its dropout modules
+    in training mode): the trainer switches to training mode itself, for its training steps only.
     """
     transformer = teacher.transformer if inplace else copy.deepcopy(teacher.transformer)
     transformer.requires_grad_(False)
@@ -144,7 +145,9 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
     if spec.path in (config.train_modules or ()):
         raise ArcflowError(f"train_modules must not name the head ({spec.path})")
     head = head_for(proj, config.k, config.weight_groups, config.momentum, config.log_gamma_bound, spec.positions)
-    head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed), sign=spec.sign)
+    patch = 1 if spec.unpatchifies or spec.positions > 1 else PACKED_PATCH  # a packed token: 2x2 pixels per channel
+    head.init_from_projection(proj, generator=torch.Generator().manual_seed(config.init_seed), sign=spec.sign,
+                              mode=config.head_init, patch=patch)
     set_head(transformer, spec, head)
 
     if config.trainable == "lora+heads":
@@ -164,7 +167,7 @@ def build_student(teacher: Any, config: StudentConfig, inplace: bool = False) ->
         except AttributeError:
             raise ArcflowError(f"train_modules: {type(transformer).__name__} has no submodule {name!r}") from None
 
-    student = Student(teacher, transformer, config)
+    student = Student(teacher, transformer, config).eval()
     logger.info(student.describe_trainable())
     return student
 

@@ -264,7 +264,8 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
     """Put a saved run onto ``transformer`` IN PLACE: its LoRA (as adapter ``adapter_name``), its
     trained weights, and its momentum head in place of the output projection (``proj_out``, or the
     family's :func:`~arcflow.distill.student.config.head_spec` path); returns the replaced output
-    projection (a pipeline can put it back). ``ArcflowError`` for a run that does not fit."""
+    projection (a pipeline can put it back). The transformer is left in eval mode (sampling: no LoRA
+    dropout, whose modules peft creates in training mode). ``ArcflowError`` for a run that does not fit."""
     run = Path(run_dir)
     record = read_student_config(run)
     files = record.get("files", {})
@@ -292,6 +293,7 @@ def attach_student(transformer: nn.Module, run_dir: Union[str, os.PathLike], con
         raise ArcflowError(f"student run {run} is damaged or inconsistent with its {STUDENT_CONFIG_FILE}: {reason}") from None
     # The head stays float32 (its forward casts the hidden state), as in training.
     set_head(transformer, spec, head.to(next(transformer.parameters()).device).requires_grad_(False))
+    transformer.eval()
     return proj
 
 
@@ -330,8 +332,8 @@ def _load_lora(transformer: nn.Module, path: Path, adapter_name: str) -> None:
 
 def load_student(teacher: Any, run_dir: Union[str, os.PathLike]) -> Student:
     """Rebuild a saved student on a copy of ``teacher``'s transformer (which must have the weights it
-    was trained on). A run directory whose files do not fit its config (tampered, mixed from two
-    runs, truncated) is refused with one ``ArcflowError`` line."""
+    was trained on), in eval mode. A run directory whose files do not fit its config (tampered,
+    mixed from two runs, truncated) is refused with one ``ArcflowError`` line."""
     run = Path(run_dir)
     record = read_student_config(run)
     saved_revision = record.get("teacher", {}).get("revision")
@@ -349,7 +351,7 @@ def load_student(teacher: Any, run_dir: Union[str, os.PathLike]) -> Student:
     transformer = copy.deepcopy(teacher.transformer).requires_grad_(False)
     attach_student(transformer, run, config)
     logger.info("loaded student from %s", run)
-    return Student(teacher, transformer, config)
+    return Student(teacher, transformer, config).eval()
 
 
 def merge_lora(student: Student) -> None:
