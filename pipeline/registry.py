@@ -105,7 +105,8 @@ def check_teacher_options(teacher_id: str, options: Mapping[str, Any]) -> None:
 
 def require_prompts(teacher_id: str, given: bool, flag: str) -> None:
     """Only embedded teachers have a prompt set of their own: a diffusers teacher without prompts
-    (``flag``) is one line, before anything loads."""
+    (``flag``) is one line, before anything loads; an id nothing can load is named as such first."""
+    check_teacher_id(teacher_id)
     if not given and is_diffusers_teacher(teacher_id):
         raise ArcflowError(f"{flag} is required for teacher {quote(teacher_id)}: only embedded teachers "
                            f"({', '.join(EMBEDDED_TEACHERS)}) have a prompt set of their own")
