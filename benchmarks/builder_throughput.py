@@ -11,8 +11,10 @@ micro-batch size:
   settings (``--builder-threads`` overrides its torch threads), writing a real float16 Zarr +
   Parquet dataset to a temp directory.
 
-Ray start-up and the worker's start-up (process + teacher load) are timed separately; the ratio
-uses the builder's steady state (``GenerationSummary.samples_per_second``: from the first shard
+The two sides alternate ``--repeats`` times (bare at every thread count, builder, ..., bare again),
+because this shared VM's speed drifts by 10-30% between minutes; the ratio is the MEDIAN builder
+run over the median of the fastest thread count's bare runs. Ray start-up and the worker's start-up
+(process + teacher load) are timed separately; the ratio uses the builder's steady state (``GenerationSummary.samples_per_second``: from the first shard
 submitted to the last shard committed). Teacher: the embedded ``digits`` teacher with its shipped
 weights, or, when those are missing, the same architecture with untrained weights (identical compute
 per call, said so in the output). Writes benchmarks/results/builder_throughput.json.
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bare-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                         help="torch thread counts the bare sampler runs at (the fastest one counts)")
+    parser.add_argument("--repeats", type=int, default=3, help="builder runs (each between bare runs)")
     parser.add_argument("--builder-threads", type=int, default=None,
                         help="the builder's --threads (default: its own default)")
     args = parser.parse_args()
@@ -121,24 +125,27 @@ def main() -> None:
     load = os.getloadavg()[0]  # the 1-minute load average before the first run: how idle the machine was
     scratch = Path(tempfile.mkdtemp(prefix="builder_throughput_"))
     bare_runs: dict[int, list[dict]] = {t: [] for t in args.bare_threads}
+    built_runs: list[dict] = []
     try:
         options, teacher_desc = digits_teacher_options(scratch)
-        # bare before and after the builder (the machine may be shared): each count's mean is used
-        for t in args.bare_threads:
-            bare_runs[t].append(bare_throughput(options, args.samples, args.steps, args.batch_size, t, args.seed))
-        built = builder_throughput(options, args.samples, args.steps, args.batch_size, args.seed, scratch / "ds",
-                                   args.builder_threads)
-        for t in args.bare_threads:
-            bare_runs[t].append(bare_throughput(options, args.samples, args.steps, args.batch_size, t, args.seed))
+        # bare, builder, bare, ..., bare: every builder run has bare runs on both sides
+        for repeat in range(args.repeats + 1):
+            for t in args.bare_threads:
+                bare_runs[t].append(bare_throughput(options, args.samples, args.steps, args.batch_size, t, args.seed))
+            if repeat < args.repeats:
+                built_runs.append(builder_throughput(options, args.samples, args.steps, args.batch_size, args.seed,
+                                                     scratch / f"ds{repeat}", args.builder_threads))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     by_threads = {
-        t: {"seconds": sum(r["seconds"] for r in runs) / len(runs),
-            "samples_per_second": sum(r["samples_per_second"] for r in runs) / len(runs), "runs": runs}
+        t: {"seconds": statistics.median(r["seconds"] for r in runs),
+            "samples_per_second": statistics.median(r["samples_per_second"] for r in runs), "runs": runs}
         for t, runs in bare_runs.items()
     }
     best = max(by_threads, key=lambda t: by_threads[t]["samples_per_second"])
     bare = {**by_threads[best], "threads": best, "by_threads": {str(t): v for t, v in by_threads.items()}}
+    built = dict(sorted(built_runs, key=lambda r: r["samples_per_second"])[len(built_runs) // 2])  # the median run
+    built["runs"] = [r["samples_per_second"] for r in built_runs]
     ratio = built["samples_per_second"] / bare["samples_per_second"]
 
     print(f"teacher: {teacher_desc}")
@@ -149,8 +156,10 @@ def main() -> None:
     for t, row in by_threads.items():
         for k, run in enumerate(row["runs"]):
             print(f"{f'bare, {t} thread(s), run {k + 1}':40} {run['seconds']:9.2f} {run['samples_per_second']:10.2f}")
-        print(f"{f'bare, {t} thread(s), mean':40} {row['seconds']:9.2f} {row['samples_per_second']:10.2f}")
-    label = f"builder, {built['threads']} thread(s), steady state"
+        print(f"{f'bare, {t} thread(s), median':40} {row['seconds']:9.2f} {row['samples_per_second']:10.2f}")
+    for k, sps in enumerate(built["runs"]):
+        print(f"{f'builder, run {k + 1}':40} {'':9} {sps:10.2f}")
+    label = f"builder, {built['threads']} thread(s), median run"
     print(f"{label:40} {built['steady_seconds']:9.2f} "
           f"{built['samples_per_second']:10.2f}")
     print(f"{'  of which shard compute (sum)':40} {built['compute_seconds']:9.2f}")
@@ -170,6 +179,7 @@ def main() -> None:
                 "teacher": teacher_desc,
                 "samples": args.samples,
                 "steps": args.steps,
+                "repeats": args.repeats,
                 "micro_batch": args.batch_size,
                 "bare": bare,
                 "builder": built,

@@ -52,7 +52,10 @@ def builder(throughput: dict, scaling: dict, distill: dict | None) -> str:
         f"{throughput['samples']} samples x {throughput['steps']} steps, micro-batch {throughput['micro_batch']}, "
         f"builder {b['threads']} torch thread(s)): builder {b['samples_per_second']:.2f} samples/s vs the bare "
         f"recording sampler at its fastest thread count ({throughput['bare']['threads']}) "
-        f"{throughput['bare']['samples_per_second']:.2f} samples/s in the same run: ratio {throughput['ratio_steady_builder_over_bare']:.2f} (Ray start-up {b['ray_start_seconds']:.1f} s "
+        f"{throughput['bare']['samples_per_second']:.2f} samples/s in the same run"
+        + (f" (medians of {throughput['repeats']} builder runs, each between bare runs: "
+           f"{', '.join(f'{v:.1f}' for v in b['runs'])} samples/s)" if "repeats" in throughput else "")
+        + f": ratio {throughput['ratio_steady_builder_over_bare']:.2f} (Ray start-up {b['ray_start_seconds']:.1f} s "
         f"and worker start-up {b['worker_start_seconds']:.1f} s excluded)"
         + (f"; 1-minute load average {load:.2f} before the run." if load is not None else "."),
         "",
