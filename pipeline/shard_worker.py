@@ -4,9 +4,9 @@ plans into committed shards; ``record_shard`` and ``commit_shard`` are its two h
 The worker runs two shard tasks at a time (a threaded actor, see pipeline/generate.py): while one
 task writes its shard to storage the other already computes the next one, so the teacher never
 waits on I/O. Every teacher call runs on ONE dedicated thread (``TeacherThread``) that owns all the
-worker's torch threads: OpenMP keeps a thread team per calling thread, and a second team (Ray runs
-tasks on a pool of threads) makes libgomp count more threads than cores and put its workers to sleep
-after every parallel region, which halved a small teacher's throughput on 2 cores
+worker's torch threads: OpenMP keeps a thread team per calling thread, and with a second team (Ray runs
+tasks on a pool of threads) two torch threads ran at one thread's speed (our reading: libgomp then
+sleeps between parallel regions), which halved a small teacher's throughput on 2 cores
 (docs/benchmarks.md, Trajectory builder). Shard contents are pure functions of the plan
 (pipeline/plan.py), so a retried shard is identical.
 """
